@@ -1,0 +1,355 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+TOML configuration, validated up front.
+
+Every error names the setting it is about, so a bad config stops the daemon
+before it listens with one clear line instead of a traceback at request time.
+Secrets are never stored in the file: a provider names an environment
+variable or a file that holds its key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+KINDS = ("openai", "anthropic")
+
+# The dialect a client speaks is given by the route it calls.
+OPENAI_DEFAULT_BASE = "https://api.openai.com/v1"
+ANTHROPIC_DEFAULT_BASE = "https://api.anthropic.com"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    kind: str
+    base_url: str
+    api_key: str | None = field(default=None, repr=False)
+    default: bool = False
+    anthropic_version: str = "2023-06-01"
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    name: str
+    provider: str
+    upstream_model: str
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float = 5.0
+    headers: float = 120.0
+    idle: float = 120.0
+
+
+@dataclass(frozen=True)
+class GatewayKey:
+    name: str
+    secret: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Config:
+    providers: Mapping[str, Provider]
+    models: Mapping[str, ModelRoute]
+    timeouts: Timeouts = Timeouts()
+    max_body_bytes: int = 32 * 1024 * 1024
+    keys: tuple[GatewayKey, ...] = ()
+    ledger_enabled: bool = True
+    ledger_path: str = "llmgate-usage.db"
+    ledger_batch_interval: float = 0.2
+    accounting_enabled: bool = True
+    prices: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    metrics_port: str | None = None
+
+    def route(self, kind: str, model: str) -> tuple[Provider, str] | None:
+        """
+        The provider and upstream model for a public model name on a route of
+        dialect C{kind}, or L{None} if nothing serves it.
+        """
+        m = self.models.get(model)
+        if m is not None:
+            p = self.providers[m.provider]
+            if p.kind == kind:
+                return p, m.upstream_model
+            return None
+        for p in self.providers.values():
+            if p.default and p.kind == kind:
+                return p, model
+        return None
+
+
+def _expect(value: Any, types: type | tuple[type, ...], where: str) -> Any:
+    if isinstance(value, bool) and bool not in (
+        types if isinstance(types, tuple) else (types,)
+    ):
+        raise ConfigError(f"{where}: expected {_tname(types)}, got a boolean")
+    if not isinstance(value, types):
+        raise ConfigError(
+            f"{where}: expected {_tname(types)}, got {type(value).__name__}"
+        )
+    return value
+
+
+def _tname(types: type | tuple[type, ...]) -> str:
+    if isinstance(types, tuple):
+        return " or ".join(t.__name__ for t in types)
+    return types.__name__
+
+
+def _no_unknown(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(
+                f"{where}.{key}: unknown setting (expected one of: "
+                f"{', '.join(sorted(allowed))})"
+            )
+
+
+def _secret(table: Mapping[str, Any], where: str, env: Mapping[str, str]) -> str | None:
+    """
+    Read a secret named by C{<where>.*_env} or C{<where>.*_file}; never inline.
+    """
+    if "api_key" in table or "secret" in table:
+        raise ConfigError(
+            f"{where}: secrets may not be written inline; use api_key_env or "
+            f"api_key_file"
+        )
+    env_name = table.get("api_key_env")
+    path = table.get("api_key_file")
+    if env_name is not None and path is not None:
+        raise ConfigError(f"{where}: set api_key_env or api_key_file, not both")
+    if env_name is not None:
+        _expect(env_name, str, f"{where}.api_key_env")
+        value = env.get(env_name)
+        if not value:
+            raise ConfigError(
+                f"{where}.api_key_env: environment variable {env_name} is not set"
+            )
+        return value
+    if path is not None:
+        _expect(path, str, f"{where}.api_key_file")
+        try:
+            with open(path, encoding="utf-8") as f:
+                value = f.read().strip()
+        except OSError as e:
+            raise ConfigError(
+                f"{where}.api_key_file: cannot read {path}: {e.strerror}"
+            ) from None
+        if not value:
+            raise ConfigError(f"{where}.api_key_file: {path} is empty")
+        return value
+    return None
+
+
+def _positive(value: Any, where: str) -> float:
+    _expect(value, (int, float), where)
+    if value <= 0:
+        raise ConfigError(f"{where}: must be greater than 0")
+    return float(value)
+
+
+def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
+    """
+    Validate a parsed TOML document into a L{Config}.
+
+    @param env: the environment to read secrets from (L{os.environ} by default).
+    """
+    env = os.environ if env is None else env
+    _no_unknown(
+        data,
+        {
+            "providers",
+            "models",
+            "timeouts",
+            "server",
+            "keys",
+            "ledger",
+            "accounting",
+            "prices",
+            "metrics",
+        },
+        "config",
+    )
+
+    providers: dict[str, Provider] = {}
+    for name, table in _expect(data.get("providers", {}), dict, "providers").items():
+        where = f"providers.{name}"
+        _expect(table, dict, where)
+        _no_unknown(
+            table,
+            {
+                "kind",
+                "base_url",
+                "api_key_env",
+                "api_key_file",
+                "api_key",
+                "default",
+                "anthropic_version",
+            },
+            where,
+        )
+        kind = _expect(table.get("kind"), str, f"{where}.kind") if "kind" in table else None
+        if kind is None:
+            raise ConfigError(f"{where}.kind: missing (one of: {', '.join(KINDS)})")
+        if kind not in KINDS:
+            raise ConfigError(
+                f"{where}.kind: unknown provider kind {kind!r} "
+                f"(expected one of: {', '.join(KINDS)})"
+            )
+        base = table.get(
+            "base_url",
+            OPENAI_DEFAULT_BASE if kind == "openai" else ANTHROPIC_DEFAULT_BASE,
+        )
+        _expect(base, str, f"{where}.base_url")
+        if not base.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}.base_url: must start with http:// or https://")
+        providers[name] = Provider(
+            name=name,
+            kind=kind,
+            base_url=base.rstrip("/"),
+            api_key=_secret(table, where, env),
+            default=_expect(table.get("default", False), bool, f"{where}.default"),
+            anthropic_version=_expect(
+                table.get("anthropic_version", "2023-06-01"),
+                str,
+                f"{where}.anthropic_version",
+            ),
+        )
+
+    models: dict[str, ModelRoute] = {}
+    for name, table in _expect(data.get("models", {}), dict, "models").items():
+        where = f"models.{name}"
+        _expect(table, dict, where)
+        _no_unknown(table, {"provider", "upstream_model"}, where)
+        prov = table.get("provider")
+        if prov is None:
+            raise ConfigError(f"{where}.provider: missing")
+        _expect(prov, str, f"{where}.provider")
+        if prov not in providers:
+            raise ConfigError(f"{where}.provider: no provider named {prov!r}")
+        upstream = _expect(
+            table.get("upstream_model", name), str, f"{where}.upstream_model"
+        )
+        models[name] = ModelRoute(name, prov, upstream)
+
+    t = _expect(data.get("timeouts", {}), dict, "timeouts")
+    _no_unknown(t, {"connect", "headers", "idle"}, "timeouts")
+    timeouts = Timeouts(
+        **{k: _positive(v, f"timeouts.{k}") for k, v in t.items()}
+    )
+
+    server = _expect(data.get("server", {}), dict, "server")
+    _no_unknown(server, {"max_body_bytes"}, "server")
+    max_body = server.get("max_body_bytes", 32 * 1024 * 1024)
+    _expect(max_body, int, "server.max_body_bytes")
+    if max_body <= 0:
+        raise ConfigError("server.max_body_bytes: must be greater than 0")
+
+    keys = []
+    for name, table in _expect(data.get("keys", {}), dict, "keys").items():
+        where = f"keys.{name}"
+        _expect(table, dict, where)
+        _no_unknown(table, {"api_key_env", "api_key_file"}, where)
+        secret = _secret(table, where, env)
+        if secret is None:
+            raise ConfigError(f"{where}: set api_key_env or api_key_file")
+        keys.append(GatewayKey(name, secret))
+
+    ledger = _expect(data.get("ledger", {}), dict, "ledger")
+    _no_unknown(ledger, {"enabled", "path", "batch_interval"}, "ledger")
+    accounting = _expect(data.get("accounting", {}), dict, "accounting")
+    _no_unknown(accounting, {"enabled"}, "accounting")
+
+    prices: dict[str, dict[str, float]] = {}
+    for model, table in _expect(data.get("prices", {}), dict, "prices").items():
+        where = f"prices.{model}"
+        _expect(table, dict, where)
+        _no_unknown(table, {"input", "output", "cached_input", "cache_write"}, where)
+        prices[model] = {k: float(_expect(v, (int, float), f"{where}.{k}")) for k, v in table.items()}
+
+    metrics = _expect(data.get("metrics", {}), dict, "metrics")
+    _no_unknown(metrics, {"port"}, "metrics")
+
+    return Config(
+        providers=providers,
+        models=models,
+        timeouts=timeouts,
+        max_body_bytes=max_body,
+        keys=tuple(keys),
+        ledger_enabled=_expect(ledger.get("enabled", True), bool, "ledger.enabled"),
+        ledger_path=_expect(ledger.get("path", "llmgate-usage.db"), str, "ledger.path"),
+        ledger_batch_interval=_positive(
+            ledger.get("batch_interval", 0.2), "ledger.batch_interval"
+        ),
+        accounting_enabled=_expect(
+            accounting.get("enabled", True), bool, "accounting.enabled"
+        ),
+        prices=prices,
+        metrics_port=_expect(metrics["port"], str, "metrics.port")
+        if "port" in metrics
+        else None,
+    )
+
+
+def from_environment(env: Mapping[str, str] | None = None) -> Config:
+    """
+    The config used when no file is given: the providers the official SDKs
+    would use, from C{OPENAI_API_KEY}/C{OPENAI_BASE_URL} and
+    C{ANTHROPIC_API_KEY}/C{ANTHROPIC_BASE_URL}, each the default for its
+    dialect.
+    """
+    env = os.environ if env is None else env
+    doc: dict[str, Any] = {"providers": {}}
+    if env.get("OPENAI_API_KEY") or env.get("OPENAI_BASE_URL"):
+        p: dict[str, Any] = {"kind": "openai", "default": True}
+        if env.get("OPENAI_BASE_URL"):
+            p["base_url"] = env["OPENAI_BASE_URL"]
+        if env.get("OPENAI_API_KEY"):
+            p["api_key_env"] = "OPENAI_API_KEY"
+        doc["providers"]["openai"] = p
+    if env.get("ANTHROPIC_API_KEY") or env.get("ANTHROPIC_BASE_URL"):
+        p = {"kind": "anthropic", "default": True}
+        if env.get("ANTHROPIC_BASE_URL"):
+            p["base_url"] = env["ANTHROPIC_BASE_URL"]
+        if env.get("ANTHROPIC_API_KEY"):
+            p["api_key_env"] = "ANTHROPIC_API_KEY"
+        doc["providers"]["anthropic"] = p
+    return parse(doc, env)
+
+
+def demo(base_url: str) -> Config:
+    """
+    The config for C{--demo}: both dialects served by the in-process mock.
+    """
+    return parse(
+        {
+            "providers": {
+                "mock-openai": {"kind": "openai", "base_url": base_url + "/v1", "default": True},
+                "mock-anthropic": {"kind": "anthropic", "base_url": base_url, "default": True},
+            }
+        },
+        {},
+    )
+
+
+def load(path: str, env: Mapping[str, str] | None = None) -> Config:
+    """
+    Read and validate the TOML file at C{path}.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return parse(data, env)

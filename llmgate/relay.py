@@ -1,0 +1,465 @@
+# -*- test-case-name: tests.test_relay -*-
+"""
+The relay: one upstream call per client request, its body streamed to the
+client as it arrives.
+
+The upstream body transport is registered as the client request's streaming
+producer, so a client that stops reading pauses the upstream read (memory
+stays flat whatever the speed gap). A client that goes away cancels the
+pending upstream Deferred or stops the upstream transport at once, in every
+phase, so nobody pays for tokens no one reads. An upstream that fails after
+the status line went out never looks like success: no synthetic C{[DONE]},
+an in-band error event instead, and the partial event it cut off is dropped.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol as TypingProtocol
+
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
+from twisted.internet.error import TimeoutError as TxTimeoutError
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+
+from llmgate import dialects
+from llmgate.config import Provider, Timeouts
+from llmgate.headers import copy_response_headers
+
+log = Logger(namespace="llmgate.relay")
+
+# Any line end followed by a line end: the blank line that ends an SSE event.
+_BLANK_LINE = re.compile(rb"(?:\r\n|\r|\n)(?:\r\n|\r|\n)")
+
+
+def event_boundary(data: bytes) -> int:
+    """
+    The index just past the last complete SSE event in C{data} (0 if none).
+
+    Upstreams almost always send whole events ending in C{\\n\\n}, so that is
+    checked first in constant time.
+    """
+    if data.endswith(b"\n\n") or data.endswith(b"\r\n\r\n"):
+        return len(data)
+    if b"\r" not in data:
+        i = data.rfind(b"\n\n")
+        return i + 2 if i >= 0 else 0
+    end = 0
+    for m in _BLANK_LINE.finditer(data):
+        end = m.end()
+    return end
+
+
+class Counter(TypingProtocol):
+    """What the relay feeds while it relays (see L{llmgate.accounting})."""
+
+    def feed(self, data: bytes) -> None: ...
+
+    def strip(self, data: bytes) -> bytes: ...
+
+
+@dataclass
+class Exchange:
+    """
+    Everything known about one relayed request when it ends: the input of
+    the usage ledger and the access log.
+    """
+
+    request_id: str
+    wall_start: float
+    started: float
+    key_name: str
+    endpoint: dialects.Endpoint
+    model: str
+    provider: Provider
+    upstream_model: str
+    body: dict[str, Any]
+    bytes_in: int
+    streamed: bool
+    counter: Optional[Any] = None
+    status: int = 0
+    outcome: str = "completed"
+    phase: Optional[str] = None
+    error: Optional[str] = None
+    first_byte_at: Optional[float] = None
+    ended: Optional[float] = None
+    bytes_out: int = 0
+    upstream_request_id: Optional[str] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ttft(self) -> Optional[float]:
+        if self.first_byte_at is None:
+            return None
+        return self.first_byte_at - self.started
+
+    @property
+    def duration(self) -> float:
+        return (self.ended or self.started) - self.started
+
+
+def new_exchange(**kw: Any) -> Exchange:
+    return Exchange(request_id=uuid.uuid4().hex, wall_start=time.time(), **kw)
+
+
+class _BodyRelay(Protocol):
+    """Receives the upstream body and hands each piece to the relay."""
+
+    def __init__(self, relay: "Relay") -> None:
+        self._relay = relay
+
+    def connectionMade(self) -> None:
+        self._relay.body_started(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._relay.body_data(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._relay.body_ended(reason)
+
+
+class _Discard(Protocol):
+    """Drops an unwanted upstream body and closes its connection at once."""
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+
+class Relay:
+    """
+    Relays one request to one upstream and its response back.
+
+    @param request: the client's L{twisted.web.server.Request}.
+    @param http: a treq L{HTTPClient} bound to the gateway's own pool.
+    @param clock: an C{IReactorTime}, for the headers and idle timers.
+    @param done: called once with the finished L{Exchange}.
+    """
+
+    def __init__(
+        self,
+        request: Any,
+        http: Any,
+        clock: Any,
+        timeouts: Timeouts,
+        exchange: Exchange,
+        done: Callable[[Exchange], None],
+        max_event_bytes: int = 1 << 20,
+    ) -> None:
+        self.request = request
+        self.http = http
+        self.clock = clock
+        self.timeouts = timeouts
+        self.exchange = exchange
+        self._done = done
+        self._max_event = max_event_bytes
+        self._pending_d: Any = None
+        self._upstream: Any = None
+        self._headers_timer: Any = None
+        self._idle_timer: Any = None
+        self._last_data = 0.0
+        self._timed_out: Optional[str] = None
+        self._client_gone = False
+        self._finished = False
+        self._recorded = False
+        self._sse = False
+        self._partial = b""
+        self._producing = False
+
+    # -- start -------------------------------------------------------------
+
+    def start(self, url: str, headers: Headers, body: bytes) -> None:
+        # notifyFinish must be asked for before anything can finish the
+        # request (a late call never fires).
+        self.request.notifyFinish().addBoth(self._request_finished)
+        d = self.http.request(
+            "POST",
+            url,
+            headers=headers,
+            data=body,
+            unbuffered=True,
+            allow_redirects=False,
+        )
+        self._pending_d = d
+        self._headers_timer = self.clock.callLater(
+            self.timeouts.headers, self._headers_timeout
+        )
+        d.addCallbacks(self._got_response, self._request_failed)
+        d.addErrback(self._internal_error)
+
+    def _headers_timeout(self) -> None:
+        self._headers_timer = None
+        self._timed_out = "headers"
+        if self._pending_d is not None:
+            self._pending_d.cancel()
+
+    def _cancel_headers_timer(self) -> None:
+        if self._headers_timer is not None:
+            if self._headers_timer.active():
+                self._headers_timer.cancel()
+            self._headers_timer = None
+
+    # -- upstream response -------------------------------------------------
+
+    def _got_response(self, response: Any) -> None:
+        self._pending_d = None
+        self._cancel_headers_timer()
+        ex = self.exchange
+        ex.status = response.code
+        rid = response.headers.getRawHeaders(
+            b"x-request-id"
+        ) or response.headers.getRawHeaders(b"request-id")
+        if rid:
+            ex.upstream_request_id = rid[0].decode("latin-1")
+        if self._client_gone:
+            response.deliverBody(_Discard())
+            self._record()
+            return
+        ctype = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+        is_sse = ctype.lower().startswith(b"text/event-stream")
+        if ex.streamed and response.code == 200 and not is_sse:
+            response.deliverBody(_Discard())
+            self._fail(
+                502,
+                "upstream answered a streaming request with "
+                + (ctype.decode("latin-1") or "no content type"),
+                "headers",
+            )
+            return
+        self._sse = is_sse
+        req = self.request
+        req.setResponseCode(response.code, response.phrase or None)
+        copy_response_headers(response.headers, req.responseHeaders)
+        if is_sse:
+            req.responseHeaders.setRawHeaders(b"cache-control", [b"no-cache"])
+            req.responseHeaders.setRawHeaders(b"x-accel-buffering", [b"no"])
+            # Send the status line now: the SDK returns from create() on it.
+            req.write(b"")
+        if response.code != 200:
+            # An upstream error is relayed untouched but counted as no usage.
+            ex.counter = None
+            ex.outcome = "upstream_error"
+            ex.phase = "headers"
+        self._last_data = self.clock.seconds()
+        response.deliverBody(_BodyRelay(self))
+
+    def _request_failed(self, failure: Failure) -> None:
+        self._pending_d = None
+        self._cancel_headers_timer()
+        if self._client_gone:
+            self._record()
+            return
+        if self._timed_out == "headers":
+            self._fail(504, "upstream sent no response headers in time", "headers")
+        elif failure.check(TxTimeoutError):
+            self._fail(504, "timed out connecting to the upstream", "connect")
+        elif failure.check(ConnectError, DNSLookupError, ConnectingCancelledError):
+            self._fail(502, "upstream unreachable", "connect")
+        else:
+            self._fail(502, "upstream request failed", "headers")
+
+    def _internal_error(self, failure: Failure) -> None:
+        log.failure("relay error", failure)
+        self._abort_upstream()
+        if not self._finished and not self._client_gone:
+            try:
+                self._fail(500, "internal gateway error", self.exchange.phase or "body")
+            except Exception:
+                self._abort_client()
+        self._record()
+
+    def _fail(self, status: int, message: str, phase: str) -> None:
+        """Answer with a gateway error in the route's dialect."""
+        ex = self.exchange
+        ex.status = status
+        ex.outcome = "upstream_error"
+        ex.phase = phase
+        ex.error = message
+        ex.counter = None
+        req = self.request
+        body = dialects.error_body(ex.endpoint.kind, status, message)
+        req.setResponseCode(status)
+        req.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        req.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
+        req.write(body)
+        ex.bytes_out += len(body)
+        self._finish()
+        self._record()
+
+    # -- body --------------------------------------------------------------
+
+    def body_started(self, transport: Any) -> None:
+        self._upstream = transport
+        if self._client_gone:
+            transport.stopProducing()
+            return
+        try:
+            self.request.registerProducer(transport, True)
+            self._producing = True
+        except AttributeError:
+            # The channel is gone: the client left in the meantime.
+            transport.stopProducing()
+            return
+        self._arm_idle()
+
+    def body_data(self, data: bytes) -> None:
+        self._last_data = self.clock.seconds()
+        if self._client_gone:
+            return
+        ex = self.exchange
+        if self._sse:
+            if self._partial:
+                data = self._partial + data
+                self._partial = b""
+            cut = event_boundary(data)
+            if cut < len(data):
+                self._partial = data[cut:]
+                data = data[:cut]
+                if len(self._partial) > self._max_event:
+                    self._partial = b""
+                    self._truncated("upstream event larger than the event size cap")
+                    return
+            if not data:
+                return
+        counter = ex.counter
+        if counter is not None:
+            counter.feed(data)
+            data = counter.strip(data)
+            if not data:
+                return
+        if ex.first_byte_at is None:
+            ex.first_byte_at = self._last_data
+        ex.bytes_out += len(data)
+        self.request.write(data)
+
+    def body_ended(self, reason: Failure) -> None:
+        self._cancel_idle()
+        self._upstream = None
+        if self._producing and not self._client_gone:
+            self._producing = False
+            try:
+                self.request.unregisterProducer()
+            except AttributeError:
+                pass
+        ex = self.exchange
+        if self._client_gone:
+            self._record()
+            return
+        if self._timed_out == "idle":
+            self._truncated("upstream stalled mid-stream")
+        elif reason.check(ResponseDone, PotentialDataLoss):
+            if self._partial:
+                # A clean end with an unterminated last event: relay it as
+                # is; the client's decoder decides, as it would direct.
+                tail, self._partial = self._partial, b""
+                if ex.counter is not None:
+                    ex.counter.feed(tail)
+                ex.bytes_out += len(tail)
+                self.request.write(tail)
+            self._finish()
+        else:
+            self._truncated("upstream connection lost mid-stream")
+        self._record()
+
+    def _truncated(self, message: str) -> None:
+        """
+        The upstream failed after the status line went out: make that
+        visible to the client and never look complete.
+        """
+        ex = self.exchange
+        ex.outcome = "upstream_error"
+        ex.phase = "body"
+        ex.error = message
+        self._abort_upstream()
+        if self._finished or self._client_gone:
+            return
+        if self._sse:
+            self._partial = b""
+            event = dialects.stream_error_event(ex.endpoint.kind, message)
+            ex.bytes_out += len(event)
+            self.request.write(event)
+            self._finish()
+        elif ex.bytes_out == 0 and not self.request.startedWriting:
+            self._fail(502, message, "body")
+        else:
+            # A JSON body cut short: only a broken connection says so.
+            self._abort_client()
+
+    # -- timers ------------------------------------------------------------
+
+    def _arm_idle(self) -> None:
+        self._idle_timer = self.clock.callLater(self.timeouts.idle, self._idle_check)
+
+    def _idle_check(self) -> None:
+        # One timer per stream, re-armed lazily: the per-chunk cost is a
+        # single float store in body_data.
+        quiet = self.clock.seconds() - self._last_data
+        if quiet < self.timeouts.idle:
+            self._idle_timer = self.clock.callLater(
+                self.timeouts.idle - quiet, self._idle_check
+            )
+            return
+        self._idle_timer = None
+        self._timed_out = "idle"
+        self._abort_upstream()
+
+    def _cancel_idle(self) -> None:
+        if self._idle_timer is not None:
+            if self._idle_timer.active():
+                self._idle_timer.cancel()
+            self._idle_timer = None
+
+    # -- the client side ---------------------------------------------------
+
+    def _request_finished(self, result: Any) -> None:
+        if not isinstance(result, Failure):
+            return
+        # The client went away before we finished: stop paying for it.
+        self._client_gone = True
+        ex = self.exchange
+        if not self._finished:
+            ex.outcome = "client_cancelled"
+            ex.phase = (
+                "body"
+                if self._upstream is not None or ex.status
+                else ("headers" if self._pending_d is not None else "connect")
+            )
+        self._cancel_headers_timer()
+        if self._pending_d is not None:
+            d, self._pending_d = self._pending_d, None
+            d.cancel()
+        self._abort_upstream()
+
+    def _abort_upstream(self) -> None:
+        self._cancel_idle()
+        up = self._upstream
+        if up is not None:
+            up.stopProducing()
+
+    def _abort_client(self) -> None:
+        self._finished = True
+        channel = getattr(self.request, "channel", None)
+        if channel is not None and channel.transport is not None:
+            channel.transport.abortConnection()
+
+    def _finish(self) -> None:
+        if self._finished or self._client_gone:
+            return
+        self._finished = True
+        self.request.finish()
+
+    def _record(self) -> None:
+        if self._recorded:
+            return
+        self._recorded = True
+        self._cancel_headers_timer()
+        self._cancel_idle()
+        self.exchange.ended = self.clock.seconds()
+        self._done(self.exchange)

@@ -1,0 +1,125 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+C{twistd llmgate}: options and the service tree.
+
+This is the only module that reaches for the global reactor; everything it
+builds takes the reactor as an argument.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import endpoints
+from twisted.internet.threads import deferToThreadPool
+from twisted.python import usage
+
+from llmgate import config as configmod
+from llmgate.accounting import Accounting
+from llmgate.front import GatewaySite
+from llmgate.resource import GatewayResource
+from llmgate.upstream import UpstreamClient
+
+
+def _endpoint_string(value: str) -> str:
+    # A bare port number is the common case: `--port 8080`.
+    return f"tcp:{value}" if value.isdigit() else value
+
+
+class Options(usage.Options):
+    synopsis = "[--port ENDPOINT ...] [--config PATH] [--demo]"
+    longdesc = (
+        "Run the llmgate LLM API gateway. With no --config, providers come "
+        "from OPENAI_API_KEY/OPENAI_BASE_URL and ANTHROPIC_API_KEY/"
+        "ANTHROPIC_BASE_URL; --demo serves a built-in mock provider instead."
+    )
+    optParameters = [
+        ["config", "c", None, "Path of a TOML config file."],
+    ]
+    optFlags = [
+        ["demo", None, "Serve the built-in mock provider (no keys, no network)."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["ports"] = []
+
+    def opt_port(self, value: str) -> None:
+        """
+        Endpoint to listen on: a port number or a Twisted endpoint string
+        (tcp:8080:interface=127.0.0.1, ssl:..., systemd:domain=INET:index=0).
+        May be given more than once. Default: tcp:8080.
+        """
+        self["ports"].append(_endpoint_string(value))
+
+    opt_p = opt_port
+
+    def postOptions(self) -> None:
+        if not self["ports"]:
+            self["ports"] = ["tcp:8080"]
+        if self["demo"] and self["config"]:
+            raise usage.UsageError("--demo and --config are exclusive")
+        if self["demo"]:
+            self["loaded"] = None
+            return
+        try:
+            if self["config"]:
+                self["loaded"] = configmod.load(self["config"])
+            else:
+                self["loaded"] = configmod.from_environment()
+        except configmod.ConfigError as e:
+            raise usage.UsageError(f"invalid configuration: {e}") from None
+
+
+class _ListeningPort(service.Service):
+    """Stops listening on a port that was opened before the service tree."""
+
+    def __init__(self, port: Any) -> None:
+        self._port = port
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self._port.stopListening()
+
+
+def build(cfg: configmod.Config, reactor: Any, ports: list[str]) -> service.MultiService:
+    """
+    The gateway's service tree for C{cfg}: the upstream pool, the
+    accounting sinks and one listener per endpoint string.
+    """
+    top = service.MultiService()
+    upstream = UpstreamClient(reactor, connect_timeout=cfg.timeouts.connect)
+    upstream.setServiceParent(top)
+    accounting = Accounting(reactor, enabled=cfg.accounting_enabled)
+    pool = reactor.getThreadPool()
+
+    def in_thread(f: Any, *a: Any) -> Any:
+        return deferToThreadPool(reactor, pool, f, *a)
+
+    root = GatewayResource(cfg, upstream.http, reactor, accounting, parse_in_thread=in_thread)
+    site = GatewaySite(root, reactor, cfg.max_body_bytes)
+    for desc in ports:
+        ep = endpoints.serverFromString(reactor, desc)
+        StreamServerEndpointService(ep, site).setServiceParent(top)
+    return top
+
+
+def makeService(options: Options, reactor: Optional[Any] = None) -> service.MultiService:
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    top = service.MultiService()
+    cfg = options["loaded"]
+    if options["demo"]:
+        from llmgate.mock import MockProvider
+        from twisted.web.server import Site
+
+        mock = MockProvider(reactor)
+        port = reactor.listenTCP(0, Site(mock.resource, reactor=reactor), interface="127.0.0.1")
+        _ListeningPort(port).setServiceParent(top)
+        cfg = configmod.demo(f"http://127.0.0.1:{port.getHost().port}")
+    build(cfg, reactor, options["ports"]).setServiceParent(top)
+    return top

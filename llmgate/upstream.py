@@ -1,0 +1,116 @@
+# -*- test-case-name: tests.test_upstream -*-
+"""
+The gateway's own HTTP client for upstream providers.
+
+treq's module-level API shares one global pool bound to the global reactor
+and buffers whole responses; a proxy needs its own pool (closed when the
+service stops), Nagle off on every upstream socket, no cookie jar shared
+between clients, and request bodies written without a cooperator.
+"""
+
+from __future__ import annotations
+
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any
+
+from treq.client import HTTPClient
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """
+    A request body already in memory, written in one call: no cooperator
+    task, no global reactor, and a known length for C{Content-Length}.
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(IStreamClientEndpoint)
+class _NoDelayEndpoint:
+    """
+    Wraps an endpoint and turns Nagle off on what it connects, so a request
+    written in two pieces (head, body) is not held back for a delayed ACK.
+    """
+
+    def __init__(self, inner: IStreamClientEndpoint) -> None:
+        self._inner = inner
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        def nodelay(proto: Any) -> Any:
+            try:
+                proto.transport.setTcpNoDelay(True)
+            except (AttributeError, OSError):
+                pass
+            return proto
+
+        return self._inner.connect(factory).addCallback(nodelay)
+
+
+class _EndpointFactory:
+    def __init__(self, reactor: Any, connect_timeout: float) -> None:
+        self._reactor = reactor
+        self._timeout = connect_timeout
+        self._tls = BrowserLikePolicyForHTTPS()
+
+    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
+        host = uri.host.decode("ascii")
+        ep: IStreamClientEndpoint = HostnameEndpoint(
+            self._reactor, host, uri.port, timeout=self._timeout
+        )
+        if uri.scheme == b"https":
+            ep = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), ep)
+        return _NoDelayEndpoint(ep)
+
+
+def _no_cookies() -> CookieJar:
+    # One client serves every gateway user: an upstream's cookie must never
+    # be replayed on another user's request.
+    return CookieJar(DefaultCookiePolicy(allowed_domains=[]))
+
+
+class UpstreamClient(Service):
+    """
+    Owns the connection pool and the treq client; closing the service
+    closes the pool's idle connections.
+    """
+
+    def __init__(self, reactor: Any, connect_timeout: float = 5.0, max_idle: int = 1024) -> None:
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        # maxPersistentPerHost caps idle cached connections, not concurrency:
+        # size it for bursts of thousands of streams finishing together.
+        self.pool.maxPersistentPerHost = max_idle
+        self.pool.cachedConnectionTimeout = 60
+        self.pool.retryAutomatically = False
+        agent = Agent.usingEndpointFactory(
+            reactor, _EndpointFactory(reactor, connect_timeout), pool=self.pool
+        )
+        self.http = HTTPClient(
+            agent, cookiejar=_no_cookies(), data_to_body_producer=BytesProducer
+        )
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.pool.closeCachedConnections()
