@@ -93,10 +93,9 @@ def build(cfg: configmod.Config, reactor: Any, ports: list[str]) -> service.Mult
     upstream = UpstreamClient(reactor, connect_timeout=cfg.timeouts.connect)
     upstream.setServiceParent(top)
     accounting = Accounting(reactor, enabled=cfg.accounting_enabled)
-    pool = reactor.getThreadPool()
 
     def in_thread(f: Any, *a: Any) -> Any:
-        return deferToThreadPool(reactor, pool, f, *a)
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
 
     root = GatewayResource(cfg, upstream.http, reactor, accounting, parse_in_thread=in_thread)
     site = GatewaySite(root, reactor, cfg.max_body_bytes)

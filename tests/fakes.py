@@ -1,0 +1,175 @@
+"""
+In-memory doubles for unit tests: an upstream HTTP client whose responses
+the test drives by hand, and a front-side client speaking HTTP/1.1 to a
+Site over a StringTransport.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionLost
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.http_headers import Headers
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+from llmgate import config as configmod
+from llmgate.accounting import Accounting
+from llmgate.front import GatewaySite
+from llmgate.resource import GatewayResource
+
+
+@implementer(IPushProducer)
+class FakeBodyTransport:
+    """
+    Stands for treq's TransportProxyProducer: records pause/resume/stop and,
+    like the real one, ends the body with a failure when stopped.
+    """
+
+    def __init__(self) -> None:
+        self.paused = 0
+        self.resumed = 0
+        self.stopped = False
+        self.protocol: Any = None
+
+    def pauseProducing(self) -> None:
+        self.paused += 1
+
+    def resumeProducing(self) -> None:
+        self.resumed += 1
+
+    def stopProducing(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        self.protocol.connectionLost(Failure(ResponseFailed([Failure(ConnectionLost())])))
+
+
+class FakeResponse:
+    def __init__(self, code: int = 200, headers: Optional[dict[bytes, list[bytes]]] = None, phrase: bytes = b"OK") -> None:
+        self.code = code
+        self.phrase = phrase
+        self.headers = Headers(headers or {})
+        self.transport = FakeBodyTransport()
+        self.protocol: Any = None
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.protocol = protocol
+        self.transport.protocol = protocol
+        protocol.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def end(self) -> None:
+        self.protocol.connectionLost(Failure(ResponseDone()))
+
+    def fail(self) -> None:
+        self.protocol.connectionLost(Failure(ResponseFailed([Failure(ConnectionLost())])))
+
+
+SSE_HEADERS = {b"content-type": [b"text/event-stream; charset=utf-8"]}
+
+
+class FakeHTTP:
+    """A treq-like client: each request returns a Deferred the test fires."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def request(self, method: str, url: str, **kw: Any) -> Deferred[Any]:
+        call: dict[str, Any] = {"method": method, "url": url, **kw, "cancelled": False}
+
+        def cancel(d: Deferred[Any]) -> None:
+            call["cancelled"] = True
+
+        d: Deferred[Any] = Deferred(cancel)
+        call["deferred"] = d
+        self.calls.append(call)
+        return d
+
+
+class RecordingAccounting(Accounting):
+    """The real sink, remembering the exchanges it got."""
+
+    def __init__(self, clock: Any) -> None:
+        super().__init__(clock)
+        self.exchanges: list[Any] = []
+
+    def finished(self, ex: Any) -> None:
+        super().finished(ex)
+        self.exchanges.append(ex)
+
+
+def make_config(**doc: Any) -> configmod.Config:
+    base: dict[str, Any] = {
+        "providers": {
+            "oai": {"kind": "openai", "base_url": "http://up.test/v1", "api_key_env": "OAI_KEY", "default": True},
+            "ant": {"kind": "anthropic", "base_url": "http://ant.test", "api_key_env": "ANT_KEY", "default": True},
+        },
+        "models": {"public-model": {"provider": "oai", "upstream_model": "real-model"}},
+    }
+    base.update(doc)
+    return configmod.parse(base, {"OAI_KEY": "sk-upstream-oai", "ANT_KEY": "sk-ant-upstream", "GW_KEY": "gw-secret"})
+
+
+class Gateway:
+    """A GatewayResource on a Site over in-memory transports."""
+
+    def __init__(self, cfg: Optional[configmod.Config] = None, max_body: Optional[int] = None) -> None:
+        self.clock = MemoryReactorClock()
+        self.cfg = cfg or make_config()
+        self.http = FakeHTTP()
+        self.accounting = RecordingAccounting(self.clock)
+        self.resource = GatewayResource(self.cfg, self.http, self.clock, self.accounting)
+        self.site = GatewaySite(self.resource, self.clock, max_body or self.cfg.max_body_bytes)
+
+    def connect(self) -> tuple[Any, StringTransport]:
+        channel = self.site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def post(self, path: str, body: Any, headers: Optional[dict[str, str]] = None, raw: Optional[bytes] = None) -> tuple[Any, StringTransport]:
+        channel, transport = self.connect()
+        data = raw if raw is not None else json.dumps(body).encode()
+        head = f"POST {path} HTTP/1.1\r\nHost: gw.test\r\nContent-Length: {len(data)}\r\n"
+        for k, v in (headers or {}).items():
+            head += f"{k}: {v}\r\n"
+        channel.dataReceived(head.encode() + b"\r\n" + data)
+        return channel, transport
+
+
+def parse_response(raw: bytes) -> tuple[int, dict[bytes, list[bytes]], bytes, bool]:
+    """
+    Status, headers (lower-cased), de-chunked body and whether the body was
+    complete (final zero-length chunk or full Content-Length seen).
+    """
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ")[1])
+    headers: dict[bytes, list[bytes]] = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(b":")
+        headers.setdefault(k.strip().lower(), []).append(v.strip())
+    if headers.get(b"transfer-encoding") == [b"chunked"]:
+        body = b""
+        complete = False
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line, 16)
+            if size == 0:
+                complete = True
+                break
+            body += rest[:size]
+            rest = rest[size + 2:]
+        return status, headers, body, complete
+    if b"content-length" in headers:
+        n = int(headers[b"content-length"][0])
+        return status, headers, rest[:n], len(rest) >= n
+    return status, headers, rest, False

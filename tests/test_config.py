@@ -1,0 +1,107 @@
+"""Config validation: every error names the setting."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from llmgate import config as c
+
+
+def provider(**kw: object) -> dict[str, object]:
+    return {"providers": {"p": {"kind": "openai", "base_url": "http://x/v1", **kw}}}
+
+
+class ParseTests(SynchronousTestCase):
+    def check(self, doc: dict[str, object], *fragments: str, env: dict[str, str] | None = None) -> None:
+        with self.assertRaises(c.ConfigError) as e:
+            c.parse(doc, env or {})
+        for f in fragments:
+            self.assertIn(f, str(e.exception))
+
+    def test_unknown_key(self) -> None:
+        """An unknown setting is named with its table."""
+        self.check(provider(colour="red"), "providers.p.colour", "unknown setting")
+        self.check({"bogus": 1}, "config.bogus")
+
+    def test_wrong_type(self) -> None:
+        """A wrong type names the setting and the expected type."""
+        self.check({"timeouts": {"idle": "soon"}}, "timeouts.idle", "expected int or float")
+        self.check(provider(default="yes"), "providers.p.default", "bool")
+        self.check({"server": {"max_body_bytes": True}}, "server.max_body_bytes")
+
+    def test_missing_env_var(self) -> None:
+        """A key from an unset environment variable is refused at start."""
+        self.check(provider(api_key_env="NOPE_KEY"), "providers.p.api_key_env", "NOPE_KEY")
+
+    def test_unknown_kind(self) -> None:
+        """An unknown provider kind lists the known ones."""
+        self.check({"providers": {"p": {"kind": "gemini"}}}, "providers.p.kind", "gemini", "openai")
+
+    def test_inline_secret_refused(self) -> None:
+        """Secrets come from an env var or a file, never inline."""
+        self.check(provider(api_key="sk-123"), "providers.p", "inline")
+
+    def test_key_from_file(self) -> None:
+        """A provider key can be read from a file."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("sk-file\n")
+        cfg = c.parse(provider(api_key_file=path), {})
+        self.assertEqual(cfg.providers["p"].api_key, "sk-file")
+        self.check(provider(api_key_file=path + ".missing"), "providers.p.api_key_file", "cannot read")
+
+    def test_model_to_unknown_provider(self) -> None:
+        """A model naming no configured provider is refused."""
+        self.check({"models": {"m": {"provider": "ghost"}}}, "models.m.provider", "ghost")
+
+    def test_routing(self) -> None:
+        """
+        Listed models go to their provider under their upstream name; other
+        models go to the default provider of the route's dialect.
+        """
+        cfg = c.parse(
+            {
+                "providers": {
+                    "a": {"kind": "openai", "base_url": "http://a/v1", "default": True},
+                    "b": {"kind": "anthropic", "base_url": "http://b"},
+                },
+                "models": {"fast": {"provider": "a", "upstream_model": "gpt-4o-mini"}, "claude": {"provider": "b"}},
+            },
+            {},
+        )
+        p, m = cfg.route("openai", "fast")
+        self.assertEqual((p.name, m), ("a", "gpt-4o-mini"))
+        self.assertEqual(cfg.route("openai", "other")[1], "other")
+        self.assertEqual(cfg.route("anthropic", "claude")[1], "claude")
+        self.assertIsNone(cfg.route("anthropic", "other"))
+        self.assertIsNone(cfg.route("openai", "claude"))
+
+    def test_from_environment(self) -> None:
+        """With no file, providers come from the SDKs' own variables."""
+        cfg = c.from_environment(
+            {"OPENAI_API_KEY": "sk-o", "OPENAI_BASE_URL": "http://vllm:8000/v1/", "ANTHROPIC_API_KEY": "sk-a"}
+        )
+        self.assertEqual(cfg.providers["openai"].base_url, "http://vllm:8000/v1")
+        self.assertEqual(cfg.providers["openai"].api_key, "sk-o")
+        self.assertEqual(cfg.providers["anthropic"].base_url, c.ANTHROPIC_DEFAULT_BASE)
+        self.assertEqual(cfg.route("anthropic", "claude-sonnet-4")[0].name, "anthropic")
+
+    def test_secret_not_in_repr(self) -> None:
+        """A provider's key never shows in its repr (and so in logs)."""
+        cfg = c.parse(provider(api_key_env="K"), {"K": "sk-very-secret"})
+        self.assertNotIn("sk-very-secret", repr(cfg))
+
+    def test_load_toml(self) -> None:
+        """A TOML file is read; a broken one is one clear error."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('[providers.p]\nkind = "openai"\nbase_url = "http://x/v1"\n')
+        self.assertIn("p", c.load(path, {}).providers)
+        with open(path, "w") as f:
+            f.write("[providers\n")
+        with self.assertRaises(c.ConfigError) as e:
+            c.load(path, {})
+        self.assertIn("not valid TOML", str(e.exception))
+        self.assertTrue(os.path.exists(path))

@@ -1,0 +1,47 @@
+"""The twistd plugin's options and service tree (nothing listens)."""
+
+from __future__ import annotations
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from llmgate import tap
+from llmgate.upstream import UpstreamClient
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_ports(self) -> None:
+        """--port is repeatable and a bare number means tcp:N."""
+        o = tap.Options()
+        o.parseOptions(["--port", "8081", "--port", "tcp:9090:interface=127.0.0.1", "--demo"])
+        self.assertEqual(o["ports"], ["tcp:8081", "tcp:9090:interface=127.0.0.1"])
+
+    def test_default_port(self) -> None:
+        """Without --port the gateway listens on tcp:8080."""
+        o = tap.Options()
+        o.parseOptions(["--demo"])
+        self.assertEqual(o["ports"], ["tcp:8080"])
+
+    def test_invalid_config_is_a_usage_error(self) -> None:
+        """A bad config stops twistd before it listens, naming the setting."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('[providers.x]\nkind = "gemini"\n')
+        o = tap.Options()
+        with self.assertRaises(usage.UsageError) as e:
+            o.parseOptions(["--config", path])
+        self.assertIn("providers.x.kind", str(e.exception))
+
+
+class ServiceTests(SynchronousTestCase):
+    def test_build(self) -> None:
+        """The tree holds the upstream pool and one listener per port."""
+        from llmgate import config
+
+        cfg = config.parse({"providers": {"p": {"kind": "openai", "base_url": "http://x/v1", "default": True}}}, {})
+        top = tap.build(cfg, MemoryReactorClock(), ["tcp:1", "tcp:2"])
+        kinds = [type(s) for s in top]
+        self.assertIn(UpstreamClient, kinds)
+        self.assertEqual(kinds.count(StreamServerEndpointService), 2)
