@@ -691,6 +691,11 @@ class MockProvider:
         request.setHeader("content-type", _JSON)
         if (method, path) == ("GET", "/mock/stats"):
             return _dumps(self.stats)
+        if (method, path) == ("GET", "/mock/requests"):
+            # What the provider saw, for tests of the gateway's header hygiene.
+            return _dumps([
+                {**r, "body": r["body"].decode("utf-8", "replace")} for r in self.requests
+            ])
         if (method, path) == ("POST", "/mock/reset"):
             self.stats.update(dict.fromkeys(self.stats, 0))
             self.requests.clear()

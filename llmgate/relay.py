@@ -234,6 +234,8 @@ class Relay:
             )
             return
         self._sse = is_sse
+        if ex.counter is not None:
+            ex.counter.sse = is_sse
         req = self.request
         req.setResponseCode(response.code, response.phrase or None)
         copy_response_headers(response.headers, req.responseHeaders)

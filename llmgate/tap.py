@@ -14,13 +14,20 @@ from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python import usage
 
 from llmgate import config as configmod
+from llmgate import tokens
 from llmgate.accounting import Accounting
+from llmgate.ledger import Ledger
+from llmgate.prices import PriceTable
 from llmgate.front import GatewaySite
 from llmgate.resource import GatewayResource
 from llmgate.upstream import UpstreamClient
+
+
+log = Logger(namespace="llmgate")
 
 
 def _endpoint_string(value: str) -> str:
@@ -84,18 +91,48 @@ class _ListeningPort(service.Service):
         return self._port.stopListening()
 
 
+class _Warmup(service.Service):
+    """
+    Builds the tiktoken encodings off the reactor thread at start-up, from
+    the files shipped in the package: never from the network.
+    """
+
+    def __init__(self, in_thread: Any) -> None:
+        self._in_thread = in_thread
+
+    def startService(self) -> None:
+        super().startService()
+        d = self._in_thread(tokens.load_encodings)
+        d.addErrback(lambda f: log.failure("could not load tiktoken encodings", f))
+
+
 def build(cfg: configmod.Config, reactor: Any, ports: list[str]) -> service.MultiService:
     """
     The gateway's service tree for C{cfg}: the upstream pool, the
     accounting sinks and one listener per endpoint string.
     """
     top = service.MultiService()
-    upstream = UpstreamClient(reactor, connect_timeout=cfg.timeouts.connect)
-    upstream.setServiceParent(top)
-    accounting = Accounting(reactor, enabled=cfg.accounting_enabled)
 
     def in_thread(f: Any, *a: Any) -> Any:
         return deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
+
+    ledger = None
+    if cfg.ledger_enabled:
+        # First child, so it stops last: records of requests cut off by the
+        # shutdown still reach the file.
+        ledger = Ledger(cfg.ledger_path, reactor, batch_interval=cfg.ledger_batch_interval)
+        ledger.setServiceParent(top)
+    upstream = UpstreamClient(reactor, connect_timeout=cfg.timeouts.connect)
+    upstream.setServiceParent(top)
+    accounting = Accounting(
+        reactor,
+        ledger=ledger,
+        enabled=cfg.accounting_enabled,
+        prices=PriceTable.from_config(dict(cfg.prices)),
+        in_thread=in_thread,
+    )
+    if cfg.accounting_enabled:
+        _Warmup(in_thread).setServiceParent(top)
 
     root = GatewayResource(cfg, upstream.http, reactor, accounting, parse_in_thread=in_thread)
     site = GatewaySite(root, reactor, cfg.max_body_bytes)

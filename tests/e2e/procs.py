@@ -1,0 +1,137 @@
+"""
+Real processes for end-to-end tests: twistd daemons on 127.0.0.1 with
+ports chosen by the kernel (read back from their logs), stopped by pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from typing import Any, Optional
+
+_LISTEN = {
+    "llmgate": re.compile(r"GatewaySite starting on (\d+)"),
+    "llmgate-mock": re.compile(r"Site starting on (\d+)"),
+}
+
+
+class Daemon:
+    """
+    A C{twistd -n PLUGIN ...} child process. Its log is collected by a
+    thread so the pipe never fills.
+    """
+
+    def __init__(self, plugin: str, args: list[str], cwd: str, env: Optional[dict[str, str]] = None, wait: bool = True) -> None:
+        self.plugin = plugin
+        cmd = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", plugin, *args]
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
+        self.pid = self.proc.pid
+        self.lines: list[str] = []
+        self._seen = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.port = 0
+        if wait:
+            self.port = self.wait_for_port()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            with self._seen:
+                self.lines.append(raw.decode("utf-8", "replace"))
+                self._seen.notify_all()
+        with self._seen:
+            self._seen.notify_all()
+
+    def output(self) -> str:
+        with self._seen:
+            return "".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._seen:
+            while True:
+                for line in self.lines:
+                    m = rx.search(line)
+                    if m:
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(f"{self.plugin}: no {pattern!r} in log:\n" + "".join(self.lines))
+                self._seen.wait(min(left, 0.2))
+
+    def wait_for_port(self) -> int:
+        return int(self.wait_for(_LISTEN[self.plugin].pattern).group(1))
+
+    def url(self, path: str = "") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def rss_kb(self) -> int:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self._reader.join(5)
+        return self.proc.returncode
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def post_json(url: str, body: Any = None) -> Any:
+    req = urllib.request.Request(url, data=json.dumps(body or {}).encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.read()
+
+
+def _die_with_parent() -> None:
+    # A test run that is killed must not leave daemons behind.
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def gateway_config(mock_port: int, extra: str = "") -> str:
+    return (
+        "[providers.mock]\n"
+        'kind = "openai"\n'
+        f'base_url = "http://127.0.0.1:{mock_port}/v1"\n'
+        'api_key_env = "E2E_UPSTREAM_KEY"\n'
+        "default = true\n"
+        "[providers.mockant]\n"
+        'kind = "anthropic"\n'
+        f'base_url = "http://127.0.0.1:{mock_port}"\n'
+        'api_key_env = "E2E_UPSTREAM_KEY"\n'
+        "default = true\n"
+        '[models."public-name"]\n'
+        'provider = "mock"\n'
+        'upstream_model = "upstream-name"\n' + extra
+    )
