@@ -14,7 +14,6 @@ from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from twisted.python import usage
 
 from llmgate import config as configmod
@@ -25,9 +24,6 @@ from llmgate.prices import PriceTable
 from llmgate.front import GatewaySite
 from llmgate.resource import GatewayResource
 from llmgate.upstream import UpstreamClient
-
-
-log = Logger(namespace="llmgate")
 
 
 def _endpoint_string(value: str) -> str:
@@ -91,21 +87,6 @@ class _ListeningPort(service.Service):
         return self._port.stopListening()
 
 
-class _Warmup(service.Service):
-    """
-    Builds the tiktoken encodings off the reactor thread at start-up, from
-    the files shipped in the package: never from the network.
-    """
-
-    def __init__(self, in_thread: Any) -> None:
-        self._in_thread = in_thread
-
-    def startService(self) -> None:
-        super().startService()
-        d = self._in_thread(tokens.load_encodings)
-        d.addErrback(lambda f: log.failure("could not load tiktoken encodings", f))
-
-
 def build(cfg: configmod.Config, reactor: Any, ports: list[str]) -> service.MultiService:
     """
     The gateway's service tree for C{cfg}: the upstream pool, the
@@ -131,8 +112,6 @@ def build(cfg: configmod.Config, reactor: Any, ports: list[str]) -> service.Mult
         prices=PriceTable.from_config(dict(cfg.prices)),
         in_thread=in_thread,
     )
-    if cfg.accounting_enabled:
-        _Warmup(in_thread).setServiceParent(top)
 
     root = GatewayResource(cfg, upstream.http, reactor, accounting, parse_in_thread=in_thread)
     site = GatewaySite(root, reactor, cfg.max_body_bytes)
@@ -149,6 +128,11 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
         reactor = _reactor
     top = service.MultiService()
     cfg = options["loaded"]
+    if cfg is None or cfg.accounting_enabled:
+        # Build the tiktoken encodings (from the package's files, never the
+        # network) before listening: about a second of CPU that would
+        # otherwise contend with live streams for the GIL.
+        tokens.load_encodings()
     if options["demo"]:
         from llmgate.mock import MockProvider
         from twisted.web.server import Site
