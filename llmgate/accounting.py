@@ -13,6 +13,8 @@ after the request has ended.
 from __future__ import annotations
 
 import re
+import time
+import uuid
 from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -249,6 +251,50 @@ class Accounting:
         )
         if self.ledger is not None:
             self.ledger.record(rec)
+
+    def rejected(self, route: str, status: int, key_name: str = "", model: str = "", bytes_in: int = 0) -> None:
+        """
+        Record a request the gateway answered itself without calling an
+        upstream (bad JSON, unknown model, bad key, body too large): every
+        request gets its one record, with no tokens.
+        """
+        now = time.time()
+        log.info(
+            "POST {route} model={model} key={key} status={status} outcome=rejected",
+            route=route,
+            model=model or "-",
+            key=key_name or "-",
+            status=status,
+        )
+        if self.ledger is None:
+            return
+        self.ledger.record(
+            UsageRecord(
+                request_id=uuid.uuid4().hex,
+                ts=now,
+                key_name=key_name,
+                route=route,
+                model=model,
+                provider="",
+                upstream_model="",
+                upstream_id=None,
+                status=status,
+                streamed=False,
+                outcome="rejected",
+                phase=None,
+                input_tokens=None,
+                output_tokens=None,
+                cached_input_tokens=0,
+                cache_creation_tokens=0,
+                reasoning_tokens=0,
+                source=None,
+                cost_usd=None,
+                ttft_ms=None,
+                duration_ms=0.0,
+                bytes_in=bytes_in,
+                bytes_out=0,
+            )
+        )
 
     def _access_log(self, ex: Exchange) -> None:
         ttft = ex.ttft

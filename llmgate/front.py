@@ -62,6 +62,10 @@ class GatewayRequest(server.Request):
             b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
         )
         self.channel.loseConnection()
+        site = getattr(self.channel, "site", None)
+        accounting = getattr(getattr(site, "resource", None), "accounting", None)
+        if accounting is not None:
+            accounting.rejected(path.split(b"?", 1)[0].decode("latin-1"), 413)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._rejected:

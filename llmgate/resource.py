@@ -34,8 +34,9 @@ _GET_ROUTES = (b"/v1/models", b"/healthz")
 
 
 class _BadRequest(Exception):
-    def __init__(self, status: int, message: str, code: Optional[str] = None, param: Optional[str] = None) -> None:
+    def __init__(self, status: int, message: str, code: Optional[str] = None, param: Optional[str] = None, model: str = "") -> None:
         super().__init__(message)
+        self.model = model
         self.status = status
         self.message = message
         self.code = code
@@ -104,6 +105,7 @@ class GatewayResource(Resource):
         kind = dialects.kind_for_path(path)
         if endpoint is not None:
             if request.method != b"POST":
+                self._rejected(request, path, 405)
                 return _write_error(
                     request, kind, 405, f"method {request.method.decode('latin-1')} not allowed on {path.decode('latin-1')}",
                     headers={b"allow": b"POST"},
@@ -118,6 +120,7 @@ class GatewayResource(Resource):
                 request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
                 return b'{"status":"ok"}'
             return self._render_models(request)
+        self._rejected(request, path, 404)
         return _write_error(
             request, kind, 404, f"no route for {path.decode('latin-1')}", code="not_found"
         )
@@ -160,6 +163,7 @@ class GatewayResource(Resource):
         kind = endpoint.kind
         key_name = self._authenticate(request)
         if key_name is None:
+            self._rejected(request, endpoint.path, 401)
             return _write_error(
                 request, kind, 401, "invalid or missing gateway key", code="invalid_api_key"
             )
@@ -169,18 +173,26 @@ class GatewayResource(Resource):
         else:
             d = maybeDeferred(_parse_body, body)
         d.addCallback(self._relay, request, endpoint, key_name, body)
-        d.addErrback(self._relay_failed, request, kind)
+        d.addErrback(self._relay_failed, request, endpoint, key_name)
         return NOT_DONE_YET
 
-    def _relay_failed(self, failure: Any, request: Any, kind: str) -> None:
-        if request._disconnected or request.finished:
-            return
+    def _rejected(self, request: Any, path: bytes, status: int, key_name: str = "", model: str = "") -> None:
+        self.accounting.rejected(
+            path.decode("latin-1"), status, key_name, model, len(request.content.getvalue())
+        )
+
+    def _relay_failed(self, failure: Any, request: Any, endpoint: dialects.Endpoint, key_name: str) -> None:
+        kind = endpoint.kind
         if failure.check(_BadRequest):
             e = failure.value
-            request.write(_write_error(request, kind, e.status, e.message, e.code, e.param))
+            status, args = e.status, (e.message, e.code, e.param)
         else:
             log.failure("failed to start relay", failure)
-            request.write(_write_error(request, kind, 500, "internal gateway error"))
+            status, args = 500, ("internal gateway error", None, None)
+        self._rejected(request, endpoint.path, status, key_name, getattr(failure.value, "model", ""))
+        if request._disconnected or request.finished:
+            return
+        request.write(_write_error(request, kind, status, *args))
         request.finish()
 
     def _relay(self, doc: dict[str, Any], request: Any, endpoint: dialects.Endpoint, key_name: str, body: bytes) -> None:
@@ -196,6 +208,7 @@ class GatewayResource(Resource):
                 f"the model {model!r} does not exist or you do not have access to it",
                 code="model_not_found",
                 param="model",
+                model=model,
             )
         provider, upstream_model = routed
         streamed = endpoint.streams and doc.get("stream") is True

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from llmgate import tokens
 from llmgate.accounting import Accounting, strip_usage_chunks
 from llmgate.mock import mock_text
-from tests.fakes import SSE_HEADERS, FakeResponse, Gateway, parse_response
+from tests.fakes import SSE_HEADERS, FakeResponse, Gateway, make_config, parse_response
 
 FIXTURES = os.path.join(os.path.dirname(tokens.__file__), "fixtures")
 
@@ -199,3 +199,27 @@ class StripTests(SynchronousTestCase):
         out = strip_usage_chunks(data)
         self.assertEqual(out.count(b"data:"), data.count(b"data:") - 1)
         self.assertTrue(out.endswith(b"data: [DONE]\r\n\r\n"))
+
+
+class RejectedTests(SynchronousTestCase):
+    def test_rejected_requests_get_one_record_each(self) -> None:
+        """
+        Requests the gateway refuses itself (bad JSON, unknown model, body
+        too large) each leave one record with no tokens and no upstream.
+        """
+        gw = AccountingGateway()
+        gw.post("/v1/chat/completions", None, raw=b"{bad")
+        gw.post("/v1/messages", {"model": "claude-x", "max_tokens": 1}, headers={})
+        gw2 = Gateway(make_config(providers={"oai": {"kind": "openai", "base_url": "http://up.test/v1"}}), max_body=20)
+        gw2.resource.accounting = Accounting(gw2.clock, ledger=gw.ledger)
+        gw2.post("/v1/chat/completions", {"model": "nope"})
+        channel, _ = gw2.connect()
+        channel.dataReceived(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 21\r\n\r\n")
+        statuses = sorted((r.route, r.status, r.outcome) for r in gw.ledger.records if r.outcome == "rejected")
+        self.assertEqual(
+            statuses,
+            [("/v1/chat/completions", 400, "rejected"), ("/v1/chat/completions", 404, "rejected"), ("/v1/messages", 413, "rejected")],
+        )
+        for r in gw.ledger.records:
+            if r.outcome == "rejected":
+                self.assertIsNone(r.input_tokens)
