@@ -159,8 +159,10 @@ class Accounting:
         enabled: bool = True,
         prices: Optional[PriceTable] = None,
         in_thread: Optional[Callable[..., Deferred[Any]]] = None,
+        metrics: Any = None,
     ) -> None:
         self.clock = clock
+        self.metrics = metrics
         self.ledger = ledger
         self.enabled = enabled
         self.prices = prices if prices is not None else PriceTable.from_config({})
@@ -169,12 +171,17 @@ class Accounting:
         self.errors = 0
 
     def counter(self, exchange: Exchange, strip_usage: bool) -> Optional[RequestCounter]:
+        """Called as a relay starts: its counter, or None if not counting."""
+        if self.metrics is not None:
+            self.metrics.active.inc()
         if not self.enabled:
             return None
         return RequestCounter(exchange.endpoint.api, strip_usage)
 
     def finished(self, ex: Exchange) -> None:
         self.finished_count += 1
+        if self.metrics is not None:
+            self.metrics.active.dec()
         self._access_log(ex)
         counter = ex.counter
         if counter is None:
@@ -249,6 +256,11 @@ class Accounting:
             bytes_in=ex.bytes_in,
             bytes_out=ex.bytes_out,
         )
+        self._sink(rec)
+
+    def _sink(self, rec: UsageRecord) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(rec)
         if self.ledger is not None:
             self.ledger.record(rec)
 
@@ -266,9 +278,7 @@ class Accounting:
             key=key_name or "-",
             status=status,
         )
-        if self.ledger is None:
-            return
-        self.ledger.record(
+        self._sink(
             UsageRecord(
                 request_id=uuid.uuid4().hex,
                 ts=now,

@@ -15,11 +15,13 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
 from twisted.internet.threads import deferToThreadPool
 from twisted.python import usage
+from twisted.web.server import Site
 
 from llmgate import config as configmod
 from llmgate import tokens
 from llmgate.accounting import Accounting
 from llmgate.ledger import Ledger
+from llmgate.metrics import Metrics, MetricsResource
 from llmgate.prices import PriceTable
 from llmgate.front import GatewaySite
 from llmgate.resource import GatewayResource
@@ -105,9 +107,13 @@ def build(cfg: configmod.Config, reactor: Any, ports: list[str]) -> service.Mult
         ledger.setServiceParent(top)
     upstream = UpstreamClient(reactor, connect_timeout=cfg.timeouts.connect)
     upstream.setServiceParent(top)
+    metrics = Metrics()
+    if ledger is not None:
+        metrics.watch_ledger(ledger)
     accounting = Accounting(
         reactor,
         ledger=ledger,
+        metrics=metrics,
         enabled=cfg.accounting_enabled,
         prices=PriceTable.from_config(dict(cfg.prices)),
         in_thread=in_thread,
@@ -118,6 +124,13 @@ def build(cfg: configmod.Config, reactor: Any, ports: list[str]) -> service.Mult
     for desc in ports:
         ep = endpoints.serverFromString(reactor, desc)
         StreamServerEndpointService(ep, site).setServiceParent(top)
+    if cfg.metrics_port:
+        # On its own listener: metrics name keys and models, which are not
+        # for every client of the gateway to read.
+        msite = Site(MetricsResource(metrics.registry), reactor=reactor)
+        msite.log = lambda request: None  # type: ignore[method-assign]
+        ep = endpoints.serverFromString(reactor, cfg.metrics_port)
+        StreamServerEndpointService(ep, msite).setServiceParent(top)
     return top
 
 
@@ -135,7 +148,6 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
         tokens.load_encodings()
     if options["demo"]:
         from llmgate.mock import MockProvider
-        from twisted.web.server import Site
 
         mock = MockProvider(reactor)
         port = reactor.listenTCP(0, Site(mock.resource, reactor=reactor), interface="127.0.0.1")
