@@ -62,6 +62,7 @@ class Config:
     models: Mapping[str, ModelRoute]
     timeouts: Timeouts = Timeouts()
     max_body_bytes: int = 32 * 1024 * 1024
+    drain_seconds: float = 25.0
     keys: tuple[GatewayKey, ...] = ()
     ledger_enabled: bool = True
     ledger_path: str = "llmgate-usage.db"
@@ -248,7 +249,7 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Conf
     )
 
     server = _expect(data.get("server", {}), dict, "server")
-    _no_unknown(server, {"max_body_bytes"}, "server")
+    _no_unknown(server, {"max_body_bytes", "drain_seconds"}, "server")
     max_body = server.get("max_body_bytes", 32 * 1024 * 1024)
     _expect(max_body, int, "server.max_body_bytes")
     if max_body <= 0:
@@ -284,6 +285,7 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Conf
         models=models,
         timeouts=timeouts,
         max_body_bytes=max_body,
+        drain_seconds=_positive(server.get("drain_seconds", 25.0), "server.drain_seconds"),
         keys=tuple(keys),
         ledger_enabled=_expect(ledger.get("enabled", True), bool, "ledger.enabled"),
         ledger_path=_expect(ledger.get("path", "llmgate-usage.db"), str, "ledger.path"),

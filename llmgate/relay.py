@@ -166,6 +166,8 @@ class Relay:
         self._idle_timer: Any = None
         self._last_data = 0.0
         self._timed_out: Optional[str] = None
+        # Why the gateway itself cut the exchange short, if it did.
+        self._cut_message: Optional[str] = None
         self._client_gone = False
         self._finished = False
         self._recorded = False
@@ -258,7 +260,9 @@ class Relay:
         if self._client_gone:
             self._record()
             return
-        if self._timed_out == "headers":
+        if self._cut_message is not None:
+            self._fail(503, self._cut_message, "headers")
+        elif self._timed_out == "headers":
             self._fail(504, "upstream sent no response headers in time", "headers")
         elif failure.check(TxTimeoutError):
             self._fail(504, "timed out connecting to the upstream", "connect")
@@ -354,8 +358,8 @@ class Relay:
         if self._client_gone:
             self._record()
             return
-        if self._timed_out == "idle":
-            self._truncated("upstream stalled mid-stream")
+        if self._cut_message is not None:
+            self._truncated(self._cut_message)
         elif reason.check(ResponseDone, PotentialDataLoss):
             if self._partial:
                 # A clean end with an unterminated last event: relay it as
@@ -409,7 +413,7 @@ class Relay:
             )
             return
         self._idle_timer = None
-        self._timed_out = "idle"
+        self._cut_message = "upstream stalled mid-stream"
         self._abort_upstream()
 
     def _cancel_idle(self) -> None:
@@ -417,6 +421,20 @@ class Relay:
             if self._idle_timer.active():
                 self._idle_timer.cancel()
             self._idle_timer = None
+
+    def abort(self, message: str) -> None:
+        """
+        Cut the exchange short from the gateway's side (at shutdown): the
+        client gets an error in its dialect, the upstream is closed, and the
+        exchange is recorded.
+        """
+        if self._recorded or self._client_gone:
+            return
+        self._cut_message = message
+        if self._pending_d is not None:
+            self._pending_d.cancel()
+        elif self._upstream is not None:
+            self._abort_upstream()
 
     # -- the client side ---------------------------------------------------
 

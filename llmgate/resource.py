@@ -91,6 +91,8 @@ class GatewayResource(Resource):
         self.clock = clock
         self.accounting = accounting
         self._parse_in_thread = parse_in_thread
+        self.active: set[Relay] = set()
+        self.draining = False
         self._keys = [
             (k.name, hashlib.sha256(k.secret.encode()).digest()) for k in config.keys
         ]
@@ -161,6 +163,12 @@ class GatewayResource(Resource):
 
     def _render_relay(self, request: Any, endpoint: dialects.Endpoint) -> Any:
         kind = endpoint.kind
+        if self.draining:
+            self._rejected(request, endpoint.path, 503)
+            request.setHeader(b"connection", b"close")
+            return _write_error(
+                request, kind, 503, "the gateway is shutting down", headers={b"retry-after": b"1"}
+            )
         key_name = self._authenticate(request)
         if key_name is None:
             self._rejected(request, endpoint.path, 401)
@@ -251,7 +259,10 @@ class GatewayResource(Resource):
         )
         headers.setRawHeaders(b"content-type", [b"application/json"])
         url = dialects.upstream_url(provider.kind, provider.base_url, endpoint.path)
-        relay = Relay(
-            request, self.http, self.clock, self.config.timeouts, ex, self.accounting.finished
-        )
+        def done(ex: Exchange) -> None:
+            self.active.discard(relay)
+            self.accounting.finished(ex)
+
+        relay = Relay(request, self.http, self.clock, self.config.timeouts, ex, done)
+        self.active.add(relay)
         relay.start(url, headers, body)

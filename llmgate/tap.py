@@ -23,6 +23,8 @@ from llmgate.accounting import Accounting
 from llmgate.ledger import Ledger
 from llmgate.metrics import Metrics, MetricsResource
 from llmgate.prices import PriceTable
+from llmgate.drain import Drain
+from llmgate.service import OrderedMultiService
 from llmgate.front import GatewaySite
 from llmgate.resource import GatewayResource
 from llmgate.upstream import UpstreamClient
@@ -94,7 +96,7 @@ def build(cfg: configmod.Config, reactor: Any, ports: list[str]) -> service.Mult
     The gateway's service tree for C{cfg}: the upstream pool, the
     accounting sinks and one listener per endpoint string.
     """
-    top = service.MultiService()
+    top = OrderedMultiService()
 
     def in_thread(f: Any, *a: Any) -> Any:
         return deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
@@ -121,6 +123,9 @@ def build(cfg: configmod.Config, reactor: Any, ports: list[str]) -> service.Mult
 
     root = GatewayResource(cfg, upstream.http, reactor, accounting, parse_in_thread=in_thread)
     site = GatewaySite(root, reactor, cfg.max_body_bytes)
+    # Stopped after the listeners (children stop in reverse order) and
+    # before the pool and the ledger.
+    Drain(root, reactor, cfg.drain_seconds).setServiceParent(top)
     for desc in ports:
         ep = endpoints.serverFromString(reactor, desc)
         StreamServerEndpointService(ep, site).setServiceParent(top)
@@ -139,7 +144,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
-    top = service.MultiService()
+    top = OrderedMultiService()
     cfg = options["loaded"]
     if cfg is None or cfg.accounting_enabled:
         # Build the tiktoken encodings (from the package's files, never the

@@ -218,3 +218,30 @@ class ProcessTests(SynchronousTestCase):
         s.close()
         self.assertLess(grown_mb, 8, f"gateway grew by {grown_mb:.1f} MB")
         self.assertEqual(stats["streams_completed"], 0)
+
+    def test_sigterm_lets_streams_in_flight_finish(self) -> None:
+        """
+        SIGTERM with a stream in flight: the listener closes, the stream
+        completes byte-exact, and its record reaches the ledger.
+        """
+        mock = self.daemon("llmgate-mock")
+        ledger = os.path.join(self.dir, "usage.db")
+        conf = self.config(gateway_config(mock.port, f'[ledger]\npath = "{ledger}"\n'))
+        gw = Daemon("llmgate", ["--config", conf, "--port", "tcp:0:interface=127.0.0.1"], self.dir, env={"E2E_UPSTREAM_KEY": "k"})
+        self.addCleanup(gw.stop)
+        oai = openai.OpenAI(base_url=gw.url("/v1"), api_key="c", max_retries=0)
+        stream = oai.chat.completions.create(
+            model="m", messages=[], stream=True, extra_headers={"x-mock-tokens": "20", "x-mock-delay-ms": "50"}
+        )
+        text = ""
+        for i, chunk in enumerate(stream):
+            if i == 2:
+                os.kill(gw.pid, signal.SIGTERM)
+            if chunk.choices and chunk.choices[0].delta.content:
+                text += chunk.choices[0].delta.content
+        self.assertEqual(text, mock_text(20))
+        gw.proc.wait(30)
+        with self.assertRaises(OSError):
+            socket.create_connection(("127.0.0.1", gw.port), timeout=2)
+        [rec] = read_records(ledger)
+        self.assertEqual((rec["outcome"], rec["output_tokens"]), ("completed", 20))
