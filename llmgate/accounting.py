@@ -264,7 +264,9 @@ class Accounting:
         if self.ledger is not None:
             self.ledger.record(rec)
 
-    def rejected(self, route: str, status: int, key_name: str = "", model: str = "", bytes_in: int = 0) -> None:
+    def rejected(
+        self, route: str, status: int, key_name: str = "", model: str = "", bytes_in: int = 0, outcome: str = "rejected"
+    ) -> None:
         """
         Record a request the gateway answered itself without calling an
         upstream (bad JSON, unknown model, bad key, body too large): every
@@ -272,8 +274,9 @@ class Accounting:
         """
         now = time.time()
         log.info(
-            "POST {route} model={model} key={key} status={status} outcome=rejected",
+            "POST {route} model={model} key={key} status={status} outcome={outcome}",
             route=route,
+            outcome=outcome,
             model=model or "-",
             key=key_name or "-",
             status=status,
@@ -290,7 +293,7 @@ class Accounting:
                 upstream_id=None,
                 status=status,
                 streamed=False,
-                outcome="rejected",
+                outcome=outcome,
                 phase=None,
                 input_tokens=None,
                 output_tokens=None,

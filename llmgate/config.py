@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from urllib.parse import urlsplit
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -48,6 +49,7 @@ class Timeouts:
     connect: float = 5.0
     headers: float = 120.0
     idle: float = 120.0
+    write_stall: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,20 @@ def _secret(table: Mapping[str, Any], where: str, env: Mapping[str, str]) -> str
     return None
 
 
+def _check_url(url: str, where: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(f"{where}: must start with http:// or https://")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(f"{where}: invalid port in {url!r}") from None
+    if not parts.hostname:
+        raise ConfigError(f"{where}: no host in {url!r}")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{where}: must not have a query or fragment")
+
+
 def _positive(value: Any, where: str) -> float:
     _expect(value, (int, float), where)
     if value <= 0:
@@ -211,8 +227,7 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Conf
             OPENAI_DEFAULT_BASE if kind == "openai" else ANTHROPIC_DEFAULT_BASE,
         )
         _expect(base, str, f"{where}.base_url")
-        if not base.startswith(("http://", "https://")):
-            raise ConfigError(f"{where}.base_url: must start with http:// or https://")
+        _check_url(base, f"{where}.base_url")
         providers[name] = Provider(
             name=name,
             kind=kind,
@@ -243,7 +258,7 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Conf
         models[name] = ModelRoute(name, prov, upstream)
 
     t = _expect(data.get("timeouts", {}), dict, "timeouts")
-    _no_unknown(t, {"connect", "headers", "idle"}, "timeouts")
+    _no_unknown(t, {"connect", "headers", "idle", "write_stall"}, "timeouts")
     timeouts = Timeouts(
         **{k: _positive(v, f"timeouts.{k}") for k, v in t.items()}
     )

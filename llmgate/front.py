@@ -15,9 +15,15 @@ from __future__ import annotations
 from io import BytesIO
 from typing import Any
 
-from twisted.web import server
+from twisted.web import http, server
 
 from llmgate import dialects
+
+# A client gets this long to send a request's headers, and this long for
+# its body, however it trickles: Twisted's own timer restarts on every byte,
+# so one byte a minute would hold a connection forever (slowloris).
+HEADER_DEADLINE = 10.0
+BODY_DEADLINE = 120.0
 
 
 class GatewayRequest(server.Request):
@@ -73,10 +79,63 @@ class GatewayRequest(server.Request):
         super().requestReceived(command, path, version)
 
 
+class GatewayChannel(http.HTTPChannel):
+    """
+    HTTP/1.1 with deadlines: the whole header block within
+    C{headerDeadline} seconds of its first byte, the whole body within
+    C{bodyDeadline}; 408 and close otherwise.
+    """
+
+    headerDeadline = HEADER_DEADLINE
+    bodyDeadline = BODY_DEADLINE
+    _deadline: Any = None
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._deadline = self.callLater(seconds, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._deadline is None and not self._handlingRequest and line:
+            # The first line of a new request starts its header clock.
+            self._arm(self.headerDeadline)
+        super().lineReceived(line)
+
+    def allHeadersReceived(self) -> None:
+        super().allHeadersReceived()
+        if self.length == 0:
+            self._disarm()
+        else:
+            self._arm(self.bodyDeadline)
+
+    def allContentReceived(self) -> None:
+        self._disarm()
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Any) -> None:
+        self._disarm()
+        super().connectionLost(reason)
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self.transport is None:
+            return
+        self.transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        self.transport.loseConnection()
+
+
 class GatewaySite(server.Site):
     """
-    The Site for the gateway: bodies capped, no tracebacks to clients, and
-    no Combined Log lines (the gateway writes its own access log).
+    The Site for the gateway: plain HTTP/1.1 channels with deadlines,
+    bodies capped, no tracebacks to clients, and no Combined Log lines (the
+    gateway writes its own access log).
     """
 
     displayTracebacks = False
@@ -88,6 +147,7 @@ class GatewaySite(server.Site):
             maxBody = limit
 
         super().__init__(resource, requestFactory=_Request, reactor=reactor)
+        self.protocol = GatewayChannel
 
     def log(self, request: Any) -> None:
         pass

@@ -46,6 +46,10 @@ _RESPONSE_DROP = HOP_BY_HOP | {
     b"set-cookie",
     b"server",
     b"date",
+    # The provider account behind the gateway is not the client's business.
+    b"openai-organization",
+    b"openai-project",
+    b"anthropic-organization-id",
 }
 
 
@@ -78,7 +82,7 @@ def upstream_request_headers(
     out = Headers()
     cred_names = {n for n, _ in credentials}
     for name, values in _filtered(client, _REQUEST_DROP):
-        if name in cred_names:
+        if name in cred_names and name != b"anthropic-version":
             continue
         out.setRawHeaders(name, values)
     for name, value in credentials:

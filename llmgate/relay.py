@@ -23,12 +23,14 @@ from typing import Any, Callable, Optional, Protocol as TypingProtocol
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
 from twisted.internet.error import TimeoutError as TxTimeoutError
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
+from zope.interface import implementer
 
 from llmgate import dialects
 from llmgate.config import Provider, Timeouts
@@ -126,6 +128,34 @@ class _BodyRelay(Protocol):
         self._relay.body_ended(reason)
 
 
+@implementer(IPushProducer)
+class _Throttle:
+    """
+    The upstream body transport as the client request's producer, noting
+    when the client's backpressure holds it paused (so a paused stream is
+    not mistaken for a stalled upstream).
+    """
+
+    __slots__ = ("_transport", "_relay")
+
+    def __init__(self, transport: Any, relay: "Relay") -> None:
+        self._transport = transport
+        self._relay = relay
+
+    def pauseProducing(self) -> None:
+        self._relay._paused_at = self._relay.clock.seconds()
+        self._transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        relay = self._relay
+        relay._paused_at = None
+        relay._last_data = relay.clock.seconds()
+        self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._transport.stopProducing()
+
+
 class _Discard(Protocol):
     """Drops an unwanted upstream body and closes its connection at once."""
 
@@ -172,8 +202,10 @@ class Relay:
         self._finished = False
         self._recorded = False
         self._sse = False
-        self._partial = b""
+        self._held: list[bytes] = []
+        self._held_len = 0
         self._producing = False
+        self._paused_at: Optional[float] = None
 
     # -- start -------------------------------------------------------------
 
@@ -235,6 +267,17 @@ class Relay:
                 "headers",
             )
             return
+        if response.code in (401, 403):
+            # The provider refused the gateway's own key: the client did
+            # nothing wrong, and the body may quote part of that key.
+            response.deliverBody(_Discard())
+            log.warn(
+                "provider {provider} refused the gateway's credential with {status}",
+                provider=ex.provider.name,
+                status=response.code,
+            )
+            self._fail(502, "the provider refused the gateway's credential", "headers", retry=False)
+            return
         self._sse = is_sse
         if ex.counter is not None:
             ex.counter.sse = is_sse
@@ -281,7 +324,7 @@ class Relay:
                 self._abort_client()
         self._record()
 
-    def _fail(self, status: int, message: str, phase: str) -> None:
+    def _fail(self, status: int, message: str, phase: str, retry: bool = True) -> None:
         """Answer with a gateway error in the route's dialect."""
         ex = self.exchange
         ex.status = status
@@ -294,6 +337,9 @@ class Relay:
         req.setResponseCode(status)
         req.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
         req.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
+        if not retry:
+            # The SDKs retry every 5xx unless told otherwise.
+            req.responseHeaders.setRawHeaders(b"x-should-retry", [b"false"])
         req.write(body)
         ex.bytes_out += len(body)
         self._finish()
@@ -307,7 +353,7 @@ class Relay:
             transport.stopProducing()
             return
         try:
-            self.request.registerProducer(transport, True)
+            self.request.registerProducer(_Throttle(transport, self), True)
             self._producing = True
         except AttributeError:
             # The channel is gone: the client left in the meantime.
@@ -317,21 +363,13 @@ class Relay:
 
     def body_data(self, data: bytes) -> None:
         self._last_data = self.clock.seconds()
-        if self._client_gone:
+        if self._client_gone or self._finished or self._cut_message is not None:
+            # Stopping the upstream does not stop the rest of a read that
+            # is already being parsed.
             return
         ex = self.exchange
         if self._sse:
-            if self._partial:
-                data = self._partial + data
-                self._partial = b""
-            cut = event_boundary(data)
-            if cut < len(data):
-                self._partial = data[cut:]
-                data = data[:cut]
-                if len(self._partial) > self._max_event:
-                    self._partial = b""
-                    self._truncated("upstream event larger than the event size cap")
-                    return
+            data = self._whole_events(data)
             if not data:
                 return
         counter = ex.counter
@@ -344,6 +382,49 @@ class Relay:
             ex.first_byte_at = self._last_data
         ex.bytes_out += len(data)
         self.request.write(data)
+
+    def _whole_events(self, data: bytes) -> bytes:
+        """
+        The complete events that C{data} finishes; the rest is held. Only
+        the new bytes (and the held tail a line end may span) are searched,
+        so a large event arriving in many reads costs linear time.
+        """
+        held = self._held
+        if not held:
+            cut = event_boundary(data)
+            if cut == len(data):
+                return data
+            if cut:
+                held.append(data[cut:])
+                self._held_len = len(data) - cut
+                return data[:cut]
+            held.append(data)
+            self._held_len = len(data)
+        else:
+            tail = held[-1][-3:]
+            cut = event_boundary(tail + data) - len(tail)
+            if cut > 0:
+                held.append(data[:cut])
+                out = b"".join(held)
+                held.clear()
+                rest = data[cut:]
+                self._held_len = 0
+                if rest:
+                    return out + self._whole_events(rest)
+                return out
+            held.append(data)
+            self._held_len += len(data)
+        if self._held_len > self._max_event:
+            held.clear()
+            self._held_len = 0
+            self._cut("upstream event larger than the event size cap")
+        return b""
+
+    def _cut(self, message: str) -> None:
+        """Stop the upstream; L{body_ended} then tells the client why."""
+        if self._cut_message is None:
+            self._cut_message = message
+        self._abort_upstream()
 
     def body_ended(self, reason: Failure) -> None:
         self._cancel_idle()
@@ -360,11 +441,14 @@ class Relay:
             return
         if self._cut_message is not None:
             self._truncated(self._cut_message)
-        elif reason.check(ResponseDone, PotentialDataLoss):
-            if self._partial:
+        elif reason.check(ResponseDone) or (
+            reason.check(PotentialDataLoss) and self._looks_complete()
+        ):
+            if self._held:
                 # A clean end with an unterminated last event: relay it as
                 # is; the client's decoder decides, as it would direct.
-                tail, self._partial = self._partial, b""
+                tail = b"".join(self._held)
+                self._held.clear()
                 if ex.counter is not None:
                     ex.counter.feed(tail)
                 ex.bytes_out += len(tail)
@@ -373,6 +457,17 @@ class Relay:
         else:
             self._truncated("upstream connection lost mid-stream")
         self._record()
+
+    def _looks_complete(self) -> bool:
+        """
+        Whether a body that ended at connection close (no length, no
+        chunking: a clean end and a reset look the same) was whole: for an
+        event stream, only if its terminal event was seen.
+        """
+        counter = self.exchange.counter
+        if not self._sse or counter is None:
+            return True
+        return bool(counter.acc.complete)
 
     def _truncated(self, message: str) -> None:
         """
@@ -387,7 +482,7 @@ class Relay:
         if self._finished or self._client_gone:
             return
         if self._sse:
-            self._partial = b""
+            self._held.clear()
             event = dialects.stream_error_event(ex.endpoint.kind, message)
             ex.bytes_out += len(event)
             self.request.write(event)
@@ -406,15 +501,29 @@ class Relay:
     def _idle_check(self) -> None:
         # One timer per stream, re-armed lazily: the per-chunk cost is a
         # single float store in body_data.
-        quiet = self.clock.seconds() - self._last_data
+        now = self.clock.seconds()
+        if self._paused_at is not None:
+            # The client is not reading, so the upstream is held paused:
+            # that is the client's stall, not the upstream's.
+            stalled = now - self._paused_at
+            if stalled < self.timeouts.write_stall:
+                self._idle_timer = self.clock.callLater(
+                    self.timeouts.write_stall - stalled, self._idle_check
+                )
+                return
+            self._idle_timer = None
+            ex = self.exchange
+            ex.outcome, ex.phase, ex.error = "client_cancelled", "body", "client stopped reading"
+            self._abort_client()
+            return
+        quiet = now - self._last_data
         if quiet < self.timeouts.idle:
             self._idle_timer = self.clock.callLater(
                 self.timeouts.idle - quiet, self._idle_check
             )
             return
         self._idle_timer = None
-        self._cut_message = "upstream stalled mid-stream"
-        self._abort_upstream()
+        self._cut("upstream stalled mid-stream")
 
     def _cancel_idle(self) -> None:
         if self._idle_timer is not None:

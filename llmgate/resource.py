@@ -20,7 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from llmgate import dialects
-from llmgate.config import Config
+from llmgate.config import Config, Provider
 from llmgate.headers import upstream_request_headers
 from llmgate.relay import Exchange, Relay, new_exchange
 
@@ -46,11 +46,15 @@ class _BadRequest(Exception):
 def _parse_body(body: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise _BadRequest(400, "request body is not valid JSON") from None
     if not isinstance(doc, dict):
         raise _BadRequest(400, "request body must be a JSON object")
     return doc
+
+
+def _serialize(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _write_error(request: Any, kind: str, status: int, message: str, code: Optional[str] = None, param: Optional[str] = None, headers: Optional[dict[bytes, bytes]] = None) -> bytes:
@@ -203,9 +207,13 @@ class GatewayResource(Resource):
         request.write(_write_error(request, kind, status, *args))
         request.finish()
 
-    def _relay(self, doc: dict[str, Any], request: Any, endpoint: dialects.Endpoint, key_name: str, body: bytes) -> None:
+    def _relay(self, doc: dict[str, Any], request: Any, endpoint: dialects.Endpoint, key_name: str, body: bytes) -> Any:
         if request._disconnected:
-            return
+            # Gone while its body was being parsed: still one record.
+            self.accounting.rejected(
+                endpoint.path.decode(), 0, key_name, str(doc.get("model", "")), len(body), outcome="client_cancelled"
+            )
+            return None
         model = doc.get("model")
         if not isinstance(model, str) or not model:
             raise _BadRequest(400, "you must provide a model parameter", param="model")
@@ -240,7 +248,32 @@ class GatewayResource(Resource):
                 strip_usage = True
                 rewrite = True
         if rewrite:
-            body = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+            if len(body) > _THREAD_PARSE_BYTES and self._parse_in_thread is not None:
+                d = self._parse_in_thread(_serialize, doc)
+                d.addCallback(
+                    lambda new: self._start(request, endpoint, key_name, doc, new, model, provider, upstream_model, streamed, strip_usage)
+                )
+                return d
+            body = _serialize(doc)
+        self._start(request, endpoint, key_name, doc, body, model, provider, upstream_model, streamed, strip_usage)
+        return None
+
+    def _start(
+        self,
+        request: Any,
+        endpoint: dialects.Endpoint,
+        key_name: str,
+        doc: dict[str, Any],
+        body: bytes,
+        model: str,
+        provider: Provider,
+        upstream_model: str,
+        streamed: bool,
+        strip_usage: bool,
+    ) -> None:
+        if request._disconnected:
+            self.accounting.rejected(endpoint.path.decode(), 0, key_name, model, len(body), outcome="client_cancelled")
+            return
         ex = new_exchange(
             started=self.clock.seconds(),
             key_name=key_name,
@@ -265,4 +298,16 @@ class GatewayResource(Resource):
 
         relay = Relay(request, self.http, self.clock, self.config.timeouts, ex, done)
         self.active.add(relay)
-        relay.start(url, headers, body)
+        try:
+            relay.start(url, headers, body)
+        except Exception:
+            # Never leave a relay (or the active gauge) behind, and still
+            # record the request once.
+            log.failure("could not start the upstream request")
+            self.active.discard(relay)
+            ex.status, ex.outcome, ex.counter = 500, "gateway_error", None
+            ex.ended = self.clock.seconds()
+            self.accounting.finished(ex)
+            if not request.finished and not request._disconnected:
+                request.write(_write_error(request, endpoint.kind, 500, "internal gateway error"))
+                request.finish()

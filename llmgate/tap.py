@@ -30,9 +30,16 @@ from llmgate.resource import GatewayResource
 from llmgate.upstream import UpstreamClient
 
 
-def _endpoint_string(value: str) -> str:
-    # A bare port number is the common case: `--port 8080`.
-    return f"tcp:{value}" if value.isdigit() else value
+def _endpoint_string(value: str, open_relay: bool) -> str:
+    """
+    A bare port number is the common case (C{--port 8080}). Without gateway
+    keys anyone who reaches the port spends the provider keys, so a bare
+    port then listens on loopback only; a full endpoint string is taken as
+    given.
+    """
+    if not value.isdigit():
+        return value
+    return f"tcp:{value}:interface=127.0.0.1" if open_relay else f"tcp:{value}"
 
 
 class Options(usage.Options):
@@ -52,6 +59,7 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["ports"] = []
+        self["raw_ports"] = []
 
     def opt_port(self, value: str) -> None:
         """
@@ -59,25 +67,23 @@ class Options(usage.Options):
         (tcp:8080:interface=127.0.0.1, ssl:..., systemd:domain=INET:index=0).
         May be given more than once. Default: tcp:8080.
         """
-        self["ports"].append(_endpoint_string(value))
+        self["raw_ports"].append(value)
 
     opt_p = opt_port
 
     def postOptions(self) -> None:
-        if not self["ports"]:
-            self["ports"] = ["tcp:8080"]
         if self["demo"] and self["config"]:
             raise usage.UsageError("--demo and --config are exclusive")
-        if self["demo"]:
-            self["loaded"] = None
-            return
+        self["loaded"] = None
         try:
             if self["config"]:
                 self["loaded"] = configmod.load(self["config"])
-            else:
+            elif not self["demo"]:
                 self["loaded"] = configmod.from_environment()
         except configmod.ConfigError as e:
             raise usage.UsageError(f"invalid configuration: {e}") from None
+        open_relay = self["loaded"] is None or not self["loaded"].keys
+        self["ports"] = [_endpoint_string(p, open_relay) for p in self["raw_ports"] or ["8080"]]
 
 
 class _ListeningPort(service.Service):

@@ -105,3 +105,18 @@ class ParseTests(SynchronousTestCase):
             c.load(path, {})
         self.assertIn("not valid TOML", str(e.exception))
         self.assertTrue(os.path.exists(path))
+
+
+class UrlTests(SynchronousTestCase):
+    def test_bad_base_urls(self) -> None:
+        """A base URL the client could not use is refused at start."""
+        for url, words in [
+            ("ftp://x/v1", "http://"),
+            ("http://host:notaport/v1", "invalid port"),
+            ("http:///v1", "no host"),
+            ("http://x/v1?a=b", "query"),
+        ]:
+            with self.assertRaises(c.ConfigError) as e:
+                c.parse(provider(base_url=url), {})
+            self.assertIn("providers.p.base_url", str(e.exception))
+            self.assertIn(words, str(e.exception))

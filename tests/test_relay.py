@@ -95,7 +95,7 @@ class StreamingTests(SynchronousTestCase):
         client whose socket buffer fills pauses the upstream read.
         """
         r = self.respond()
-        http_channel = self.channel._channel
+        http_channel = self.channel
         http_channel.pauseProducing()
         self.assertEqual(r.transport.paused, 1)
         http_channel.resumeProducing()
@@ -256,13 +256,16 @@ class RoutingTests(SynchronousTestCase):
         gw.post(
             "/v1/messages",
             {"model": "claude-x", "messages": []},
-            headers={"x-api-key": "client-key", "anthropic-version": "2023-06-01", "anthropic-beta": "x"},
+            headers={"x-api-key": "client-key", "anthropic-version": "2024-01-01", "anthropic-beta": "x"},
         )
         h = gw.http.calls[0]["headers"]
         self.assertEqual(h.getRawHeaders(b"x-api-key"), [b"sk-ant-upstream"])
-        self.assertEqual(h.getRawHeaders(b"anthropic-version"), [b"2023-06-01"])
+        self.assertEqual(h.getRawHeaders(b"anthropic-version"), [b"2024-01-01"])
         self.assertEqual(h.getRawHeaders(b"anthropic-beta"), [b"x"])
         self.assertFalse(h.hasHeader(b"authorization"))
+        gw.post("/v1/messages", {"model": "claude-x", "messages": []})
+        h = gw.http.calls[1]["headers"]
+        self.assertEqual(h.getRawHeaders(b"anthropic-version"), [b"2023-06-01"])
 
 
 class ErrorTests(SynchronousTestCase):
@@ -370,3 +373,127 @@ class ErrorTests(SynchronousTestCase):
         self.assertEqual(len(gw.http.calls), 1)
         h = gw.http.calls[0]["headers"]
         self.assertEqual(h.getRawHeaders(b"authorization"), [b"Bearer sk-upstream-oai"])
+
+
+class RobustnessTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.gw = Gateway()
+        self.channel, self.transport = self.gw.post("/v1/chat/completions", CHAT)
+        self.r = FakeResponse(200, SSE_HEADERS)
+        self.gw.http.calls[0]["deferred"].callback(self.r)
+
+    def test_large_event_in_small_reads(self) -> None:
+        """An event spread over many reads is relayed whole and intact."""
+        big = b'data: {"x":"' + b"y" * 200_000 + b'"}\n\n'
+        for i in range(0, len(big), 1460):
+            self.r.send(big[i:i + 1460])
+        self.r.send(E1)
+        self.r.end()
+        self.assertEqual(parse_response(self.transport.value())[2], big + E1)
+
+    def test_crlf_boundary_split_across_reads(self) -> None:
+        """A CRLF blank line split between reads still ends the event."""
+        ev = b"data: {}\r\n\r\n"
+        self.r.send(ev[:-3])
+        self.assertNotIn(b"data", self.transport.value())
+        self.r.send(ev[-3:])
+        self.assertIn(ev, self.transport.value())
+
+    def test_event_over_cap_is_cut_cleanly(self) -> None:
+        """
+        An event past the size cap stops the upstream and ends the stream
+        with an error event; data still arriving from the same read is
+        dropped instead of written after the finish.
+        """
+        self.r.transport.stopProducing = lambda: setattr(self.r.transport, "stopped", True)  # type: ignore[method-assign]
+        self.r.send(b"data: " + b"z" * (1 << 20) + b"x")
+        self.assertTrue(self.r.transport.stopped)
+        self.r.send(E1)  # the rest of the read, after the stop
+        self.r.fail()
+        _, _, body, complete = parse_response(self.transport.value())
+        self.assertIn(b"event size cap", body)
+        self.assertNotIn(E1, body)
+        self.assertTrue(complete)
+        [ex] = self.gw.accounting.exchanges
+        self.assertEqual(ex.error, "upstream event larger than the event size cap")
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_close_delimited_stream_cut_is_not_success(self) -> None:
+        """
+        A stream delimited by connection close that ends without its
+        terminal event is reported as cut, not as complete.
+        """
+        from twisted.web.http import PotentialDataLoss
+
+        self.r.send(E1)
+        self.r.protocol.connectionLost(Failure(PotentialDataLoss()))
+        body = parse_response(self.transport.value())[2]
+        self.assertIn(b"stream_interrupted", body)
+
+    def test_close_delimited_stream_complete(self) -> None:
+        """A close-delimited stream that did finish is a clean end."""
+        from twisted.web.http import PotentialDataLoss
+
+        self.r.send(E1 + b"data: [DONE]\n\n")
+        self.r.protocol.connectionLost(Failure(PotentialDataLoss()))
+        _, _, body, complete = parse_response(self.transport.value())
+        self.assertTrue(complete)
+        self.assertNotIn(b"error", body)
+
+    def test_paused_stream_is_not_an_upstream_stall(self) -> None:
+        """
+        While the client's backpressure holds the upstream paused the idle
+        timer does not fire; a client that never reads again is cut after
+        the write-stall timeout, both sides closed.
+        """
+        t = self.gw.cfg.timeouts
+        self.r.send(E1)
+        self.channel.pauseProducing()
+        self.gw.clock.advance(t.idle - 1)
+        self.gw.clock.advance(2)
+        self.assertFalse(self.r.transport.stopped)
+        self.channel.resumeProducing()
+        self.channel.pauseProducing()
+        self.gw.clock.advance(t.write_stall + 1)
+        self.assertTrue(self.transport.disconnecting or self.transport.disconnected)
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(self.r.transport.stopped)
+        [ex] = self.gw.accounting.exchanges
+        self.assertEqual((ex.outcome, ex.error), ("client_cancelled", "client stopped reading"))
+
+
+class UpstreamCredentialTests(SynchronousTestCase):
+    def test_upstream_401_is_not_relayed(self) -> None:
+        """
+        A provider refusing the gateway's key yields a 502 that does not
+        repeat the provider's text (which may quote the key) and tells
+        the SDK not to retry.
+        """
+        gw = Gateway()
+        _, t = gw.post("/v1/chat/completions", {"model": "gpt-4o"})
+        r = FakeResponse(401, {b"content-type": [b"application/json"]})
+        gw.http.calls[0]["deferred"].callback(r)
+        status, headers, body, _ = parse_response(t.value())
+        self.assertEqual(status, 502)
+        self.assertEqual(headers[b"x-should-retry"], [b"false"])
+        self.assertTrue(r.transport.stopped)
+        self.assertNotIn(b"sk-", body)
+
+    def test_provider_account_headers_dropped(self) -> None:
+        """The provider's organization headers do not reach the client."""
+        gw = Gateway()
+        _, t = gw.post("/v1/chat/completions", {"model": "gpt-4o"})
+        r = FakeResponse(200, {b"content-type": [b"application/json"], b"openai-organization": [b"org-x"], b"x-request-id": [b"req_1"]})
+        gw.http.calls[0]["deferred"].callback(r)
+        r.send(b"{}")
+        r.end()
+        _, headers, _, _ = parse_response(t.value())
+        self.assertNotIn(b"openai-organization", headers)
+        self.assertEqual(headers[b"x-request-id"], [b"req_1"])
+
+    def test_deeply_nested_json_is_400(self) -> None:
+        """Pathologically nested JSON is a 400, not a 500 with a traceback."""
+        gw = Gateway()
+        _, t = gw.post("/v1/chat/completions", None, raw=b"[" * 100000)
+        self.assertEqual(parse_response(t.value())[0], 400)
+        self.assertEqual(self.flushLoggedErrors(), [])

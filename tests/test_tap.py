@@ -13,16 +13,28 @@ from llmgate.upstream import UpstreamClient
 
 class OptionsTests(SynchronousTestCase):
     def test_ports(self) -> None:
-        """--port is repeatable and a bare number means tcp:N."""
+        """
+        --port is repeatable; without gateway keys a bare number listens on
+        loopback only, and full endpoint strings are taken as given.
+        """
         o = tap.Options()
-        o.parseOptions(["--port", "8081", "--port", "tcp:9090:interface=127.0.0.1", "--demo"])
-        self.assertEqual(o["ports"], ["tcp:8081", "tcp:9090:interface=127.0.0.1"])
+        o.parseOptions(["--port", "8081", "--port", "tcp:9090", "--demo"])
+        self.assertEqual(o["ports"], ["tcp:8081:interface=127.0.0.1", "tcp:9090"])
+
+    def test_bare_port_with_keys(self) -> None:
+        """With gateway keys a bare port listens on every interface."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('[keys.a]\napi_key_env = "PATH"\n')
+        o = tap.Options()
+        o.parseOptions(["--config", path, "--port", "8081"])
+        self.assertEqual(o["ports"], ["tcp:8081"])
 
     def test_default_port(self) -> None:
-        """Without --port the gateway listens on tcp:8080."""
+        """Without --port the gateway listens on port 8080."""
         o = tap.Options()
         o.parseOptions(["--demo"])
-        self.assertEqual(o["ports"], ["tcp:8080"])
+        self.assertEqual(o["ports"], ["tcp:8080:interface=127.0.0.1"])
 
     def test_invalid_config_is_a_usage_error(self) -> None:
         """A bad config stops twistd before it listens, naming the setting."""

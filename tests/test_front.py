@@ -1,0 +1,46 @@
+"""The client-facing channel: deadlines that no trickle of bytes resets."""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from llmgate.front import BODY_DEADLINE, HEADER_DEADLINE
+from tests.fakes import Gateway
+
+
+class DeadlineTests(SynchronousTestCase):
+    def test_slowloris_headers(self) -> None:
+        """
+        A client trickling header bytes is answered 408 and closed at the
+        header deadline, although it never went quiet for long.
+        """
+        gw = Gateway()
+        channel, t = gw.connect()
+        channel.dataReceived(b"POST /v1/chat/completions HTTP/1.1\r\n")
+        for _ in range(int(HEADER_DEADLINE)):
+            gw.clock.advance(0.9)
+            channel.dataReceived(b"X")
+        gw.clock.advance(1)
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 408"))
+        self.assertTrue(t.disconnecting)
+
+    def test_slow_body(self) -> None:
+        """A body trickled past the body deadline is cut with 408."""
+        gw = Gateway()
+        channel, t = gw.connect()
+        channel.dataReceived(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+        for _ in range(int(BODY_DEADLINE / 5)):
+            gw.clock.advance(5)
+            channel.dataReceived(b"{")
+        gw.clock.advance(5)
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 408"))
+        self.assertEqual(gw.http.calls, [])
+
+    def test_prompt_request_not_cut(self) -> None:
+        """A request sent promptly is served and leaves no deadline behind."""
+        gw = Gateway()
+        gw.post("/v1/chat/completions", {"model": "m"})
+        self.assertEqual(len(gw.http.calls), 1)
+        gw.clock.advance(HEADER_DEADLINE + 1)
+        self.assertEqual(gw.http.calls[0]["cancelled"], False)
+        self.assertFalse(any("_too_slow" in repr(c) for c in gw.clock.getDelayedCalls()))
