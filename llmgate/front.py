@@ -30,6 +30,9 @@ class GatewayRequest(server.Request):
     """A request whose body is held in memory up to C{maxBody} bytes."""
 
     maxBody = 32 * 1024 * 1024
+    # Bodies are JSON: skip twisted.web's form parsing, whose content-type
+    # parse goes through the email package on every POST.
+    _parsePOSTFormSubmission = False
     _received = 0
     _rejected = False
 

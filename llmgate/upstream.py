@@ -16,7 +16,13 @@ from typing import Any
 from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.iweb import IBodyProducer
@@ -77,18 +83,36 @@ class _EndpointFactory:
 
     def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
         host = uri.host.decode("ascii")
-        ep: IStreamClientEndpoint = HostnameEndpoint(
-            self._reactor, host, uri.port, timeout=self._timeout
-        )
+        ep: IStreamClientEndpoint
+        if isIPAddress(host):
+            # No name to resolve: skip HostnameEndpoint, whose every connect
+            # resolves in a thread and builds classes on the fly.
+            ep = TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        elif isIPv6Address(host):
+            ep = TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        else:
+            ep = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
         if uri.scheme == b"https":
             ep = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), ep)
         return _NoDelayEndpoint(ep)
 
 
-def _no_cookies() -> CookieJar:
-    # One client serves every gateway user: an upstream's cookie must never
-    # be replayed on another user's request.
-    return CookieJar(DefaultCookiePolicy(allowed_domains=[]))
+class _NoCookies(CookieJar):
+    """
+    A jar that never stores or sends anything. One client serves every
+    gateway user, so an upstream's cookie must never be replayed on another
+    user's request; and treq always wraps its agent in a CookieAgent, whose
+    per-request jar work this skips.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(DefaultCookiePolicy(allowed_domains=[]))
+
+    def add_cookie_header(self, request: Any) -> None:
+        pass
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass
 
 
 class UpstreamClient(Service):
@@ -108,7 +132,7 @@ class UpstreamClient(Service):
             reactor, _EndpointFactory(reactor, connect_timeout), pool=self.pool
         )
         self.http = HTTPClient(
-            agent, cookiejar=_no_cookies(), data_to_body_producer=BytesProducer
+            agent, cookiejar=_NoCookies(), data_to_body_producer=BytesProducer
         )
 
     def stopService(self) -> Deferred[None]:

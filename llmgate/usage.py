@@ -63,6 +63,7 @@ __all__ = [
 ]
 
 DEFAULT_SAMPLE_CAP = 256 * 1024  # characters of generated text kept for estimates
+_RAW_BATCH = 4 * 1024  # bytes of events batched before their text is extracted
 
 @dataclass
 class Usage:
@@ -263,7 +264,9 @@ class UsageAccumulator:
         self.complete = False
         self.error = False
         self.error_detail: object = None
-        self.text_bytes = 0
+        self._text_bytes = 0
+        self._pending_text: list[bytes] = []  # events whose text is not extracted yet
+        self._raw_len = 0
         self.upstream_id: str | None = None
         self.model: str | None = None
         self._sample: list[str | bytes] = []  # str, or raw JSON-escaped bytes
@@ -285,28 +288,51 @@ class UsageAccumulator:
             return
         self._body(obj)
 
+    @property
+    def text_bytes(self) -> int:
+        self._extract()
+        return self._text_bytes
+
     def sample_text(self) -> str:
         """Generated text kept for tiktoken estimates (capped)."""
+        self._extract()
         return "".join(p if isinstance(p, str) else _decode_raw(p) for p in self._sample)
 
     # -- helpers for subclasses -------------------------------------------
 
     def _keep_raw(self, data: bytes) -> None:
-        """Keep the generated-text string values that C{_TEXT} finds in an
-        event, still escaped; decoded only if L{sample_text} is called."""
-        for m in self._TEXT.finditer(data):
-            raw = m.group(1)
-            if raw:
-                self.text_bytes += len(raw)
-                if self._sample_len < self._sample_cap:
-                    raw = raw[: self._sample_cap - self._sample_len]
-                    self._sample.append(raw)
-                    self._sample_len += len(raw)
+        """
+        Keep an event whose generated-text values C{_TEXT} will extract.
+        Events are batched (up to L{_RAW_BATCH} bytes) so the extraction is
+        one regex pass per batch instead of one Python loop per event; most
+        streams end with reported usage and need the text only as a count.
+        """
+        self._pending_text.append(data)
+        self._raw_len += len(data)
+        if self._raw_len >= _RAW_BATCH:
+            self._extract()
+
+    def _extract(self) -> None:
+        """Extract the text of the batched events, still escaped."""
+        if not self._pending_text:
+            return
+        data = b"\n".join(self._pending_text)
+        self._pending_text.clear()
+        self._raw_len = 0
+        found = self._TEXT.findall(data)
+        if not found:
+            return
+        self._text_bytes += sum(map(len, found))
+        room = self._sample_cap - self._sample_len
+        if room > 0:
+            raw = b"".join(found)[:room]
+            self._sample.append(raw)
+            self._sample_len += len(raw)
 
     def _keep(self, text) -> None:
         if not isinstance(text, str) or not text:
             return
-        self.text_bytes += len(text.encode("utf-8", "surrogatepass"))
+        self._text_bytes += len(text.encode("utf-8", "surrogatepass"))
         room = self._sample_cap - self._sample_len
         if room > 0:
             piece = text[:room]
