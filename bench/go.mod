@@ -1,0 +1,3 @@
+module llmgate/bench
+
+go 1.19
