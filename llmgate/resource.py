@@ -247,6 +247,12 @@ class GatewayResource(Resource):
                 doc["stream_options"] = opts
                 strip_usage = True
                 rewrite = True
+        if rewrite and strip_usage and upstream_model == model and "stream_options" not in doc:
+            # Only the usage request to add: splice it in, leaving the
+            # client's bytes as they were (and skipping a full re-dump).
+            start = body.index(b"{") + 1
+            body = body[:start] + b'"stream_options":{"include_usage":true},' + body[start:]
+            rewrite = False
         if rewrite:
             if len(body) > _THREAD_PARSE_BYTES and self._parse_in_thread is not None:
                 d = self._parse_in_thread(_serialize, doc)

@@ -39,8 +39,19 @@ def _endpoint_string(value: str, open_relay: bool) -> str:
     given.
     """
     if not value.isdigit():
-        return value
-    return f"tcp:{value}:interface=127.0.0.1" if open_relay else f"tcp:{value}"
+        return _with_backlog(value)
+    return _with_backlog(f"tcp:{value}:interface=127.0.0.1" if open_relay else f"tcp:{value}")
+
+
+def _with_backlog(desc: str) -> str:
+    """
+    Twisted listens with a backlog of 50: a burst of new streams (hundreds
+    a second) overflows it and clients wait seconds to retry their SYNs.
+    TCP endpoints get a deep queue unless they name one.
+    """
+    if desc.split(":", 1)[0] in ("tcp", "tcp6") and "backlog=" not in desc:
+        return desc + ":backlog=4096"
+    return desc
 
 
 class Options(usage.Options):

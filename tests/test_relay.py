@@ -497,3 +497,24 @@ class UpstreamCredentialTests(SynchronousTestCase):
         _, t = gw.post("/v1/chat/completions", None, raw=b"[" * 100000)
         self.assertEqual(parse_response(t.value())[0], 400)
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class UsageInjectionTests(SynchronousTestCase):
+    def test_injection_keeps_client_bytes(self) -> None:
+        """
+        Asking upstream for usage adds stream_options and leaves every other
+        byte of the client's body as it was.
+        """
+        gw = Gateway()
+        raw = b'{ "model" : "gpt-4o",\n "stream": true, "messages": [{"role":"user","content":"h\\u00e9"}] }'
+        gw.post("/v1/chat/completions", None, raw=raw)
+        sent = gw.http.calls[0]["data"]
+        self.assertEqual(sent.replace(b'"stream_options":{"include_usage":true},', b""), raw)
+        self.assertEqual(json.loads(sent)["stream_options"], {"include_usage": True})
+
+    def test_existing_stream_options_merged(self) -> None:
+        """Other stream_options the client set are kept."""
+        gw = Gateway()
+        gw.post("/v1/chat/completions", {"model": "gpt-4o", "stream": True, "stream_options": {"include_obfuscation": False}})
+        opts = json.loads(gw.http.calls[0]["data"])["stream_options"]
+        self.assertEqual(opts, {"include_obfuscation": False, "include_usage": True})

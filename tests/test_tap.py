@@ -19,7 +19,15 @@ class OptionsTests(SynchronousTestCase):
         """
         o = tap.Options()
         o.parseOptions(["--port", "8081", "--port", "tcp:9090", "--demo"])
-        self.assertEqual(o["ports"], ["tcp:8081:interface=127.0.0.1", "tcp:9090"])
+        self.assertEqual(
+            o["ports"], ["tcp:8081:interface=127.0.0.1:backlog=4096", "tcp:9090:backlog=4096"]
+        )
+
+    def test_backlog_kept_when_given(self) -> None:
+        """A backlog named in the endpoint string is left alone."""
+        o = tap.Options()
+        o.parseOptions(["--demo", "--port", "tcp:1:backlog=10", "--port", "unix:/tmp/x"])
+        self.assertEqual(o["ports"], ["tcp:1:backlog=10", "unix:/tmp/x"])
 
     def test_bare_port_with_keys(self) -> None:
         """With gateway keys a bare port listens on every interface."""
@@ -28,13 +36,13 @@ class OptionsTests(SynchronousTestCase):
             f.write('[keys.a]\napi_key_env = "PATH"\n')
         o = tap.Options()
         o.parseOptions(["--config", path, "--port", "8081"])
-        self.assertEqual(o["ports"], ["tcp:8081"])
+        self.assertEqual(o["ports"], ["tcp:8081:backlog=4096"])
 
     def test_default_port(self) -> None:
         """Without --port the gateway listens on port 8080."""
         o = tap.Options()
         o.parseOptions(["--demo"])
-        self.assertEqual(o["ports"], ["tcp:8080:interface=127.0.0.1"])
+        self.assertEqual(o["ports"], ["tcp:8080:interface=127.0.0.1:backlog=4096"])
 
     def test_invalid_config_is_a_usage_error(self) -> None:
         """A bad config stops twistd before it listens, naming the setting."""
