@@ -233,6 +233,7 @@ class GatewayResource(Resource):
             doc["model"] = upstream_model
             rewrite = True
         strip_usage = False
+        client_opts = "stream_options" in doc
         if (
             streamed
             and self.config.accounting_enabled
@@ -247,7 +248,7 @@ class GatewayResource(Resource):
                 doc["stream_options"] = opts
                 strip_usage = True
                 rewrite = True
-        if rewrite and strip_usage and upstream_model == model and "stream_options" not in doc:
+        if rewrite and strip_usage and upstream_model == model and not client_opts:
             # Only the usage request to add: splice it in, leaving the
             # client's bytes as they were (and skipping a full re-dump).
             start = body.index(b"{") + 1
