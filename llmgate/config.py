@@ -154,6 +154,8 @@ def _secret(table: Mapping[str, Any], where: str, env: Mapping[str, str]) -> str
 
 
 def _check_url(url: str, where: str) -> None:
+    if not url.isascii():
+        raise ConfigError(f"{where}: must be ASCII (write an IDN host in its xn-- form)")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise ConfigError(f"{where}: must start with http:// or https://")

@@ -215,7 +215,11 @@ class GatewayE2ETests(SynchronousTestCase):
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"x-mock-tokens: 1000\r\nx-mock-delay-ms: 20\r\nContent-Length: %d\r\n\r\n" % len(body) + body
         )
-        self.assertIn(b"data:", s.recv(65536))
+        got = b""
+        while b"data:" not in got:
+            chunk = s.recv(65536)
+            self.assertTrue(chunk, "connection closed before the first event")
+            got += chunk
         s.close()
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
