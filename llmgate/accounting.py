@@ -310,21 +310,17 @@ class Accounting:
         )
 
     def _access_log(self, ex: Exchange) -> None:
+        # One pre-built line and a single format field: twisted.logger's
+        # PEP 3101 formatting of a dozen fields cost ~5% of the CPU per
+        # request at a thousand requests a second.
         ttft = ex.ttft
         log.info(
-            "POST {route} model={model} provider={provider} key={key} "
-            "status={status} outcome={outcome}{phase} stream={stream} "
-            "ttft_ms={ttft} ms={ms:.1f} bytes_out={bytes_out} id={rid}",
-            route=ex.endpoint.path.decode(),
-            model=ex.model,
-            provider=ex.provider.name,
-            key=ex.key_name,
-            status=ex.status,
-            outcome=ex.outcome,
-            phase=f"/{ex.phase}" if ex.phase else "",
-            stream=int(ex.streamed),
-            ttft="-" if ttft is None else f"{ttft * 1000:.1f}",
-            ms=ex.duration * 1000,
-            bytes_out=ex.bytes_out,
-            rid=ex.request_id,
+            "{line}",
+            line=(
+                f"POST {ex.endpoint.path.decode()} model={ex.model} provider={ex.provider.name} "
+                f"key={ex.key_name} status={ex.status} outcome={ex.outcome}"
+                f"{'/' + ex.phase if ex.phase else ''} stream={int(ex.streamed)} "
+                f"ttft_ms={'-' if ttft is None else f'{ttft * 1000:.1f}'} ms={ex.duration * 1000:.1f} "
+                f"bytes_out={ex.bytes_out} id={ex.request_id}"
+            ),
         )

@@ -52,6 +52,16 @@ class Metrics:
         self.ledger_failures = Gauge("llmgate_ledger_write_failures", "Failed ledger writes since start.", registry=r)
         self.ledger_dropped = Gauge("llmgate_ledger_dropped", "Usage records dropped since start.", registry=r)
         self._models: set[str] = set()
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        # labels() takes a lock and builds a key on every call; cache the
+        # children (their number is bounded by the label caps).
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def _model(self, name: str) -> str:
         if name in self._models:
@@ -69,17 +79,17 @@ class Metrics:
 
     def observe(self, rec: Any) -> None:
         """Account for one finished request's usage record."""
-        self.requests.labels(rec.route, str(rec.status), rec.outcome).inc()
+        self._child(self.requests, rec.route, str(rec.status), rec.outcome).inc()
         if rec.ttft_ms is not None:
-            self.ttft.labels(rec.route).observe(rec.ttft_ms / 1000.0)
+            self._child(self.ttft, rec.route).observe(rec.ttft_ms / 1000.0)
         model = self._model(rec.model)
         if rec.source is not None:
             for bucket in ("input", "output", "cached_input", "cache_creation", "reasoning"):
                 n = getattr(rec, bucket + "_tokens")
                 if n:
-                    self.tokens.labels(model, rec.provider, bucket, rec.source).inc(n)
+                    self._child(self.tokens, model, rec.provider, bucket, rec.source).inc(n)
         if rec.cost_usd:
-            self.cost.labels(model, rec.provider).inc(rec.cost_usd)
+            self._child(self.cost, model, rec.provider).inc(rec.cost_usd)
 
 
 class MetricsResource(Resource):

@@ -60,6 +60,33 @@ def event_boundary(data: bytes) -> int:
     return end
 
 
+class Coalescer:
+    """
+    Holds each stream's client writes until the end of the current reactor
+    turn, so the events one read brought for a stream leave in one chunk
+    and one send instead of one per event. Nothing waits longer than the
+    turn that read it: the flush runs before the reactor next polls. Under
+    light load a read holds one event and this changes nothing; under heavy
+    load reads hold several, and the savings grow with the load.
+    """
+
+    def __init__(self, clock: Any) -> None:
+        self._clock = clock
+        self._dirty: list["Relay"] = []
+        self._call: Any = None
+
+    def add(self, relay: "Relay") -> None:
+        self._dirty.append(relay)
+        if self._call is None:
+            self._call = self._clock.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        self._call = None
+        dirty, self._dirty = self._dirty, []
+        for relay in dirty:
+            relay.flush()
+
+
 class Counter(TypingProtocol):
     """What the relay feeds while it relays (see L{llmgate.accounting})."""
 
@@ -182,6 +209,7 @@ class Relay:
         exchange: Exchange,
         done: Callable[[Exchange], None],
         max_event_bytes: int = 1 << 20,
+        coalescer: Optional["Coalescer"] = None,
     ) -> None:
         self.request = request
         self.http = http
@@ -206,6 +234,8 @@ class Relay:
         self._held_len = 0
         self._producing = False
         self._paused_at: Optional[float] = None
+        self._coalescer = coalescer
+        self._out: list[bytes] = []
 
     # -- start -------------------------------------------------------------
 
@@ -381,7 +411,22 @@ class Relay:
         if ex.first_byte_at is None:
             ex.first_byte_at = self._last_data
         ex.bytes_out += len(data)
-        self.request.write(data)
+        if self._coalescer is None:
+            self.request.write(data)
+            return
+        if not self._out:
+            self._coalescer.add(self)
+        self._out.append(data)
+
+    def flush(self) -> None:
+        """Write what this turn's reads relayed, as one chunk."""
+        out = self._out
+        if not out:
+            return
+        self._out = []
+        if self._client_gone or self._finished:
+            return
+        self.request.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _whole_events(self, data: bytes) -> bytes:
         """
@@ -427,6 +472,7 @@ class Relay:
         self._abort_upstream()
 
     def body_ended(self, reason: Failure) -> None:
+        self.flush()
         self._cancel_idle()
         self._upstream = None
         if self._producing and not self._client_gone:
@@ -481,6 +527,7 @@ class Relay:
         self._abort_upstream()
         if self._finished or self._client_gone:
             return
+        self.flush()
         if self._sse:
             self._held.clear()
             event = dialects.stream_error_event(ex.endpoint.kind, message)

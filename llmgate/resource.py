@@ -22,7 +22,7 @@ from twisted.web.server import NOT_DONE_YET
 from llmgate import dialects
 from llmgate.config import Config, Provider
 from llmgate.headers import upstream_request_headers
-from llmgate.relay import Exchange, Relay, new_exchange
+from llmgate.relay import Coalescer, Exchange, Relay, new_exchange
 
 log = Logger(namespace="llmgate.resource")
 
@@ -88,6 +88,7 @@ class GatewayResource(Resource):
         clock: Any,
         accounting: Any,
         parse_in_thread: Optional[Callable[..., Any]] = None,
+        coalesce: bool = False,
     ) -> None:
         super().__init__()
         self.config = config
@@ -96,6 +97,7 @@ class GatewayResource(Resource):
         self.accounting = accounting
         self._parse_in_thread = parse_in_thread
         self.active: set[Relay] = set()
+        self._coalescer = Coalescer(clock) if coalesce else None
         self.draining = False
         self._keys = [
             (k.name, hashlib.sha256(k.secret.encode()).digest()) for k in config.keys
@@ -303,7 +305,9 @@ class GatewayResource(Resource):
             self.active.discard(relay)
             self.accounting.finished(ex)
 
-        relay = Relay(request, self.http, self.clock, self.config.timeouts, ex, done)
+        relay = Relay(
+            request, self.http, self.clock, self.config.timeouts, ex, done, coalescer=self._coalescer
+        )
         self.active.add(relay)
         try:
             relay.start(url, headers, body)

@@ -121,12 +121,12 @@ def make_config(**doc: Any) -> configmod.Config:
 class Gateway:
     """A GatewayResource on a Site over in-memory transports."""
 
-    def __init__(self, cfg: Optional[configmod.Config] = None, max_body: Optional[int] = None) -> None:
+    def __init__(self, cfg: Optional[configmod.Config] = None, max_body: Optional[int] = None, coalesce: bool = False) -> None:
         self.clock = MemoryReactorClock()
         self.cfg = cfg or make_config()
         self.http = FakeHTTP()
         self.accounting = RecordingAccounting(self.clock)
-        self.resource = GatewayResource(self.cfg, self.http, self.clock, self.accounting)
+        self.resource = GatewayResource(self.cfg, self.http, self.clock, self.accounting, coalesce=coalesce)
         self.site = GatewaySite(self.resource, self.clock, max_body or self.cfg.max_body_bytes)
 
     def connect(self) -> tuple[Any, StringTransport]:

@@ -518,3 +518,42 @@ class UsageInjectionTests(SynchronousTestCase):
         gw.post("/v1/chat/completions", {"model": "gpt-4o", "stream": True, "stream_options": {"include_obfuscation": False}})
         opts = json.loads(gw.http.calls[0]["data"])["stream_options"]
         self.assertEqual(opts, {"include_obfuscation": False, "include_usage": True})
+
+
+class CoalescingTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.gw = Gateway(coalesce=True)
+        self.channel, self.transport = self.gw.post("/v1/chat/completions", CHAT)
+        self.r = FakeResponse(200, SSE_HEADERS)
+        self.gw.http.calls[0]["deferred"].callback(self.r)
+        self.transport.clear()
+
+    def test_one_turn_one_chunk(self) -> None:
+        """
+        Events read in one reactor turn leave together, in one chunk, at the
+        end of that turn; the next turn's events leave in the next.
+        """
+        self.r.send(E1)
+        self.r.send(E2)
+        self.assertEqual(self.transport.value(), b"")
+        self.gw.clock.advance(0)
+        self.assertEqual(self.transport.value(), b"%x\r\n%s\r\n" % (len(E1 + E2), E1 + E2))
+        self.transport.clear()
+        self.r.send(E1)
+        self.gw.clock.advance(0)
+        self.assertEqual(self.transport.value(), b"%x\r\n%s\r\n" % (len(E1), E1))
+
+    def test_end_flushes_first(self) -> None:
+        """The stream's end writes what is held before finishing."""
+        self.r.send(E1)
+        self.r.end()
+        _, _, body, complete = parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + self.transport.value())
+        self.assertEqual((body, complete), (E1, True))
+        self.gw.clock.advance(0)
+
+    def test_client_gone_drops_held(self) -> None:
+        """Held events of a client that left are dropped, not written."""
+        self.r.send(E1)
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        self.gw.clock.advance(0)
+        self.assertEqual(self.transport.value(), b"")

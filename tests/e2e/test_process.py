@@ -211,7 +211,11 @@ class ProcessTests(SynchronousTestCase):
         openai.OpenAI(base_url=gw.url("/v1"), api_key="c").chat.completions.create(model="m", messages=[])
         before = gw.rss_kb()
         s = _request(gw.port, {"model": "m", "stream": True, "messages": []}, "x-mock-bytes: 50000000\r\n")
-        self.assertIn(b"data:", s.recv(4096))
+        got = b""
+        while b"data:" not in got:
+            chunk = s.recv(4096)
+            self.assertTrue(chunk, "connection closed before the first event")
+            got += chunk
         time.sleep(3)  # far longer than the mock needs to send 50 MB unpaused
         grown_mb = (gw.rss_kb() - before) / 1024
         stats = get_json(mock.url("/mock/stats"))
