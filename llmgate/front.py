@@ -16,6 +16,7 @@ from io import BytesIO
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.internet.task import LoopingCall
 from twisted.web import http, server
 
 from llmgate import dialects
@@ -117,7 +118,7 @@ class GatewayChannel(http.HTTPChannel):
 
     headerDeadline = HEADER_DEADLINE
     bodyDeadline = BODY_DEADLINE
-    _deadline: Any = None
+    _deadline: Any = None  # when the current deadline passes (a time)
 
     def connectionMade(self) -> None:
         if type(self.transport) is tcp.Server:
@@ -125,14 +126,21 @@ class GatewayChannel(http.HTTPChannel):
         super().connectionMade()
 
     def _arm(self, seconds: float) -> None:
-        self._disarm()
-        self._deadline = self.callLater(seconds, self._too_slow)
+        # A time and a set entry, checked by the site's sweep: a DelayedCall
+        # set and cancelled twice per request costs heap work per request.
+        self._deadline = self.site.clock.seconds() + seconds
+        self.site.waiting.add(self)
 
     def _disarm(self) -> None:
         if self._deadline is not None:
-            if self._deadline.active():
-                self._deadline.cancel()
             self._deadline = None
+            self.site.waiting.discard(self)
+
+    def check(self, now: float) -> None:
+        """Called by the site's sweep: answer 408 once the deadline passed."""
+        if self._deadline is not None and now >= self._deadline:
+            self._disarm()
+            self._too_slow()
 
     def lineReceived(self, line: bytes) -> None:
         if self._deadline is None and not self._handlingRequest and line:
@@ -156,7 +164,6 @@ class GatewayChannel(http.HTTPChannel):
         super().connectionLost(reason)
 
     def _too_slow(self) -> None:
-        self._deadline = None
         if self.transport is None:
             return
         self.transport.write(
@@ -182,6 +189,12 @@ class GatewaySite(server.Site):
 
         super().__init__(resource, requestFactory=_Request, reactor=reactor)
         self.protocol = GatewayChannel
+        self.clock = reactor
+        # Channels with a header or body deadline running, swept once a
+        # second while the site listens.
+        self.waiting: set[GatewayChannel] = set()
+        self._sweep = LoopingCall(self._check_deadlines)
+        self._sweep.clock = reactor
         # Requests copy this from the site (Twisted >= 25): bodies are JSON,
         # so skip the form parsing whose content-type parse goes through the
         # email package on every POST (10% of the CPU at 1,000 streams).
@@ -189,3 +202,18 @@ class GatewaySite(server.Site):
 
     def log(self, request: Any) -> None:
         pass
+
+    def startFactory(self) -> None:
+        super().startFactory()
+        if not self._sweep.running:
+            self._sweep.start(1.0, now=False)
+
+    def stopFactory(self) -> None:
+        if self._sweep.running:
+            self._sweep.stop()
+        super().stopFactory()
+
+    def _check_deadlines(self) -> None:
+        now = self.clock.seconds()
+        for channel in list(self.waiting):
+            channel.check(now)

@@ -22,7 +22,7 @@ from twisted.web.server import NOT_DONE_YET
 from llmgate import dialects
 from llmgate.config import Config, Provider
 from llmgate.headers import upstream_request_headers
-from llmgate.relay import Coalescer, Exchange, Relay, new_exchange
+from llmgate.relay import Coalescer, Exchange, Relay, Watchdog, new_exchange
 
 log = Logger(namespace="llmgate.resource")
 
@@ -98,6 +98,8 @@ class GatewayResource(Resource):
         self._parse_in_thread = parse_in_thread
         self.active: set[Relay] = set()
         self._coalescer = Coalescer(clock) if coalesce else None
+        # Start it (it is a Service) to enforce the relays' timeouts.
+        self.watchdog = Watchdog(clock, self.active)
         self.draining = False
         self._keys = [
             (k.name, hashlib.sha256(k.secret.encode()).digest()) for k in config.keys

@@ -142,6 +142,7 @@ def build(cfg: configmod.Config, reactor: Any, ports: list[str]) -> service.Mult
     root = GatewayResource(
         cfg, upstream.http, reactor, accounting, parse_in_thread=in_thread, coalesce=True
     )
+    root.watchdog.setServiceParent(top)
     site = GatewaySite(root, reactor, cfg.max_body_bytes)
     # Stopped after the listeners (children stop in reverse order) and
     # before the pool and the ledger.

@@ -127,7 +127,9 @@ class Gateway:
         self.http = FakeHTTP()
         self.accounting = RecordingAccounting(self.clock)
         self.resource = GatewayResource(self.cfg, self.http, self.clock, self.accounting, coalesce=coalesce)
+        self.resource.watchdog.startService()
         self.site = GatewaySite(self.resource, self.clock, max_body or self.cfg.max_body_bytes)
+        self.site.doStart()
 
     def connect(self) -> tuple[Any, StringTransport]:
         channel = self.site.buildProtocol(None)

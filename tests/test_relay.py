@@ -15,10 +15,17 @@ from llmgate.relay import event_boundary
 from tests.fakes import SSE_HEADERS, FakeResponse, Gateway, make_config, parse_response
 
 def relay_timers(clock: object) -> list[object]:
-    """The relay's own pending timers (the channel's idle timer aside)."""
+    """
+    Pending timers other than the channel's idle timer and the watchdog's
+    sweep: a relay must leave none behind.
+    """
+    from twisted.internet.task import LoopingCall
+
     return [
         c for c in clock.getDelayedCalls()  # type: ignore[attr-defined]
-        if type(getattr(c.func, "__self__", None)).__name__ == "Relay"
+        if "TimeoutMixin" not in repr(c)
+        and not isinstance(c.func, LoopingCall)
+        and getattr(c.func, "__name__", "") != "_updateLogDateTime"
     ]
 
 
