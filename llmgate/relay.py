@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol as TypingProtocol
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError
 from twisted.internet.task import LoopingCall
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
 from twisted.internet.error import TimeoutError as TxTimeoutError
@@ -124,7 +123,13 @@ class Watchdog(Service):
 
 
 class Counter(TypingProtocol):
-    """What the relay feeds while it relays (see L{llmgate.accounting})."""
+    """
+    What the relay feeds while it relays (L{llmgate.accounting.RequestCounter}):
+    every chunk of whole events (or body bytes) it is about to write, and
+    C{strip} to drop what the client did not ask for.
+    """
+
+    sse: bool
 
     def feed(self, data: bytes) -> None: ...
 
@@ -149,7 +154,7 @@ class Exchange:
     body: dict[str, Any]
     bytes_in: int
     streamed: bool
-    counter: Optional[Any] = None
+    counter: Optional[Counter] = None
     status: int = 0
     outcome: str = "completed"
     phase: Optional[str] = None

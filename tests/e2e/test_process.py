@@ -92,6 +92,15 @@ class ProcessTests(SynchronousTestCase):
             f.write(text)
         return path
 
+    def stack_with_ledger(self) -> tuple[Daemon, str]:
+        """A mock provider and a gateway writing its ledger in the test's directory."""
+        mock = self.daemon("llmgate-mock")
+        ledger = os.path.join(self.dir, "usage.db")
+        conf = self.config(gateway_config(mock.port, f'[ledger]\npath = "{ledger}"\n'))
+        gw = Daemon("llmgate", ["--config", conf, "--port", "tcp:0:interface=127.0.0.1"], self.dir, env={"E2E_UPSTREAM_KEY": "k"})
+        self.addCleanup(gw.stop)
+        return gw, ledger
+
     def test_demo_serves_with_no_keys(self) -> None:
         """--demo streams a completion with no keys and no network."""
         gw = self.daemon("llmgate", "--demo")
@@ -137,11 +146,7 @@ class ProcessTests(SynchronousTestCase):
         and after SIGTERM the ledger holds one record per request with the
         usage the fixtures declare.
         """
-        mock = self.daemon("llmgate-mock")
-        ledger = os.path.join(self.dir, "usage.db")
-        conf = self.config(gateway_config(mock.port, f'[ledger]\npath = "{ledger}"\n'))
-        gw = Daemon("llmgate", ["--config", conf, "--port", "tcp:0:interface=127.0.0.1"], self.dir, env={"E2E_UPSTREAM_KEY": "k"})
-        self.addCleanup(gw.stop)
+        gw, ledger = self.stack_with_ledger()
         oai = openai.OpenAI(base_url=gw.url("/v1"), api_key="c", max_retries=0)
         chunks = list(
             oai.chat.completions.create(
@@ -228,11 +233,7 @@ class ProcessTests(SynchronousTestCase):
         SIGTERM with a stream in flight: the listener closes, the stream
         completes byte-exact, and its record reaches the ledger.
         """
-        mock = self.daemon("llmgate-mock")
-        ledger = os.path.join(self.dir, "usage.db")
-        conf = self.config(gateway_config(mock.port, f'[ledger]\npath = "{ledger}"\n'))
-        gw = Daemon("llmgate", ["--config", conf, "--port", "tcp:0:interface=127.0.0.1"], self.dir, env={"E2E_UPSTREAM_KEY": "k"})
-        self.addCleanup(gw.stop)
+        gw, ledger = self.stack_with_ledger()
         oai = openai.OpenAI(base_url=gw.url("/v1"), api_key="c", max_retries=0)
         stream = oai.chat.completions.create(
             model="m", messages=[], stream=True, extra_headers={"x-mock-tokens": "20", "x-mock-delay-ms": "50"}
