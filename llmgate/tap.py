@@ -176,7 +176,9 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
         from llmgate.mock import MockProvider
 
         mock = MockProvider(reactor)
-        port = reactor.listenTCP(0, Site(mock.resource, reactor=reactor), interface="127.0.0.1")
+        mock_site = Site(mock.resource, reactor=reactor)
+        mock_site.log = lambda request: None  # type: ignore[method-assign]
+        port = reactor.listenTCP(0, mock_site, interface="127.0.0.1")
         _ListeningPort(port).setServiceParent(top)
         cfg = configmod.demo(f"http://127.0.0.1:{port.getHost().port}")
     build(cfg, reactor, options["ports"]).setServiceParent(top)
