@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Any, Callable, Optional
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from llmgate import tokens
@@ -169,6 +169,10 @@ class Accounting:
         self._in_thread = in_thread
         self.finished_count = 0
         self.errors = 0
+        # Records still being counted (some in threads), and who waits for
+        # them to be handed to the ledger at shutdown.
+        self._counting = 0
+        self._idle_waiters: list[Deferred[None]] = []
 
     def counter(self, exchange: Exchange, strip_usage: bool) -> Optional[RequestCounter]:
         """Called as a relay starts: its counter, or None if not counting."""
@@ -195,6 +199,28 @@ class Accounting:
         d.addCallback(lambda _: self._usage(ex, counter))
         d.addCallback(lambda usage: self._record(ex, usage))
         d.addErrback(self._failed, ex)
+        self._counting += 1
+        d.addBoth(self._counted)
+
+    def _counted(self, result: Any) -> Any:
+        self._counting -= 1
+        if not self._counting:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for w in waiters:
+                w.callback(None)
+        return result
+
+    def idle(self) -> Deferred[None]:
+        """
+        Fires once every finished request's record has been handed to the
+        ledger (estimates run in threads): the drain waits for it so that a
+        clean stop loses no record.
+        """
+        if not self._counting:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle_waiters.append(d)
+        return d
 
     def _run(self, f: Callable[..., Any], *args: Any, heavy: bool) -> Deferred[Any]:
         if heavy and self._in_thread is not None:

@@ -36,7 +36,7 @@ class Drain(Service):
         res = self.resource
         res.draining = True
         if not res.active:
-            return None
+            return res.accounting.idle()
         log.info("draining {n} requests for up to {grace}s", n=len(res.active), grace=self.grace)
         done: Deferred[None] = Deferred()
         start = self.clock.seconds()
@@ -59,4 +59,7 @@ class Drain(Service):
             self.clock.callLater(_POLL, poll)
 
         poll()
+        # Then wait for the records still being counted (estimates run in
+        # threads), so that the ledger, stopped next, gets every one.
+        done.addCallback(lambda _: res.accounting.idle())
         return done

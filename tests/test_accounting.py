@@ -223,3 +223,36 @@ class RejectedTests(SynchronousTestCase):
         for r in gw.ledger.records:
             if r.outcome == "rejected":
                 self.assertIsNone(r.input_tokens)
+
+
+class IdleTests(SynchronousTestCase):
+    def test_idle_waits_for_threaded_estimates(self) -> None:
+        """
+        A record whose estimate is still running keeps idle() waiting; it
+        fires once the record has reached the ledger.
+        """
+        from twisted.internet.defer import Deferred
+
+        gw = AccountingGateway()
+        pending: list[tuple[Deferred[Any], Any, tuple[Any, ...]]] = []
+
+        def in_thread(f: Any, *a: Any) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            pending.append((d, f, a))
+            return d
+
+        acc = gw.resource.accounting
+        acc._in_thread = in_thread
+        channel, _ = gw.post("/v1/chat/completions", {"model": "gpt-4o", "stream": True, "messages": []})
+        r = FakeResponse(200, SSE_HEADERS)
+        gw.http.calls[0]["deferred"].callback(r)
+        r.send(b'data: {"choices":[{"delta":{"content":" hi"}}]}\n\n')
+        channel.connectionLost(Failure(ConnectionDone()))
+        idle = acc.idle()
+        self.assertNoResult(idle)
+        self.assertEqual(gw.ledger.records, [])
+        d, f, a = pending.pop()
+        d.callback(f(*a))
+        self.successResultOf(idle)
+        self.assertEqual(len(gw.ledger.records), 1)
+        self.successResultOf(acc.idle())

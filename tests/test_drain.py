@@ -18,7 +18,7 @@ class DrainTests(SynchronousTestCase):
 
     def test_idle_stop_is_immediate(self) -> None:
         """With nothing in flight the stop does not wait."""
-        self.assertIsNone(self.drain.stopService())
+        self.successResultOf(self.drain.stopService())
 
     def test_stream_that_finishes_in_time(self) -> None:
         """A stream that ends within the grace period ends normally."""
