@@ -155,6 +155,12 @@ class GatewayChannel(http.HTTPChannel):
         else:
             self._arm(self.bodyDeadline)
 
+    def _send100Continue(self) -> None:
+        # Never invite the body of a request already refused (413).
+        if self.requests and getattr(self.requests[-1], "_rejected", False):
+            return
+        super()._send100Continue()
+
     def allContentReceived(self) -> None:
         self._disarm()
         super().allContentReceived()

@@ -44,3 +44,13 @@ class DeadlineTests(SynchronousTestCase):
         gw.clock.advance(HEADER_DEADLINE + 1)
         self.assertEqual(gw.http.calls[0]["cancelled"], False)
         self.assertEqual(gw.site.waiting, set())
+
+    def test_no_100_continue_after_413(self) -> None:
+        """A refused body is not invited with 100 Continue after the 413."""
+        gw = Gateway(max_body=10)
+        channel, t = gw.connect()
+        channel.dataReceived(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 11\r\n\r\n"
+        )
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 413"))
+        self.assertNotIn(b"100 Continue", t.value())
