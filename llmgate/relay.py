@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol as TypingProtocol
 
@@ -177,7 +177,8 @@ class Exchange:
 
 
 def new_exchange(**kw: Any) -> Exchange:
-    return Exchange(request_id=uuid.uuid4().hex, wall_start=time.time(), **kw)
+    # 128 random bits as hex, like uuid4().hex without building a UUID.
+    return Exchange(request_id=os.urandom(16).hex(), wall_start=time.time(), **kw)
 
 
 class _BodyRelay(Protocol):
