@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import time
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol as TypingProtocol
 
 from twisted.application.service import Service
@@ -136,7 +136,7 @@ class Counter(TypingProtocol):
     def strip(self, data: bytes) -> bytes: ...
 
 
-@dataclass
+@dataclass(slots=True)
 class Exchange:
     """
     Everything known about one relayed request when it ends: the input of
@@ -163,7 +163,6 @@ class Exchange:
     ended: Optional[float] = None
     bytes_out: int = 0
     upstream_request_id: Optional[str] = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ttft(self) -> Optional[float]:
@@ -241,6 +240,31 @@ class Relay:
     @param clock: an C{IReactorTime}, for the headers and idle timers.
     @param done: called once with the finished L{Exchange}.
     """
+
+    __slots__ = (
+        "_client_gone",
+        "_coalescer",
+        "_cut_message",
+        "_done",
+        "_finished",
+        "_held",
+        "_held_len",
+        "_last_data",
+        "_max_event",
+        "_out",
+        "_paused_at",
+        "_pending_d",
+        "_producing",
+        "_recorded",
+        "_sse",
+        "_timed_out",
+        "_upstream",
+        "clock",
+        "exchange",
+        "http",
+        "request",
+        "timeouts",
+    )
 
     def __init__(
         self,
