@@ -256,6 +256,22 @@ class UsageAccumulator:
     @ivar upstream_id: the provider's id (chatcmpl-..., msg_..., resp_...).
     """
 
+    # One of these lives per open stream: no per-instance dict.
+    __slots__ = (
+        "_pending_text",
+        "_raw_len",
+        "_sample",
+        "_sample_cap",
+        "_sample_len",
+        "_text_bytes",
+        "complete",
+        "error",
+        "error_detail",
+        "model",
+        "upstream_id",
+        "usage",
+    )
+
     api = ""
     _TEXT = _string_values("text")
 
@@ -362,6 +378,8 @@ class OpenAIChatAccumulator(UsageAccumulator):
     non-null ``usage``, error payloads, and content chunks while sampling.
     ``complete`` on ``[DONE]`` or on the ``choices: []`` usage chunk.
     """
+    __slots__ = ()
+
 
     api = "openai.chat"
     _TEXT = _string_values("content", "arguments", "refusal", "reasoning_content")
@@ -432,6 +450,8 @@ class OpenAIChatAccumulator(UsageAccumulator):
 
 class OpenAICompletionsAccumulator(OpenAIChatAccumulator):
     """``/v1/completions`` (legacy): same chunk shape, ``choices[].text``."""
+    __slots__ = ()
+
 
     api = "openai.completions"
     _TEXT = _string_values("text")
@@ -443,6 +463,8 @@ class OpenAIResponsesAccumulator(UsageAccumulator):
     ``response.created`` (id), the terminal events and ``error`` are parsed,
     plus ``*.delta`` text events while sampling.
     """
+    __slots__ = ()
+
 
     api = "openai.responses"
     _TEXT = _string_values("delta")
@@ -513,6 +535,8 @@ class OpenAIResponsesAccumulator(UsageAccumulator):
 
 class OpenAIEmbeddingsAccumulator(UsageAccumulator):
     """``/v1/embeddings``: body only, no output tokens."""
+    __slots__ = ()
+
 
     api = "openai.embeddings"
 
@@ -532,6 +556,8 @@ class AnthropicMessagesAccumulator(UsageAccumulator):
     ``message_stop`` completes; ``error`` flags. Only those events, plus
     ``content_block_delta`` while sampling, are parsed.
     """
+    __slots__ = ("_raw",)
+
 
     api = "anthropic.messages"
     _TEXT = _string_values("text", "partial_json", "thinking")
@@ -591,6 +617,8 @@ class AnthropicCountTokensAccumulator(UsageAccumulator):
     ``/v1/messages/count_tokens``: free to call, so usage is zero; the
     count it answers is kept in C{counted_tokens}.
     """
+    __slots__ = ("counted_tokens",)
+
 
     api = "anthropic.count_tokens"
 
