@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dialects -*-
+# -*- test-case-name: tests.test_relay -*-
 """
 What differs between the OpenAI and Anthropic APIs: the routes, how errors
 look, how the provider key is sent and how a mid-stream error is signalled.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_headers -*-
+# -*- test-case-name: tests.test_relay -*-
 """
 Header hygiene for both directions of the relay.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_resource -*-
+# -*- test-case-name: tests.test_relay -*-
 """
 The gateway's twisted.web Resource: checks the gateway key, parses the body
 just enough to route it by model, and hands the request to a L{Relay}.
