@@ -15,6 +15,7 @@ from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
@@ -181,6 +182,11 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
         port = reactor.listenTCP(0, mock_site, interface="127.0.0.1")
         _ListeningPort(port).setServiceParent(top)
         cfg = configmod.demo(f"http://127.0.0.1:{port.getHost().port}")
+    if not cfg.providers:
+        Logger(namespace="llmgate").warn(
+            "no providers configured: every request will get 404. Set OPENAI_API_KEY "
+            "or ANTHROPIC_API_KEY (and *_BASE_URL), pass --config, or try --demo."
+        )
     build(cfg, reactor, options["ports"]).setServiceParent(top)
     _tune_gc()
     return top

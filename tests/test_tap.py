@@ -65,3 +65,25 @@ class ServiceTests(SynchronousTestCase):
         kinds = [type(s) for s in top]
         self.assertIn(UpstreamClient, kinds)
         self.assertEqual(kinds.count(StreamServerEndpointService), 2)
+
+
+class WarningTests(SynchronousTestCase):
+    def test_no_providers_warns(self) -> None:
+        """Starting with no providers at all says so, naming the remedies."""
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict] = []  # type: ignore[type-arg]
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        o = tap.Options()
+        o["loaded"] = None
+        from llmgate import config
+
+        o["loaded"] = config.parse({}, {})
+        o["demo"] = False
+        o["ports"] = ["tcp:0"]
+        self.patch(tap.tokens, "load_encodings", lambda: None)
+        self.patch(tap, "_tune_gc", lambda: None)
+        tap.makeService(o, reactor=MemoryReactorClock())
+        warned = [e for e in events if "no providers configured" in e.get("log_format", "")]
+        self.assertEqual(len(warned), 1)
