@@ -35,7 +35,8 @@ class GatewayRequest(server.Request):
     # Bodies are JSON: skip twisted.web's form parsing, whose content-type
     # parse goes through the email package on every POST.
     _parsePOSTFormSubmission = False
-    _received = 0
+    # Body bytes received so far; the request's size for the ledger.
+    received = 0
     _rejected = False
 
     def gotLength(self, length: int | None) -> None:
@@ -46,8 +47,8 @@ class GatewayRequest(server.Request):
     def handleContentChunk(self, data: bytes) -> None:
         if self._rejected:
             return
-        self._received += len(data)
-        if self._received > self.maxBody:
+        self.received += len(data)
+        if self.received > self.maxBody:
             self._reject()
             return
         self.content.write(data)

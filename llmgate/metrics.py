@@ -16,9 +16,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web.resource import Resource
 
+from llmgate.dialects import ENDPOINTS
+
 # Model names come from clients; past this many distinct ones, further
 # names are counted as "other" so no client can grow the registry forever.
 MAX_MODELS = 256
+
+_ROUTES = frozenset(p.decode() for p in ENDPOINTS)
 
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -79,9 +83,11 @@ class Metrics:
 
     def observe(self, rec: Any) -> None:
         """Account for one finished request's usage record."""
-        self._child(self.requests, rec.route, str(rec.status), rec.outcome).inc()
+        # Unknown paths come from clients too: label them all "other".
+        route = rec.route if rec.route in _ROUTES else "other"
+        self._child(self.requests, route, str(rec.status), rec.outcome).inc()
         if rec.ttft_ms is not None:
-            self._child(self.ttft, rec.route).observe(rec.ttft_ms / 1000.0)
+            self._child(self.ttft, route).observe(rec.ttft_ms / 1000.0)
         model = self._model(rec.model)
         if rec.source is not None:
             for bucket in ("input", "output", "cached_input", "cache_creation", "reasoning"):

@@ -237,7 +237,8 @@ class Relay:
 
     @param request: the client's L{twisted.web.server.Request}.
     @param http: a treq L{HTTPClient} bound to the gateway's own pool.
-    @param clock: an C{IReactorTime}, for the headers and idle timers.
+    @param clock: an C{IReactorTime}: timestamps for TTFT and the timeouts
+        that the L{Watchdog} enforces through L{check}.
     @param done: called once with the finished L{Exchange}.
     """
 

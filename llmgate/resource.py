@@ -194,7 +194,7 @@ class GatewayResource(Resource):
 
     def _rejected(self, request: Any, path: bytes, status: int, key_name: str = "", model: str = "") -> None:
         self.accounting.rejected(
-            path.decode("latin-1"), status, key_name, model, len(request.content.getvalue())
+            path.decode("latin-1"), status, key_name, model, request.received
         )
 
     def _relay_failed(self, failure: Any, request: Any, endpoint: dialects.Endpoint, key_name: str) -> None:
@@ -293,7 +293,7 @@ class GatewayResource(Resource):
             provider=provider,
             upstream_model=upstream_model,
             body=doc,
-            bytes_in=len(request.content.getvalue()),
+            bytes_in=request.received,
             streamed=streamed,
         )
         ex.counter = self.accounting.counter(ex, strip_usage)

@@ -100,6 +100,7 @@ class FixtureAccountingTests(SynchronousTestCase):
             self.assertEqual(buckets(rec), want, name)
             self.assertEqual(rec.source, "reported")
             self.assertFalse(rec.streamed)
+            self.assertEqual(rec.bytes_in, len(json.dumps(body)))
 
     def test_truncated_stream_is_estimated(self) -> None:
         """

@@ -69,3 +69,13 @@ class MetricsTests(SynchronousTestCase):
         models = {s.labels["model"] for fam in metrics.registry.collect() for s in fam.samples if "model" in s.labels}
         self.assertEqual(len(models), m.MAX_MODELS + 1)
         self.assertIn("other", models)
+
+    def test_unknown_routes_share_one_label(self) -> None:
+        """Client-chosen paths cannot grow the registry: they count as "other"."""
+        gw = Gateway()
+        metrics = Metrics()
+        gw.resource.accounting = Accounting(gw.clock, metrics=metrics)
+        for i in range(20):
+            gw.post(f"/v1/nothing-{i}", {"model": "m"})
+        routes = {s.labels["route"] for fam in metrics.registry.collect() for s in fam.samples if "route" in s.labels}
+        self.assertEqual(routes, {"other"})
