@@ -258,7 +258,7 @@ class Relay:
         "_producing",
         "_recorded",
         "_sse",
-        "_timed_out",
+        "_headers_late",
         "_upstream",
         "clock",
         "exchange",
@@ -288,7 +288,7 @@ class Relay:
         self._pending_d: Any = None
         self._upstream: Any = None
         self._last_data = 0.0
-        self._timed_out: Optional[str] = None
+        self._headers_late = False
         # Why the gateway itself cut the exchange short, if it did.
         self._cut_message: Optional[str] = None
         self._client_gone = False
@@ -321,7 +321,7 @@ class Relay:
         d.addErrback(self._internal_error)
 
     def _headers_timeout(self) -> None:
-        self._timed_out = "headers"
+        self._headers_late = True
         if self._pending_d is not None:
             self._pending_d.cancel()
 
@@ -388,7 +388,7 @@ class Relay:
             return
         if self._cut_message is not None:
             self._fail(503, self._cut_message, "headers")
-        elif self._timed_out == "headers":
+        elif self._headers_late:
             self._fail(504, "upstream sent no response headers in time", "headers")
         elif failure.check(TxTimeoutError):
             self._fail(504, "timed out connecting to the upstream", "connect")
