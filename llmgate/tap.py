@@ -78,7 +78,8 @@ class Options(usage.Options):
         """
         Endpoint to listen on: a port number or a Twisted endpoint string
         (tcp:8080:interface=127.0.0.1, ssl:..., systemd:domain=INET:index=0).
-        May be given more than once. Default: tcp:8080.
+        May be given more than once. Default: 8080. A bare port number
+        listens on 127.0.0.1 only when no gateway keys are configured.
         """
         self["raw_ports"].append(value)
 
