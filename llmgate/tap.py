@@ -75,12 +75,7 @@ class Options(usage.Options):
         self["raw_ports"] = []
 
     def opt_port(self, value: str) -> None:
-        """
-        Endpoint to listen on: a port number or a Twisted endpoint string
-        (tcp:8080:interface=127.0.0.1, ssl:..., systemd:domain=INET:index=0).
-        May be given more than once. Default: 8080. A bare port number
-        listens on 127.0.0.1 only when no gateway keys are configured.
-        """
+        "Port number or Twisted endpoint string (tcp:8080:interface=127.0.0.1, ssl:..., systemd:domain=INET:index=0); repeatable. Default 8080. A bare port listens on 127.0.0.1 only when no gateway keys are configured."
         self["raw_ports"].append(value)
 
     opt_p = opt_port
