@@ -26,7 +26,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _usage(args: argparse.Namespace) -> int:
-    from llmgate import report
+    from llmgate.accounting import report
 
     return report.run(args)
 
@@ -39,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_check_config)
     u = sub.add_parser("usage", help="sum tokens and cost from the usage ledger")
     try:
-        from llmgate import report
+        from llmgate.accounting import report
 
         report.add_arguments(u)
     except ImportError:  # pragma: no cover - report ships with the package

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_drain -*-
+# -*- test-case-name: tests.ops.test_drain -*-
 """
 A MultiService that stops its children one after another.
 

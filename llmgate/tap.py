@@ -20,16 +20,16 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from llmgate import config as configmod
-from llmgate import tokens
-from llmgate.accounting import Accounting
-from llmgate.ledger import Ledger
-from llmgate.metrics import Metrics, MetricsResource
-from llmgate.prices import PriceTable
-from llmgate.drain import Drain
+from llmgate.accounting import tokens
+from llmgate.accounting.recorder import Accounting
+from llmgate.accounting.ledger import Ledger
+from llmgate.ops.metrics import Metrics, MetricsResource
+from llmgate.accounting.prices import PriceTable
+from llmgate.ops.drain import Drain
 from llmgate.service import OrderedMultiService
-from llmgate.front import GatewaySite
-from llmgate.resource import GatewayResource
-from llmgate.upstream import UpstreamClient
+from llmgate.edge.site import GatewaySite
+from llmgate.api.resource import GatewayResource
+from llmgate.relay.client import UpstreamClient
 
 
 def _endpoint_string(value: str, open_relay: bool) -> str:
@@ -170,7 +170,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
         # otherwise contend with live streams for the GIL.
         tokens.load_encodings()
     if options["demo"]:
-        from llmgate.mock import MockProvider
+        from llmgate.mock.provider import MockProvider
 
         mock = MockProvider(reactor)
         mock_site = Site(mock.resource, reactor=reactor)

@@ -19,9 +19,9 @@ from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
 from llmgate import config as configmod
-from llmgate.accounting import Accounting
-from llmgate.front import GatewaySite
-from llmgate.resource import GatewayResource
+from llmgate.accounting.recorder import Accounting
+from llmgate.edge.site import GatewaySite
+from llmgate.api.resource import GatewayResource
 
 
 @implementer(IPushProducer)

@@ -8,7 +8,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmgate import tap
-from llmgate.upstream import UpstreamClient
+from llmgate.relay.client import UpstreamClient
 
 
 class OptionsTests(SynchronousTestCase):

@@ -17,7 +17,7 @@ import anthropic
 import openai
 from twisted.trial.unittest import SynchronousTestCase
 
-from llmgate.mock import mock_text
+from llmgate.mock.provider import mock_text
 from tests.e2e.procs import Daemon, gateway_config, get_json
 
 UPSTREAM_KEY = "sk-e2e-upstream-secret"

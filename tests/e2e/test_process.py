@@ -20,8 +20,8 @@ import anthropic
 import openai
 from twisted.trial.unittest import SynchronousTestCase
 
-from llmgate.ledger import read_records
-from llmgate.mock import mock_text
+from llmgate.accounting.ledger import read_records
+from llmgate.mock.provider import mock_text
 from tests.e2e.procs import Daemon, gateway_config, get_json
 
 
@@ -257,7 +257,7 @@ class ProcessTests(SynchronousTestCase):
         through the real gateway, reaches the client byte for byte (streams)
         and leaves the usage its README declares in the ledger.
         """
-        from tests.test_accounting import BODIES, STREAMS, fixture
+        from tests.accounting.test_recorder import BODIES, STREAMS, fixture
 
         gw, ledger = self.stack_with_ledger()
         expected = {}

@@ -1,5 +1,5 @@
 from twisted.application.service import ServiceMaker
 
 llmgateMock = ServiceMaker(
-    "llmgate-mock", "llmgate.mock_tap", "Mock OpenAI/Anthropic provider", "llmgate-mock"
+    "llmgate-mock", "llmgate.mock.tap", "Mock OpenAI/Anthropic provider", "llmgate-mock"
 )

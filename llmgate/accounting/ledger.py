@@ -1,0 +1,464 @@
+# -*- test-case-name: tests.accounting.test_ledger -*-
+"""
+The durable usage ledger: one row per gateway request, in SQLite.
+
+The relay calls L{Ledger.record} on the reactor thread, which only appends
+to an in-memory queue; a timer hands the queue to one dedicated worker
+thread that writes it in a single transaction.  This keeps disk latency
+(fsync, a locked or full disk) off the reactor, where it would stall every
+stream, and makes a write failure cost memory, never a request.
+
+Durability bound:
+  - clean stop (C{stopService}, e.g. SIGTERM under twistd): nothing is lost,
+    unless the disk refuses the final write (then the loss is logged);
+  - C{kill -9} / power loss after the OS wrote the WAL: at most the records
+    of the last C{batch_interval} window plus the batch in flight (its
+    transaction is atomic: either all of it is in the file or none);
+  - a disk failing for long: the oldest records beyond C{max_pending} are
+    dropped and counted in L{Ledger.dropped}.
+With C{synchronous=NORMAL} in WAL mode a power cut (not a process kill) may
+also roll back the last few committed transactions; the file stays valid.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections import deque
+from dataclasses import dataclass, fields
+from operator import attrgetter
+from pathlib import Path
+from typing import Any, Callable, Deque, Iterable, List, Optional
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+OUTCOMES = (
+    "completed",
+    "client_cancelled",
+    "upstream_error",
+    "rejected",
+    "gateway_error",
+)
+PHASES = ("connect", "headers", "body")
+SOURCES = ("reported", "estimated")
+
+
+@dataclass
+class UsageRecord:
+    """
+    What one request through the gateway used and cost.
+
+    Built by the relay once the request is over; never mutated after
+    L{Ledger.record} (the writer thread reads it later).
+
+    @ivar key_name: the gateway key's I{name}, never its secret.
+    @ivar status: HTTP status sent to the client, 0 if none was sent.
+    @ivar outcome: one of L{OUTCOMES}.
+    @ivar phase: for C{client_cancelled}/C{upstream_error}, where it
+        happened: one of L{PHASES}.
+    @ivar source: C{"reported"} by the provider, C{"estimated"} by us, or
+        C{None} when there are no token counts at all.
+    @ivar cost_usd: C{None} when the price is unknown; never 0 for unknown,
+        so sums can tell "free" from "we don't know".
+    """
+
+    request_id: str
+    ts: float
+    key_name: str
+    route: str
+    model: str
+    provider: str
+    upstream_model: str
+    upstream_id: Optional[str]
+    status: int
+    streamed: bool
+    outcome: str
+    phase: Optional[str]
+    input_tokens: Optional[int]
+    output_tokens: Optional[int]
+    cached_input_tokens: int
+    cache_creation_tokens: int
+    reasoning_tokens: int
+    source: Optional[str]
+    cost_usd: Optional[float]
+    ttft_ms: Optional[float]
+    duration_ms: float
+    bytes_in: int
+    bytes_out: int
+
+
+COLUMNS = tuple(f.name for f in fields(UsageRecord))
+_asRow = attrgetter(*COLUMNS)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS usage (
+    request_id TEXT NOT NULL UNIQUE,
+    ts REAL NOT NULL,
+    key_name TEXT NOT NULL,
+    route TEXT NOT NULL,
+    model TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    upstream_model TEXT NOT NULL,
+    upstream_id TEXT,
+    status INTEGER NOT NULL,
+    streamed INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    phase TEXT,
+    input_tokens INTEGER,
+    output_tokens INTEGER,
+    cached_input_tokens INTEGER NOT NULL,
+    cache_creation_tokens INTEGER NOT NULL,
+    reasoning_tokens INTEGER NOT NULL,
+    source TEXT,
+    cost_usd REAL,
+    ttft_ms REAL,
+    duration_ms REAL NOT NULL,
+    bytes_in INTEGER NOT NULL,
+    bytes_out INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
+"""
+
+_INSERT = "INSERT OR IGNORE INTO usage ({}) VALUES ({})".format(
+    ", ".join(COLUMNS), ", ".join("?" * len(COLUMNS))
+)
+
+RunInThread = Callable[..., "defer.Deferred[Any]"]
+
+
+class _SQLiteWriter:
+    """
+    Owns the SQLite connection.  Only ever called from one thread at a time
+    (the L{Ledger} keeps a single operation in flight), normally the single
+    worker of the ledger's pool.
+
+    The connection is opened lazily, so it is created in the thread that
+    uses it, and dropped after any error so the next attempt starts from a
+    fresh handle (a connection that saw EIO is not worth trusting).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._conn: Optional[sqlite3.Connection] = None
+
+    def _open(self) -> sqlite3.Connection:
+        if self._conn is None:
+            parent = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(parent, exist_ok=True)
+            # check_same_thread=False: safety comes from the ledger's
+            # one-operation-at-a-time rule, not from thread affinity, so an
+            # injected runner may use any thread.
+            conn = sqlite3.connect(
+                self.path, timeout=5.0, isolation_level=None, check_same_thread=False
+            )
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.executescript(_SCHEMA)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def write(self, records: List[UsageRecord]) -> int:
+        """
+        Insert C{records} in one transaction.
+
+        @return: how many rows were new (a retried batch inserts 0 twice).
+        """
+        try:
+            conn = self._open()
+            rows = [_asRow(r) for r in records]
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                cursor = conn.executemany(_INSERT, rows)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return max(cursor.rowcount, 0)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+
+
+class Ledger(Service):
+    """
+    Batches L{UsageRecord}s in memory and writes them off the reactor thread.
+
+    See the module docstring for the durability bound: a clean stop loses
+    nothing; C{kill -9} loses at most the last C{batch_interval} window plus
+    the batch in flight.
+
+    @ivar flushed: records confirmed in the file.
+    @ivar write_failures: failed write attempts (each is retried).
+    @ivar dropped: records discarded, oldest first, because more than
+        C{max_pending} were waiting for a failing disk.
+    @ivar on_write_failure: optional C{callable(Failure)} called after each
+        failed write, e.g. to bump a metric.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        path: str,
+        reactor: Any,
+        batch_interval: float = 0.2,
+        max_pending: int = 100_000,
+        run_in_thread: Optional[RunInThread] = None,
+        on_write_failure: Optional[Callable[[Failure], object]] = None,
+    ) -> None:
+        """
+        @param reactor: provides C{IReactorTime}; also C{IReactorFromThreads}
+            unless C{run_in_thread} is given.
+        @param run_in_thread: C{callable(f, *args) -> Deferred}; defaults to
+            a one-thread L{ThreadPool} owned by this service.  Tests pass a
+            synchronous runner so no thread is involved.
+        """
+        self.path = path
+        self._reactor = reactor
+        self.batch_interval = batch_interval
+        self.max_pending = max_pending
+        self._runInThread = run_in_thread
+        self.on_write_failure = on_write_failure
+        self._writer = _SQLiteWriter(path)
+        self._pending: Deque[UsageRecord] = deque()
+        self._inflight: Optional[List[UsageRecord]] = None
+        self._inflightDone: Optional[defer.Deferred[None]] = None
+        self._pool: Optional[ThreadPool] = None
+        self._loop: Optional[LoopingCall] = None
+        self._droppedLogged = 0
+        self.flushed = 0
+        self.write_failures = 0
+        self.dropped = 0
+
+    # -- reactor-thread API -------------------------------------------------
+
+    def record(self, rec: UsageRecord) -> None:
+        """
+        Queue C{rec} for writing.  O(1); never blocks, never raises for a
+        full queue: the oldest record is dropped (and counted) instead.
+        """
+        pending = self._pending
+        pending.append(rec)
+        if len(pending) > self.max_pending:
+            pending.popleft()
+            self.dropped += 1
+
+    def pending_count(self) -> int:
+        """
+        Records not yet known to be in the file (queued plus in flight).
+        """
+        inflight = len(self._inflight) if self._inflight is not None else 0
+        return len(self._pending) + inflight
+
+    # -- service ------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        if self._runInThread is None:
+            pool = ThreadPool(minthreads=1, maxthreads=1, name="llmgate-ledger")
+            pool.start()
+            self._pool = pool
+            reactor = self._reactor
+
+            def run(f: Callable[..., Any], *a: Any) -> defer.Deferred[Any]:
+                return deferToThreadPool(reactor, pool, f, *a)
+
+            self._runInThread = run
+        loop = LoopingCall(self._tick)
+        loop.clock = self._reactor
+        loop.start(self.batch_interval, now=False)
+        self._loop = loop
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        """
+        Flush everything queued, close the database, stop the worker.
+
+        @return: a Deferred that fires when the file holds every record
+            (or a failed final write has been logged).
+        """
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        if self._runInThread is None:
+            return
+        if self._inflightDone is not None:
+            yield self._inflightDone
+        # Loop: records may still arrive while we drain (requests aborted by
+        # the shutdown report their outcome too).
+        while self._pending:
+            ok = yield self._flush()
+            if not ok:
+                break
+        self._reportDropped()
+        if self._pending:
+            self.log.critical(
+                "usage ledger {path}: stopping with {count} unwritten records",
+                path=self.path,
+                count=len(self._pending),
+            )
+        try:
+            yield self._runInThread(self._writer.close)
+        finally:
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                self._runInThread = None
+                pool.stop()
+
+    # -- flushing -----------------------------------------------------------
+
+    def _tick(self) -> None:
+        # Never return the Deferred: a LoopingCall stops on failure and
+        # waits on success, and we want neither.
+        self._reportDropped()
+        if self._inflight is None and self._pending:
+            self._flush()
+
+    def _flush(self) -> defer.Deferred[bool]:
+        """
+        Hand the whole queue to the writer.  Only one flush is in flight.
+
+        @return: a Deferred firing C{True} if written, C{False} if the
+            records went back to the queue.  It never fails.
+        """
+        assert self._inflight is None and self._runInThread is not None
+        batch = list(self._pending)
+        self._pending.clear()
+        self._inflight = batch
+        done: defer.Deferred[None] = defer.Deferred()
+        self._inflightDone = done
+
+        def written(inserted: int) -> bool:
+            # Count the batch, not the new rows: rows a lost-success attempt
+            # already wrote are in the file too, and counted only once
+            # because that attempt was counted as a failure.
+            self.flushed += len(batch)
+            return True
+
+        def failed(f: Failure) -> bool:
+            self.write_failures += 1
+            self._requeue(batch)
+            self.log.error(
+                "usage ledger {path}: write of {count} records failed "
+                "({error}); {pending} kept for retry, {failures} failures so far",
+                path=self.path,
+                count=len(batch),
+                error=f.getErrorMessage() or f.type.__name__,
+                pending=len(self._pending),
+                failures=self.write_failures,
+            )
+            hook = self.on_write_failure
+            if hook is not None:
+                try:
+                    hook(f)
+                except Exception:
+                    self.log.failure("usage ledger on_write_failure hook raised")
+            return False
+
+        def settle(ok: bool) -> bool:
+            self._inflight = None
+            self._inflightDone = None
+            done.callback(None)
+            return ok
+
+        d = defer.maybeDeferred(self._runInThread, self._writer.write, batch)
+        d.addCallbacks(written, failed)
+        d.addCallback(settle)
+        return d
+
+    def _requeue(self, batch: Iterable[UsageRecord]) -> None:
+        """
+        Put a failed batch back in front of newer records, then trim the
+        oldest beyond C{max_pending}.
+        """
+        self._pending.extendleft(reversed(list(batch)))
+        excess = len(self._pending) - self.max_pending
+        for _ in range(max(excess, 0)):
+            self._pending.popleft()
+        self.dropped += max(excess, 0)
+
+    def _reportDropped(self) -> None:
+        # Logged once per tick, not per record: record() must stay cheap
+        # and a failing disk must not also flood the log.
+        if self.dropped != self._droppedLogged:
+            self.log.critical(
+                "usage ledger {path}: dropped {new} records (oldest first, "
+                "{total} in total): more than {max_pending} waiting to be written",
+                path=self.path,
+                new=self.dropped - self._droppedLogged,
+                total=self.dropped,
+                max_pending=self.max_pending,
+            )
+            self._droppedLogged = self.dropped
+
+
+def connect_readonly(path: str) -> sqlite3.Connection:
+    """
+    Open the ledger read-only, so readers never take a write lock and can
+    run while the daemon writes (WAL lets readers and one writer coexist).
+
+    @raise FileNotFoundError: if C{path} does not exist (SQLite would
+        otherwise report a vague "unable to open database file").
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(path)
+    return sqlite3.connect(p.resolve().as_uri() + "?mode=ro", uri=True)
+
+
+def read_records(path: str) -> List[dict[str, Any]]:
+    """
+    Every record in the ledger, oldest first, as dicts with the
+    L{UsageRecord} field names (so C{UsageRecord(**d)} round-trips).
+    Synchronous: for tests and the CLI, never for the reactor thread.
+    """
+    conn = connect_readonly(path)
+    try:
+        try:
+            cursor = conn.execute(
+                "SELECT {} FROM usage ORDER BY ts, rowid".format(", ".join(COLUMNS))
+            )
+        except sqlite3.OperationalError as e:
+            if "no such table" in str(e):
+                return []
+            raise
+        out = []
+        for row in cursor:
+            d = dict(zip(COLUMNS, row))
+            d["streamed"] = bool(d["streamed"])
+            out.append(d)
+        return out
+    finally:
+        conn.close()
+
+
+__all__ = [
+    "COLUMNS",
+    "Ledger",
+    "OUTCOMES",
+    "PHASES",
+    "SOURCES",
+    "UsageRecord",
+    "connect_readonly",
+    "read_records",
+]

@@ -1,0 +1,293 @@
+# -*- test-case-name: tests.accounting.test_report -*-
+"""
+C{llmgate usage}: sums from the usage ledger, grouped by key/model/day/...
+
+Reads the SQLite file read-only, so it can run while the daemon writes.
+Costs are summed over known prices only; a group where no price was known
+shows no cost (C{null} / C{-}), never 0, and every group says how many of
+its requests had an unknown cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sqlite3
+import sys
+from datetime import datetime, timezone
+from typing import Any, Dict, List, Optional, Sequence, TextIO
+
+from llmgate.accounting.ledger import connect_readonly
+
+DEFAULT_LEDGER = "./llmgate-usage.db"
+DEFAULT_BY = "key,model,day"
+
+# --by name -> (output column, SQL expression)
+GROUPS: Dict[str, tuple[str, str]] = {
+    "key": ("key", "key_name"),
+    "model": ("model", "model"),
+    "day": ("day", "strftime('%Y-%m-%d', ts, 'unixepoch')"),
+    "provider": ("provider", "provider"),
+    "route": ("route", "route"),
+}
+
+# Output column -> SQL aggregate.  Token sums skip NULLs (requests with no
+# usage at all, e.g. rejected ones); cost is NULL when no cost was known.
+SUMS: List[tuple[str, str]] = [
+    ("requests", "COUNT(*)"),
+    ("input_tokens", "TOTAL(input_tokens)"),
+    ("output_tokens", "TOTAL(output_tokens)"),
+    ("cached_input_tokens", "TOTAL(cached_input_tokens)"),
+    ("cache_creation_tokens", "TOTAL(cache_creation_tokens)"),
+    ("reasoning_tokens", "TOTAL(reasoning_tokens)"),
+    ("cost_usd", "SUM(cost_usd)"),
+    ("unknown_cost", "COUNT(*) - COUNT(cost_usd)"),
+    ("estimated", "TOTAL(source = 'estimated')"),
+]
+_INT_SUMS = {name for name, _ in SUMS if name != "cost_usd"}
+
+# Shorter headers for the text table, so it fits a terminal.
+_TEXT_HEADERS = {
+    "input_tokens": "input",
+    "output_tokens": "output",
+    "cached_input_tokens": "cached_in",
+    "cache_creation_tokens": "cache_write",
+    "reasoning_tokens": "reasoning",
+    "unknown_cost": "unpriced",
+}
+
+
+class UsageError(Exception):
+    """
+    A bad option value; the message is for the user.
+    """
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """
+    Add the C{usage} subcommand's options to C{parser}.
+    """
+    parser.add_argument(
+        "--ledger",
+        default=DEFAULT_LEDGER,
+        metavar="PATH",
+        help="usage ledger SQLite file (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="only requests started at or after WHEN (YYYY-MM-DD or ISO "
+        "datetime; UTC unless an offset is given)",
+    )
+    parser.add_argument(
+        "--until",
+        metavar="WHEN",
+        help="only requests started before WHEN (exclusive: "
+        "--since 2024-05-01 --until 2024-06-01 is all of May)",
+    )
+    parser.add_argument(
+        "--by",
+        default=DEFAULT_BY,
+        metavar="FIELDS",
+        help="comma list of %s (default: %%(default)s)" % (",".join(GROUPS),),
+    )
+    fmt = parser.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print JSON")
+    fmt.add_argument("--csv", action="store_true", help="print CSV")
+
+
+def parse_when(value: str) -> float:
+    """
+    A date or ISO datetime as a unix timestamp; naive means UTC.
+
+    @raise UsageError: if C{value} is neither.
+    """
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise UsageError(
+            "not a date or ISO datetime: %r (try YYYY-MM-DD)" % (value,)
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
+def parse_by(value: str) -> List[str]:
+    """
+    @raise UsageError: on an unknown or empty grouping.
+    """
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in GROUPS]
+    if unknown or not names:
+        raise UsageError(
+            "--by takes a comma list of %s, got %r" % (", ".join(GROUPS), value)
+        )
+    return list(dict.fromkeys(names))
+
+
+def query(
+    conn: sqlite3.Connection,
+    by: Sequence[str],
+    since: Optional[float] = None,
+    until: Optional[float] = None,
+) -> List[Dict[str, Any]]:
+    """
+    One dict per group, sorted by the group columns.  C{by} may be empty:
+    then there is one row with the grand total (none if no requests).
+    """
+    groupCols = [GROUPS[b][0] for b in by]
+    select = ["%s AS %s" % (GROUPS[b][1], GROUPS[b][0]) for b in by]
+    select += ["%s AS %s" % (expr, name) for name, expr in SUMS]
+    where, params = [], []
+    if since is not None:
+        where.append("ts >= ?")
+        params.append(since)
+    if until is not None:
+        where.append("ts < ?")
+        params.append(until)
+    sql = "SELECT %s FROM usage" % (", ".join(select),)
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    if groupCols:
+        cols = ", ".join(groupCols)
+        sql += " GROUP BY %s ORDER BY %s" % (cols, cols)
+    try:
+        cursor = conn.execute(sql, params)
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):
+            return []  # the daemon has not written its first batch yet
+        raise
+    names = [d[0] for d in cursor.description]
+    rows = []
+    for values in cursor:
+        row = dict(zip(names, values))
+        if row["requests"] == 0:
+            continue  # aggregate with no GROUP BY over no rows
+        for name in _INT_SUMS:
+            row[name] = int(row[name])
+        if row["cost_usd"] is not None:
+            # Float sums of many small prices pick up noise like ...0004.
+            row["cost_usd"] = round(row["cost_usd"], 10)
+        rows.append(row)
+    return rows
+
+
+def total(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """
+    The sums over C{rows}, with the same unknown-cost rule.
+    """
+    out: Dict[str, Any] = {name: 0 for name in _INT_SUMS}
+    costs = [r["cost_usd"] for r in rows if r["cost_usd"] is not None]
+    for r in rows:
+        for name in _INT_SUMS:
+            out[name] += r[name]
+    out["cost_usd"] = round(sum(costs), 10) if costs else None
+    return {name: out[name] for name, _ in SUMS}
+
+
+def _fmtCost(cost: Optional[float]) -> str:
+    return "-" if cost is None else "%.6f" % (cost,)
+
+
+def write_table(
+    out: TextIO, groupCols: List[str], rows: List[Dict[str, Any]]
+) -> None:
+    """
+    An aligned text table with a TOTAL line; text left, numbers right.
+    """
+    header = groupCols + [_TEXT_HEADERS.get(name, name) for name, _ in SUMS]
+    body = []
+    for r in rows:
+        line = [str(r[c]) for c in groupCols]
+        line += [
+            _fmtCost(r[n]) if n == "cost_usd" else str(r[n]) for n, _ in SUMS
+        ]
+        body.append(line)
+    t = total(rows)
+    totalLine = (["TOTAL"] + [""] * (len(groupCols) - 1)) if groupCols else []
+    totalLine += [_fmtCost(t[n]) if n == "cost_usd" else str(t[n]) for n, _ in SUMS]
+    lines = [header] + body + [totalLine]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    nText = len(groupCols)
+
+    def fmt(line: List[str]) -> str:
+        cells = [
+            cell.ljust(w) if i < nText else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(line, widths))
+        ]
+        return "  ".join(cells).rstrip()
+
+    out.write(fmt(header) + "\n")
+    out.write("  ".join("-" * w for w in widths) + "\n")
+    for line in body:
+        out.write(fmt(line) + "\n")
+    out.write(fmt(totalLine) + "\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    """
+    Print the report for parsed C{args}; return the exit code.
+    """
+    out, err = sys.stdout, sys.stderr
+    try:
+        by = parse_by(args.by)
+        since = parse_when(args.since) if args.since else None
+        until = parse_when(args.until) if args.until else None
+    except UsageError as e:
+        err.write("llmgate usage: %s\n" % (e,))
+        return 2
+    try:
+        conn = connect_readonly(args.ledger)
+    except FileNotFoundError:
+        err.write(
+            "llmgate usage: no ledger at %s (pass --ledger PATH; the daemon "
+            "creates it on its first write)\n" % (args.ledger,)
+        )
+        return 1
+    try:
+        rows = query(conn, by, since, until)
+    except sqlite3.DatabaseError as e:
+        err.write("llmgate usage: cannot read %s: %s\n" % (args.ledger, e))
+        return 1
+    finally:
+        conn.close()
+
+    groupCols = [GROUPS[b][0] for b in by]
+    if args.json:
+        doc = {
+            "ledger": args.ledger,
+            "by": groupCols,
+            "since": args.since,
+            "until": args.until,
+            "rows": rows,
+            "total": total(rows),
+        }
+        json.dump(doc, out, indent=2)
+        out.write("\n")
+    elif args.csv:
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(groupCols + [n for n, _ in SUMS])
+        for r in rows:
+            w.writerow(
+                [r[c] for c in groupCols]
+                + ["" if r[n] is None else r[n] for n, _ in SUMS]
+            )
+    else:
+        write_table(out, groupCols, rows)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """
+    Standalone entry point (C{python -m llmgate.accounting.report}); the C{llmgate}
+    console script wires L{add_arguments}/L{run} as its C{usage} command.
+    """
+    parser = argparse.ArgumentParser(prog="llmgate usage")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

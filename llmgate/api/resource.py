@@ -1,0 +1,326 @@
+# -*- test-case-name: tests.relay.test_stream -*-
+"""
+The gateway's twisted.web Resource: checks the gateway key, parses the body
+just enough to route it by model, and hands the request to a L{Relay}.
+
+Errors the gateway makes itself are answered in the dialect of the route
+the client called.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from typing import Any, Callable, Optional
+
+from twisted.internet.defer import maybeDeferred
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from llmgate import dialects
+from llmgate.config import Config, Provider
+from llmgate.relay.headers import upstream_request_headers
+from llmgate.relay.stream import Coalescer, Exchange, Relay, Watchdog, new_exchange
+
+log = Logger(namespace="llmgate.api.resource")
+
+# Bodies above this are parsed off the reactor thread: a multi-megabyte
+# json.loads would stall every stream for tens of milliseconds.
+_THREAD_PARSE_BYTES = 256 * 1024
+
+_GET_ROUTES = (b"/v1/models", b"/healthz")
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str, code: Optional[str] = None, param: Optional[str] = None, model: str = "") -> None:
+        super().__init__(message)
+        self.model = model
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+
+
+def _parse_body(body: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise _BadRequest(400, "request body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise _BadRequest(400, "request body must be a JSON object")
+    return doc
+
+
+def _serialize(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _write_error(request: Any, kind: str, status: int, message: str, code: Optional[str] = None, param: Optional[str] = None, headers: Optional[dict[bytes, bytes]] = None) -> bytes:
+    body = dialects.error_body(kind, status, message, code=code, param=param)
+    request.setResponseCode(status)
+    request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+    for name, value in (headers or {}).items():
+        request.responseHeaders.setRawHeaders(name, [value])
+    return body
+
+
+class GatewayResource(Resource):
+    """
+    Routes C{/v1/...} requests by path and body C{model}.
+
+    @param config: the validated L{Config}.
+    @param http: the treq client of the gateway's own pool.
+    @param clock: C{IReactorTime} for the relay's timers.
+    @param accounting: makes a counter per request and takes each finished
+        L{Exchange} (see L{llmgate.accounting.recorder.Accounting}).
+    @param parse_in_thread: runs a callable off the reactor thread and
+        returns a Deferred; used for large bodies.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        config: Config,
+        http: Any,
+        clock: Any,
+        accounting: Any,
+        parse_in_thread: Optional[Callable[..., Any]] = None,
+        coalesce: bool = False,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.http = http
+        self.clock = clock
+        self.accounting = accounting
+        self._parse_in_thread = parse_in_thread
+        self.active: set[Relay] = set()
+        self._coalescer = Coalescer(clock) if coalesce else None
+        # Start it (it is a Service) to enforce the relays' timeouts.
+        self.watchdog = Watchdog(clock, self.active)
+        self.draining = False
+        self._keys = [
+            (k.name, hashlib.sha256(k.secret.encode()).digest()) for k in config.keys
+        ]
+
+    # -- dispatch ------------------------------------------------------------
+
+    def render(self, request: Any) -> Any:
+        path = request.path.split(b"?", 1)[0]
+        if len(path) > 1:
+            path = path.rstrip(b"/")
+        endpoint = dialects.ENDPOINTS.get(path)
+        kind = dialects.kind_for_path(path)
+        if endpoint is not None:
+            if request.method != b"POST":
+                self._rejected(request, path, 405)
+                return _write_error(
+                    request, kind, 405, f"method {request.method.decode('latin-1')} not allowed on {path.decode('latin-1')}",
+                    headers={b"allow": b"POST"},
+                )
+            return self._render_relay(request, endpoint)
+        if path in _GET_ROUTES:
+            if request.method not in (b"GET", b"HEAD"):
+                return _write_error(
+                    request, kind, 405, "method not allowed", headers={b"allow": b"GET"}
+                )
+            if path == b"/healthz":
+                request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+                return b'{"status":"ok"}'
+            return self._render_models(request)
+        self._rejected(request, path, 404)
+        return _write_error(
+            request, kind, 404, f"no route for {path.decode('latin-1')}", code="not_found"
+        )
+
+    def _render_models(self, request: Any) -> bytes:
+        if self._authenticate(request) is None:
+            return _write_error(request, "openai", 401, "invalid or missing gateway key", code="invalid_api_key")
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": m.provider}
+            for name, m in sorted(self.config.models.items())
+        ]
+        request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        return json.dumps({"object": "list", "data": data}).encode()
+
+    def _authenticate(self, request: Any) -> Optional[str]:
+        """
+        The name of the gateway key the request carries, C{"anonymous"} when
+        no keys are configured, or L{None} when it carries no valid key.
+        """
+        if not self._keys:
+            return "anonymous"
+        presented = None
+        auth = request.getHeader(b"authorization")
+        if auth and auth[:7].lower() == b"bearer ":
+            presented = auth[7:].strip()
+        else:
+            presented = request.getHeader(b"x-api-key")
+        if not presented:
+            return None
+        digest = hashlib.sha256(presented).digest()
+        found = None
+        for name, want in self._keys:
+            if hmac.compare_digest(digest, want):
+                found = name
+        return found
+
+    # -- relay ---------------------------------------------------------------
+
+    def _render_relay(self, request: Any, endpoint: dialects.Endpoint) -> Any:
+        kind = endpoint.kind
+        if self.draining:
+            self._rejected(request, endpoint.path, 503)
+            request.setHeader(b"connection", b"close")
+            return _write_error(
+                request, kind, 503, "the gateway is shutting down", headers={b"retry-after": b"1"}
+            )
+        key_name = self._authenticate(request)
+        if key_name is None:
+            self._rejected(request, endpoint.path, 401)
+            return _write_error(
+                request, kind, 401, "invalid or missing gateway key", code="invalid_api_key"
+            )
+        body = request.content.getvalue()
+        if len(body) > _THREAD_PARSE_BYTES and self._parse_in_thread is not None:
+            d = self._parse_in_thread(_parse_body, body)
+        else:
+            d = maybeDeferred(_parse_body, body)
+        d.addCallback(self._relay, request, endpoint, key_name, body)
+        d.addErrback(self._relay_failed, request, endpoint, key_name)
+        return NOT_DONE_YET
+
+    def _rejected(self, request: Any, path: bytes, status: int, key_name: str = "", model: str = "") -> None:
+        self.accounting.rejected(
+            path.decode("latin-1"), status, key_name, model, request.received
+        )
+
+    def _relay_failed(self, failure: Any, request: Any, endpoint: dialects.Endpoint, key_name: str) -> None:
+        kind = endpoint.kind
+        if failure.check(_BadRequest):
+            e = failure.value
+            status, args = e.status, (e.message, e.code, e.param)
+        else:
+            log.failure("failed to start relay", failure)
+            status, args = 500, ("internal gateway error", None, None)
+        self._rejected(request, endpoint.path, status, key_name, getattr(failure.value, "model", ""))
+        if request._disconnected or request.finished:
+            return
+        request.write(_write_error(request, kind, status, *args))
+        request.finish()
+
+    def _relay(self, doc: dict[str, Any], request: Any, endpoint: dialects.Endpoint, key_name: str, body: bytes) -> Any:
+        if request._disconnected:
+            # Gone while its body was being parsed: still one record.
+            self.accounting.rejected(
+                endpoint.path.decode(), 0, key_name, str(doc.get("model", "")), len(body), outcome="client_cancelled"
+            )
+            return None
+        model = doc.get("model")
+        if not isinstance(model, str) or not model:
+            raise _BadRequest(400, "you must provide a model parameter", param="model")
+        routed = self.config.route(endpoint.kind, model)
+        if routed is None:
+            raise _BadRequest(
+                404,
+                f"the model {model!r} does not exist or you do not have access to it",
+                code="model_not_found",
+                param="model",
+                model=model,
+            )
+        provider, upstream_model = routed
+        streamed = endpoint.streams and doc.get("stream") is True
+        rewrite = False
+        if upstream_model != model:
+            doc["model"] = upstream_model
+            rewrite = True
+        strip_usage = False
+        client_opts = "stream_options" in doc
+        if (
+            streamed
+            and self.config.accounting_enabled
+            and endpoint.api in ("openai.chat", "openai.completions")
+        ):
+            opts = doc.get("stream_options")
+            if not (isinstance(opts, dict) and opts.get("include_usage") is True):
+                # Ask upstream for the usage chunk, and take it back out
+                # before the client sees a shape it did not ask for.
+                opts = dict(opts) if isinstance(opts, dict) else {}
+                opts["include_usage"] = True
+                doc["stream_options"] = opts
+                strip_usage = True
+                rewrite = True
+        if rewrite and strip_usage and upstream_model == model and not client_opts:
+            # Only the usage request to add: splice it in, leaving the
+            # client's bytes as they were (and skipping a full re-dump).
+            start = body.index(b"{") + 1
+            body = body[:start] + b'"stream_options":{"include_usage":true},' + body[start:]
+            rewrite = False
+        if rewrite:
+            if len(body) > _THREAD_PARSE_BYTES and self._parse_in_thread is not None:
+                d = self._parse_in_thread(_serialize, doc)
+                d.addCallback(
+                    lambda new: self._start(request, endpoint, key_name, doc, new, model, provider, upstream_model, streamed, strip_usage)
+                )
+                return d
+            body = _serialize(doc)
+        self._start(request, endpoint, key_name, doc, body, model, provider, upstream_model, streamed, strip_usage)
+        return None
+
+    def _start(
+        self,
+        request: Any,
+        endpoint: dialects.Endpoint,
+        key_name: str,
+        doc: dict[str, Any],
+        body: bytes,
+        model: str,
+        provider: Provider,
+        upstream_model: str,
+        streamed: bool,
+        strip_usage: bool,
+    ) -> None:
+        if request._disconnected:
+            self.accounting.rejected(endpoint.path.decode(), 0, key_name, model, len(body), outcome="client_cancelled")
+            return
+        ex = new_exchange(
+            started=self.clock.seconds(),
+            key_name=key_name,
+            endpoint=endpoint,
+            model=model,
+            provider=provider,
+            upstream_model=upstream_model,
+            body=doc,
+            bytes_in=request.received,
+            streamed=streamed,
+        )
+        ex.counter = self.accounting.counter(ex, strip_usage)
+        headers = upstream_request_headers(
+            request.requestHeaders,
+            dialects.auth_headers(provider.kind, provider.api_key, provider.anthropic_version),
+        )
+        headers.setRawHeaders(b"content-type", [b"application/json"])
+        url = dialects.upstream_url(provider.kind, provider.base_url, endpoint.path)
+        def done(ex: Exchange) -> None:
+            self.active.discard(relay)
+            self.accounting.finished(ex)
+
+        relay = Relay(
+            request, self.http, self.clock, self.config.timeouts, ex, done, coalescer=self._coalescer
+        )
+        self.active.add(relay)
+        try:
+            relay.start(url, headers, body)
+        except Exception:
+            # Never leave a relay (or the active gauge) behind, and still
+            # record the request once.
+            log.failure("could not start the upstream request")
+            self.active.discard(relay)
+            ex.status, ex.outcome, ex.counter = 500, "gateway_error", None
+            ex.ended = self.clock.seconds()
+            self.accounting.finished(ex)
+            if not request.finished and not request._disconnected:
+                request.write(_write_error(request, endpoint.kind, 500, "internal gateway error"))
+                request.finish()

@@ -1,0 +1,103 @@
+# -*- test-case-name: tests.relay.test_stream -*-
+"""
+Header hygiene for both directions of the relay.
+
+Hop-by-hop headers and the ones named in C{Connection} describe one TCP hop,
+not the message, so they never cross the gateway; framing headers are
+recomputed by each side; client credentials are replaced by the provider's.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from twisted.web.http_headers import Headers
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+# Never forwarded upstream: framing (recomputed), the host (the upstream's),
+# client credentials (replaced) and encodings (treq negotiates its own).
+_REQUEST_DROP = HOP_BY_HOP | {
+    b"content-length",
+    b"host",
+    b"authorization",
+    b"x-api-key",
+    b"accept-encoding",
+    b"expect",
+}
+
+# Never relayed downstream: framing and encoding are the gateway's own (treq
+# already decoded any gzip), cookies of the upstream belong to us.
+_RESPONSE_DROP = HOP_BY_HOP | {
+    b"content-length",
+    b"content-encoding",
+    b"set-cookie",
+    b"server",
+    b"date",
+    # The provider account behind the gateway is not the client's business.
+    b"openai-organization",
+    b"openai-project",
+    b"anthropic-organization-id",
+}
+
+
+def _connection_tokens(headers: Headers) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for value in headers.getRawHeaders(b"connection", ()):
+        for t in value.split(b","):
+            t = t.strip().lower()
+            if t:
+                tokens.add(t)
+    return tokens
+
+
+def _filtered(headers: Headers, drop: frozenset[bytes] | set[bytes]) -> Iterable[tuple[bytes, list[bytes]]]:
+    named = _connection_tokens(headers)
+    for name, values in headers.getAllRawHeaders():
+        low = name.lower()
+        if low in drop or low in named:
+            continue
+        yield low, values
+
+
+def upstream_request_headers(
+    client: Headers, credentials: list[tuple[bytes, bytes]]
+) -> Headers:
+    """
+    The headers to send upstream: the client's, cleaned, plus the provider
+    credential (which wins over anything of the same name).
+    """
+    out = Headers()
+    cred_names = {n for n, _ in credentials}
+    for name, values in _filtered(client, _REQUEST_DROP):
+        if name in cred_names and name != b"anthropic-version":
+            continue
+        out.setRawHeaders(name, values)
+    for name, value in credentials:
+        if name == b"anthropic-version" and out.hasHeader(name):
+            # The client's SDK knows which API version it speaks.
+            continue
+        out.setRawHeaders(name, [value])
+    return out
+
+
+def copy_response_headers(upstream: Headers, downstream: Headers) -> None:
+    """
+    Copy the upstream response headers onto the client response.
+
+    C{setRawHeaders} replaces the C{Content-Type} that twisted.web presets.
+    """
+    for name, values in _filtered(upstream, _RESPONSE_DROP):
+        downstream.setRawHeaders(name, values)

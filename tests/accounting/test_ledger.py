@@ -1,0 +1,494 @@
+# -*- test-case-name: tests.accounting.test_ledger -*-
+"""
+Tests for L{llmgate.accounting.ledger}: batching on the clock, retry after write
+failures, bounded memory, clean-stop flush, and the C{kill -9} bound.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import sys
+import uuid
+from typing import Any, Callable, List
+
+from twisted.internet import defer
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+import llmgate
+from llmgate.accounting.ledger import Ledger, UsageRecord, read_records
+
+
+def makeRecord(n: int = 0, **kw: Any) -> UsageRecord:
+    """
+    A completed, reported, priced record; C{kw} overrides fields.
+    """
+    values: dict[str, Any] = dict(
+        request_id=uuid.uuid4().hex,
+        ts=1_700_000_000.0 + n,
+        key_name="team-a",
+        route="/v1/chat/completions",
+        model="gpt-4o-mini",
+        provider="openai",
+        upstream_model="gpt-4o-mini-2024-07-18",
+        upstream_id="chatcmpl-%d" % (n,),
+        status=200,
+        streamed=True,
+        outcome="completed",
+        phase=None,
+        input_tokens=10,
+        output_tokens=5,
+        cached_input_tokens=0,
+        cache_creation_tokens=0,
+        reasoning_tokens=0,
+        source="reported",
+        cost_usd=0.0001,
+        ttft_ms=12.5,
+        duration_ms=40.0,
+        bytes_in=100,
+        bytes_out=400,
+    )
+    values.update(kw)
+    return UsageRecord(**values)
+
+
+def syncRunner(f: Callable[..., Any], *a: Any) -> defer.Deferred[Any]:
+    """
+    Run C{f} right away on this thread: no threads in unit tests.
+    """
+    return defer.maybeDeferred(f, *a)
+
+
+class FlakyRunner:
+    """
+    A runner that fails the next C{failures} writes like a sick disk.
+
+    @ivar commitThenFail: run the write, then report failure anyway (a batch
+        that reached the disk but whose success got lost), to exercise retry.
+    """
+
+    def __init__(self, failures: int = 0, commitThenFail: bool = False) -> None:
+        self.failures = failures
+        self.commitThenFail = commitThenFail
+        self.calls = 0
+
+    def __call__(self, f: Callable[..., Any], *a: Any) -> defer.Deferred[Any]:
+        self.calls += 1
+        if self.failures > 0 and getattr(f, "__name__", "") == "write":
+            self.failures -= 1
+            if self.commitThenFail:
+                f(*a)
+            return defer.fail(sqlite3.OperationalError("disk I/O error"))
+        return defer.maybeDeferred(f, *a)
+
+
+class LedgerTests(SynchronousTestCase):
+    """
+    The ledger with a L{Clock} and a synchronous runner.
+    """
+
+    def setUp(self) -> None:
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.path = os.path.join(self.dir, "usage.db")
+        self.clock = Clock()
+
+    def makeLedger(self, runner: Any = syncRunner, **kw: Any) -> Ledger:
+        ledger = Ledger(self.path, self.clock, run_in_thread=runner, **kw)
+        ledger.startService()
+        self.addCleanup(self.stop, ledger)
+        return ledger
+
+    def stop(self, ledger: Ledger) -> None:
+        if ledger.running:
+            self.successResultOf(ledger.stopService())
+
+    def rows(self) -> List[dict[str, Any]]:
+        return read_records(self.path)
+
+    def test_recordOnlyQueues(self) -> None:
+        """
+        record() writes nothing by itself; the batch goes out on the next
+        tick, in one go, and round-trips field for field.
+        """
+        ledger = self.makeLedger(batch_interval=0.2)
+        recs = [makeRecord(i) for i in range(3)]
+        recs[1] = makeRecord(1, cost_usd=None, source="estimated", upstream_id=None)
+        for r in recs:
+            ledger.record(r)
+        self.assertEqual(ledger.pending_count(), 3)
+        self.assertFalse(os.path.exists(self.path))
+        self.clock.advance(0.19)
+        self.assertFalse(os.path.exists(self.path))
+        self.clock.advance(0.01)
+        self.assertEqual(ledger.pending_count(), 0)
+        self.assertEqual(ledger.flushed, 3)
+        self.assertEqual([UsageRecord(**d) for d in self.rows()], recs)
+
+    def test_batchPerTick(self) -> None:
+        """
+        Records queued between ticks go out on the following tick.
+        """
+        ledger = self.makeLedger(batch_interval=1.0)
+        ledger.record(makeRecord(0))
+        self.clock.advance(1.0)
+        ledger.record(makeRecord(1))
+        ledger.record(makeRecord(2))
+        self.assertEqual(len(self.rows()), 1)
+        self.clock.advance(1.0)
+        self.assertEqual(len(self.rows()), 3)
+        self.assertEqual(ledger.flushed, 3)
+
+    def test_walMode(self) -> None:
+        """
+        The file is in WAL mode, so readers never block the writer.
+        """
+        ledger = self.makeLedger()
+        ledger.record(makeRecord())
+        self.clock.advance(ledger.batch_interval)
+        conn = sqlite3.connect(self.path)
+        self.addCleanup(conn.close)
+        (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
+        self.assertEqual(mode, "wal")
+        indexes = [r[1] for r in conn.execute("PRAGMA index_list(usage)")]
+        self.assertIn("usage_ts", indexes)
+
+    def test_stopFlushesEverything(self) -> None:
+        """
+        stopService writes what is still queued, without waiting for a
+        tick, and then stops the timer.
+        """
+        ledger = self.makeLedger(batch_interval=60.0)
+        for i in range(5):
+            ledger.record(makeRecord(i))
+        d = ledger.stopService()
+        self.successResultOf(d)
+        self.assertEqual(len(self.rows()), 5)
+        self.assertEqual(ledger.pending_count(), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stopWaitsForInflight(self) -> None:
+        """
+        A stop during a slow write waits for it, then writes what arrived
+        meanwhile: nothing is lost and only one write runs at a time.
+        """
+        held: List[defer.Deferred[Any]] = []
+        work: List[Any] = []
+
+        def slowRunner(f: Callable[..., Any], *a: Any) -> defer.Deferred[Any]:
+            if f.__name__ == "write" and not held:
+                d: defer.Deferred[Any] = defer.Deferred()
+                held.append(d)
+                work.append((f, a))
+                return d
+            return defer.maybeDeferred(f, *a)
+
+        ledger = self.makeLedger(runner=slowRunner)
+        ledger.record(makeRecord(0))
+        self.clock.advance(ledger.batch_interval)
+        self.assertEqual(len(held), 1)
+        ledger.record(makeRecord(1))
+        # A tick while a write is in flight starts no second write.
+        self.clock.advance(ledger.batch_interval)
+        self.assertEqual(len(held), 1)
+        self.assertEqual(ledger.pending_count(), 2)
+        stopped = ledger.stopService()
+        self.assertNoResult(stopped)
+        f, a = work[0]
+        held[0].callback(f(*a))
+        self.successResultOf(stopped)
+        self.assertEqual(len(self.rows()), 2)
+
+    def test_failureKeepsRecordsAndRetries(self) -> None:
+        """
+        A failed write counts, logs without record contents, calls the
+        hook, keeps the records; the next tick writes them all exactly once.
+        """
+        runner = FlakyRunner(failures=2)
+        hooked: List[Failure] = []
+        ledger = self.makeLedger(runner=runner, on_write_failure=hooked.append)
+        ledger.record(makeRecord(0, key_name="secret-looking-name"))
+        with capturedLogs() as events:
+            self.clock.advance(ledger.batch_interval)
+        self.assertEqual(ledger.write_failures, 1)
+        self.assertEqual(len(hooked), 1)
+        self.assertIsInstance(hooked[0].value, sqlite3.OperationalError)
+        self.assertEqual(ledger.pending_count(), 1)
+        errors = [e for e in events if "write of" in e.get("log_format", "")]
+        self.assertEqual(len(errors), 1)
+        self.assertEqual(errors[0]["error"], "disk I/O error")
+        self.assertNotIn("secret-looking-name", repr(errors[0]))
+
+        ledger.record(makeRecord(1))
+        self.clock.advance(ledger.batch_interval)
+        self.assertEqual(ledger.write_failures, 2)
+        self.assertEqual(ledger.pending_count(), 2)
+
+        self.clock.advance(ledger.batch_interval)
+        self.assertEqual(ledger.pending_count(), 0)
+        self.assertEqual(ledger.flushed, 2)
+        rows = self.rows()
+        self.assertEqual([r["upstream_id"] for r in rows], ["chatcmpl-0", "chatcmpl-1"])
+
+    def test_unwritableDirectoryThenRecovers(self) -> None:
+        """
+        A path whose parent cannot be created (a file is in the way) is a
+        write failure like any other, and the ledger recovers once it can.
+        """
+        blocker = os.path.join(self.dir, "blocked")
+        with open(blocker, "w"):
+            pass
+        self.path = os.path.join(blocker, "usage.db")
+        ledger = self.makeLedger()
+        ledger.record(makeRecord(0))
+        self.clock.advance(ledger.batch_interval)
+        self.assertEqual(ledger.write_failures, 1)
+        self.assertEqual(ledger.pending_count(), 1)
+        os.remove(blocker)
+        os.mkdir(blocker)
+        self.clock.advance(ledger.batch_interval)
+        self.assertEqual(ledger.pending_count(), 0)
+        self.assertEqual(len(self.rows()), 1)
+
+    def test_retriedBatchNotDuplicated(self) -> None:
+        """
+        If a batch reached the file but its success was lost, the retry
+        inserts nothing new (UNIQUE request_id + INSERT OR IGNORE).
+        """
+        runner = FlakyRunner(failures=1, commitThenFail=True)
+        ledger = self.makeLedger(runner=runner)
+        for i in range(3):
+            ledger.record(makeRecord(i))
+        self.clock.advance(ledger.batch_interval)
+        self.assertEqual(ledger.write_failures, 1)
+        self.assertEqual(ledger.pending_count(), 3)
+        self.clock.advance(ledger.batch_interval)
+        self.assertEqual(ledger.pending_count(), 0)
+        self.assertEqual(len(self.rows()), 3)
+        self.assertEqual(ledger.flushed, 3)
+
+    def test_maxPendingDropsOldest(self) -> None:
+        """
+        Past max_pending, record() drops the oldest record and counts it,
+        and the next tick logs the loss loudly.
+        """
+        ledger = self.makeLedger(max_pending=3)
+        for i in range(5):
+            ledger.record(makeRecord(i))
+        self.assertEqual(ledger.dropped, 2)
+        self.assertEqual(ledger.pending_count(), 3)
+        with capturedLogs() as events:
+            self.clock.advance(ledger.batch_interval)
+        crit = [e for e in events if e["log_level"].name == "critical"]
+        self.assertEqual(len(crit), 1)
+        self.assertEqual(crit[0]["new"], 2)
+        self.assertEqual(
+            [r["upstream_id"] for r in self.rows()],
+            ["chatcmpl-2", "chatcmpl-3", "chatcmpl-4"],
+        )
+
+    def test_maxPendingAfterFailure(self) -> None:
+        """
+        A failed batch goes back in front of newer records; if that
+        overflows max_pending, the oldest go.
+        """
+        runner = FlakyRunner(failures=1)
+        ledger = self.makeLedger(runner=runner, max_pending=3)
+        ledger.record(makeRecord(0))
+        ledger.record(makeRecord(1))
+        self.clock.advance(ledger.batch_interval)
+        ledger.record(makeRecord(2))
+        ledger.record(makeRecord(3))
+        self.assertEqual(ledger.dropped, 1)
+        self.clock.advance(ledger.batch_interval)
+        self.assertEqual(
+            [r["upstream_id"] for r in self.rows()],
+            ["chatcmpl-1", "chatcmpl-2", "chatcmpl-3"],
+        )
+
+    def test_stopWithFailingDisk(self) -> None:
+        """
+        If the final write fails, stopService still completes (and logs the
+        loss) rather than hanging the shutdown.
+        """
+        ledger = self.makeLedger(runner=FlakyRunner(failures=100))
+        ledger.record(makeRecord(0))
+        with capturedLogs() as events:
+            self.successResultOf(ledger.stopService())
+        self.assertFalse(ledger.running)
+        self.assertTrue(
+            any("unwritten" in e.get("log_format", "") for e in events)
+        )
+
+    def test_readRecordsEmpty(self) -> None:
+        """
+        read_records on a ledger file without the table yet gives [], and a
+        missing file raises FileNotFoundError.
+        """
+        sqlite3.connect(self.path).close()
+        self.assertEqual(read_records(self.path), [])
+        self.assertRaises(
+            FileNotFoundError, read_records, os.path.join(self.dir, "nope.db")
+        )
+
+
+class ThreadedLedgerTests(TestCase):
+    """
+    The default one-thread pool, on the real reactor (the handoff itself
+    is what is under test).
+    """
+
+    def test_writesFromWorkerThread(self) -> None:
+        """
+        With no runner injected, writes happen in the pool's single thread
+        and stopService stops it.
+        """
+        from twisted.internet import reactor
+
+        path = os.path.join(self.mktemp(), "sub", "usage.db")
+        ledger = Ledger(path, reactor, batch_interval=0.01)
+        ledger.startService()
+        for i in range(50):
+            ledger.record(makeRecord(i))
+        pool = ledger._pool
+        assert pool is not None
+
+        d = ledger.stopService()
+
+        def check(_: object) -> None:
+            self.assertEqual(len(read_records(path)), 50)
+            self.assertFalse(pool.started)
+            self.assertEqual(ledger.flushed, 50)
+
+        return d.addCallback(check)
+
+
+_KILL_SCRIPT = r"""
+import sys, uuid
+from twisted.internet import reactor
+from llmgate.accounting.ledger import Ledger, UsageRecord
+
+path, first = sys.argv[1], int(sys.argv[2])
+ledger = Ledger(path, reactor, batch_interval=0.05)
+ledger.startService()
+n = 0
+
+def rec():
+    global n
+    ledger.record(UsageRecord(
+        request_id=uuid.uuid4().hex, ts=1e9 + n, key_name="k", route="/r",
+        model="m", provider="p", upstream_model="m", upstream_id=None,
+        status=200, streamed=False, outcome="completed", phase=None,
+        input_tokens=1, output_tokens=1, cached_input_tokens=0,
+        cache_creation_tokens=0, reasoning_tokens=0, source="reported",
+        cost_usd=None, ttft_ms=None, duration_ms=1.0, bytes_in=1, bytes_out=1))
+    n += 1
+
+for _ in range(first):
+    rec()
+
+last = -1
+def poll():
+    global last
+    # Keep recording, so some records are always queued when we die.
+    for _ in range(20):
+        rec()
+    if ledger.flushed != last:
+        last = ledger.flushed
+        print("flushed %d recorded %d" % (ledger.flushed, n), flush=True)
+    reactor.callLater(0.005, poll)
+
+reactor.callLater(0, poll)
+reactor.run()
+"""
+
+
+class _Watcher(ProcessProtocol):
+    """
+    Reads the script's progress lines; SIGKILLs it once C{target} records
+    are reported flushed.
+    """
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.buf = b""
+        self.flushed = 0
+        self.recorded = 0
+        self.killed = False
+        self.ended: defer.Deferred[None] = defer.Deferred()
+        self.stderr = b""
+
+    def outReceived(self, data: bytes) -> None:
+        self.buf += data
+        *lines, self.buf = self.buf.split(b"\n")
+        for line in lines:
+            parts = line.split()
+            if len(parts) == 4 and parts[0] == b"flushed":
+                self.flushed, self.recorded = int(parts[1]), int(parts[3])
+        if not self.killed and self.flushed >= self.target:
+            self.kill()
+
+    def errReceived(self, data: bytes) -> None:
+        self.stderr += data
+
+    def kill(self) -> None:
+        if not self.killed:
+            self.killed = True
+            os.kill(self.transport.pid, signal.SIGKILL)
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(None)
+
+
+class KillNineTests(TestCase):
+    """
+    Integration test: a real process killed with SIGKILL mid-stream.
+    """
+
+    timeout = 20
+
+    def test_killNineKeepsFlushed(self) -> None:
+        """
+        After SIGKILL the file opens cleanly and holds at least every record
+        the process had seen written; whatever is missing was queued.
+        """
+        from twisted.internet import reactor
+
+        tmp = self.mktemp()
+        os.makedirs(tmp)
+        script = os.path.join(tmp, "writer.py")
+        with open(script, "w") as f:
+            f.write(_KILL_SCRIPT)
+        path = os.path.join(tmp, "usage.db")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(llmgate.__file__)))
+        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        first = 200
+        watcher = _Watcher(target=first)
+        reactor.spawnProcess(
+            watcher, sys.executable, [sys.executable, script, path, str(first)], env=env
+        )
+        guard = reactor.callLater(8, watcher.kill)
+
+        def check(_: object) -> None:
+            if guard.active():
+                guard.cancel()
+            self.assertGreaterEqual(
+                watcher.flushed, first, "never flushed: %r" % (watcher.stderr,)
+            )
+            conn = sqlite3.connect(path)
+            try:
+                (ok,) = conn.execute("PRAGMA integrity_check").fetchone()
+            finally:
+                conn.close()
+            self.assertEqual(ok, "ok")
+            rows = read_records(path)
+            self.assertGreaterEqual(len(rows), watcher.flushed)
+            self.assertEqual(len({r["request_id"] for r in rows}), len(rows))
+
+        return watcher.ended.addCallback(check)
+

@@ -1,0 +1,259 @@
+"""
+Accounting through the relay, in memory: every fixture replayed by a fake
+upstream, whole and in small slices, must leave exactly the usage its README
+declares in the one record of its request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from llmgate.accounting import tokens
+from llmgate.accounting.recorder import Accounting, strip_usage_chunks
+from llmgate.mock.provider import mock_text
+from tests.fakes import SSE_HEADERS, FakeResponse, Gateway, make_config, parse_response
+
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(tokens.__file__)), "mock", "fixtures")
+
+
+def fixture(name: str) -> bytes:
+    with open(os.path.join(FIXTURES, name), "rb") as f:
+        return f.read()
+
+
+class ListLedger:
+    def __init__(self) -> None:
+        self.records: list[Any] = []
+
+    def record(self, rec: Any) -> None:
+        self.records.append(rec)
+
+
+class AccountingGateway(Gateway):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ledger = ListLedger()
+        acc = Accounting(self.clock, ledger=self.ledger)
+        self.resource.accounting = acc
+
+
+# fixture, route, request body, expected (input, output, cached, creation, reasoning)
+STREAMS = [
+    ("openai_chat_stream.sse", "/v1/chat/completions", {"model": "gpt-4o", "stream": True, "stream_options": {"include_usage": True}}, (24, 17, 0, 0, 0)),
+    ("openai_chat_stream_crlf.sse", "/v1/chat/completions", {"model": "gpt-4o", "stream": True, "stream_options": {"include_usage": True}}, (24, 17, 0, 0, 0)),
+    ("openai_chat_stream_tools.sse", "/v1/chat/completions", {"model": "gpt-4o", "stream": True, "stream_options": {"include_usage": True}}, (1290, 58, 1024, 0, 0)),
+    ("openai_responses_stream.sse", "/v1/responses", {"model": "gpt-4o", "stream": True}, (38, 21, 0, 0, 0)),
+    ("anthropic_messages_stream.sse", "/v1/messages", {"model": "claude-sonnet-4", "stream": True}, (1573, 48, 0, 1536, 0)),
+    ("anthropic_messages_stream_tools.sse", "/v1/messages", {"model": "claude-sonnet-4", "stream": True}, (4751, 91, 4096, 0, 0)),
+]
+BODIES = [
+    ("openai_chat.json", "/v1/chat/completions", {"model": "o3"}, (1432, 312, 1280, 0, 256)),
+    ("openai_embeddings.json", "/v1/embeddings", {"model": "text-embedding-3-small"}, (11, 0, 0, 0, 0)),
+    ("anthropic_messages.json", "/v1/messages", {"model": "claude-sonnet-4"}, (3286, 96, 3072, 0, 0)),
+]
+
+
+def buckets(rec: Any) -> tuple[int, ...]:
+    return (rec.input_tokens, rec.output_tokens, rec.cached_input_tokens, rec.cache_creation_tokens, rec.reasoning_tokens)
+
+
+class FixtureAccountingTests(SynchronousTestCase):
+    def replay(self, name: str, route: str, body: dict[str, Any], slice_size: int, headers: dict[bytes, list[bytes]]) -> tuple[AccountingGateway, Any]:
+        gw = AccountingGateway()
+        _, transport = gw.post(route, body)
+        r = FakeResponse(200, headers)
+        gw.http.calls[0]["deferred"].callback(r)
+        data = fixture(name)
+        for i in range(0, len(data), slice_size):
+            r.send(data[i:i + slice_size])
+        r.end()
+        return gw, transport
+
+    def test_streams_whole_and_sliced(self) -> None:
+        """
+        Each stream fixture, fed whole and in 1..7-byte slices, is relayed
+        byte for byte and leaves its declared usage, reported, once.
+        """
+        for name, route, body, want in STREAMS:
+            for size in (1 << 20, 1, 2, 3, 5, 7):
+                gw, transport = self.replay(name, route, body, size, SSE_HEADERS)
+                _, _, got, complete = parse_response(transport.value())
+                self.assertEqual(got, fixture(name), (name, size))
+                self.assertTrue(complete)
+                [rec] = gw.ledger.records
+                self.assertEqual(buckets(rec), want, (name, size))
+                self.assertEqual((rec.source, rec.outcome), ("reported", "completed"), (name, size))
+                self.assertIsNotNone(rec.upstream_id)
+
+    def test_bodies(self) -> None:
+        """Non-streaming fixtures leave their declared usage."""
+        for name, route, body, want in BODIES:
+            gw, transport = self.replay(name, route, body, 100, {b"content-type": [b"application/json"]})
+            self.assertEqual(parse_response(transport.value())[2], fixture(name))
+            [rec] = gw.ledger.records
+            self.assertEqual(buckets(rec), want, name)
+            self.assertEqual(rec.source, "reported")
+            self.assertFalse(rec.streamed)
+            self.assertEqual(rec.bytes_in, len(json.dumps(body)))
+
+    def test_truncated_stream_is_estimated(self) -> None:
+        """
+        A stream cut by the upstream has no provider usage: the record is
+        an upstream error with an estimate of the text relayed so far.
+        """
+        gw = AccountingGateway()
+        body = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "Tell me about lighthouses"}]}
+        _, transport = gw.post("/v1/chat/completions", body)
+        r = FakeResponse(200, SSE_HEADERS)
+        gw.http.calls[0]["deferred"].callback(r)
+        r.send(fixture("openai_chat_stream_truncated.sse"))
+        r.fail()
+        [rec] = gw.ledger.records
+        self.assertEqual((rec.outcome, rec.phase, rec.source), ("upstream_error", "body", "estimated"))
+        relayed = "Lighthouse keepers once burned whale oil"
+        self.assertEqual(rec.output_tokens, tokens.count_text("gpt-4o", relayed))
+        self.assertGreater(rec.input_tokens, 0)
+        self.assertNotIn(b"[DONE]", transport.value())
+
+    def test_anthropic_error_event(self) -> None:
+        """
+        An Anthropic stream that ends in an error event keeps the input the
+        provider reported and estimates the output; it is not a success.
+        """
+        gw, transport = self.replay(
+            "anthropic_messages_stream_error.sse", "/v1/messages", {"model": "claude-sonnet-4", "stream": True}, 7, SSE_HEADERS
+        )
+        self.assertIn(b"event: error", transport.value())
+        [rec] = gw.ledger.records
+        self.assertEqual((rec.outcome, rec.source, rec.input_tokens), ("upstream_error", "estimated", 58))
+        self.assertEqual(rec.output_tokens, tokens.count_text("claude-sonnet-4", "Sourdough starters need feeding roughly every"))
+
+    def test_client_cancel_estimates_relayed_tokens(self) -> None:
+        """
+        A client that leaves after N chunks yields one estimated record
+        whose output tokens are the tokens actually relayed.
+        """
+        gw = AccountingGateway()
+        channel, _ = gw.post("/v1/chat/completions", {"model": "gpt-4o", "stream": True, "messages": []})
+        r = FakeResponse(200, SSE_HEADERS)
+        gw.http.calls[0]["deferred"].callback(r)
+        for i in range(6):
+            word = mock_text(6).split(" ")[1:][i]
+            r.send(b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":" ' + word.encode() + b'"}}],"usage":null}\n\n')
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(r.transport.stopped)
+        [rec] = gw.ledger.records
+        self.assertEqual((rec.outcome, rec.phase, rec.source), ("client_cancelled", "body", "estimated"))
+        self.assertEqual(rec.output_tokens, 6)
+
+    def test_upstream_error_status_has_no_tokens(self) -> None:
+        """A relayed upstream 429 is recorded with no tokens and no cost."""
+        gw = AccountingGateway()
+        gw.post("/v1/chat/completions", {"model": "gpt-4o"})
+        r = FakeResponse(429, {b"content-type": [b"application/json"]})
+        gw.http.calls[0]["deferred"].callback(r)
+        r.send(fixture("openai_error_429.json"))
+        r.end()
+        [rec] = gw.ledger.records
+        self.assertEqual((rec.status, rec.input_tokens, rec.output_tokens, rec.cost_usd), (429, None, None, None))
+
+    def test_cost_and_unknown_price(self) -> None:
+        """A priced model gets a cost; an unpriced one gets null, never 0."""
+        gw, _ = self.replay("openai_chat.json", "/v1/chat/completions", {"model": "gpt-4o"}, 1000, {b"content-type": [b"application/json"]})
+        self.assertGreater(gw.ledger.records[0].cost_usd, 0)
+        gw, _ = self.replay("openai_chat.json", "/v1/chat/completions", {"model": "my-own-model"}, 1000, {b"content-type": [b"application/json"]})
+        self.assertIsNone(gw.ledger.records[0].cost_usd)
+
+
+class StripTests(SynchronousTestCase):
+    def test_injected_usage_chunk_is_removed(self) -> None:
+        """
+        When the gateway asked for usage, the client receives the stream
+        without the usage-only chunk and otherwise byte for byte; the
+        record still has the provider's usage.
+        """
+        gw = AccountingGateway()
+        _, transport = gw.post("/v1/chat/completions", {"model": "gpt-4o", "stream": True})
+        self.assertEqual(json.loads(gw.http.calls[0]["data"])["stream_options"], {"include_usage": True})
+        r = FakeResponse(200, SSE_HEADERS)
+        gw.http.calls[0]["deferred"].callback(r)
+        data = fixture("openai_chat_stream.sse")
+        for i in range(0, len(data), 5):
+            r.send(data[i:i + 5])
+        r.end()
+        got = parse_response(transport.value())[2]
+        events = data.split(b"\n\n")
+        usage_event = [e for e in events if b'"choices":[]' in e]
+        self.assertEqual(len(usage_event), 1)
+        self.assertEqual(got, data.replace(usage_event[0] + b"\n\n", b""))
+        self.assertEqual(buckets(gw.ledger.records[0]), (24, 17, 0, 0, 0))
+
+    def test_strip_keeps_crlf_framing(self) -> None:
+        """Stripping works on CRLF streams and leaves other bytes alone."""
+        data = fixture("openai_chat_stream_crlf.sse")
+        out = strip_usage_chunks(data)
+        self.assertEqual(out.count(b"data:"), data.count(b"data:") - 1)
+        self.assertTrue(out.endswith(b"data: [DONE]\r\n\r\n"))
+
+
+class RejectedTests(SynchronousTestCase):
+    def test_rejected_requests_get_one_record_each(self) -> None:
+        """
+        Requests the gateway refuses itself (bad JSON, unknown model, body
+        too large) each leave one record with no tokens and no upstream.
+        """
+        gw = AccountingGateway()
+        gw.post("/v1/chat/completions", None, raw=b"{bad")
+        gw.post("/v1/messages", {"model": "claude-x", "max_tokens": 1}, headers={})
+        gw2 = Gateway(make_config(providers={"oai": {"kind": "openai", "base_url": "http://up.test/v1"}}), max_body=20)
+        gw2.resource.accounting = Accounting(gw2.clock, ledger=gw.ledger)
+        gw2.post("/v1/chat/completions", {"model": "nope"})
+        channel, _ = gw2.connect()
+        channel.dataReceived(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 21\r\n\r\n")
+        statuses = sorted((r.route, r.status, r.outcome) for r in gw.ledger.records if r.outcome == "rejected")
+        self.assertEqual(
+            statuses,
+            [("/v1/chat/completions", 400, "rejected"), ("/v1/chat/completions", 404, "rejected"), ("/v1/messages", 413, "rejected")],
+        )
+        for r in gw.ledger.records:
+            if r.outcome == "rejected":
+                self.assertIsNone(r.input_tokens)
+
+
+class IdleTests(SynchronousTestCase):
+    def test_idle_waits_for_threaded_estimates(self) -> None:
+        """
+        A record whose estimate is still running keeps idle() waiting; it
+        fires once the record has reached the ledger.
+        """
+        from twisted.internet.defer import Deferred
+
+        gw = AccountingGateway()
+        pending: list[tuple[Deferred[Any], Any, tuple[Any, ...]]] = []
+
+        def in_thread(f: Any, *a: Any) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            pending.append((d, f, a))
+            return d
+
+        acc = gw.resource.accounting
+        acc._in_thread = in_thread
+        channel, _ = gw.post("/v1/chat/completions", {"model": "gpt-4o", "stream": True, "messages": []})
+        r = FakeResponse(200, SSE_HEADERS)
+        gw.http.calls[0]["deferred"].callback(r)
+        r.send(b'data: {"choices":[{"delta":{"content":" hi"}}]}\n\n')
+        channel.connectionLost(Failure(ConnectionDone()))
+        idle = acc.idle()
+        self.assertNoResult(idle)
+        self.assertEqual(gw.ledger.records, [])
+        d, f, a = pending.pop()
+        d.callback(f(*a))
+        self.successResultOf(idle)
+        self.assertEqual(len(gw.ledger.records), 1)
+        self.successResultOf(acc.idle())

@@ -1,0 +1,412 @@
+# -*- test-case-name: tests.accounting.test_usage -*-
+"""
+Tests for L{llmgate.accounting.usage}: every fixture, fed through the SSE parser whole
+and in 1..7-byte slices, yields the numbers declared in fixtures/README.md.
+"""
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from llmgate.dialects.sse import EventStreamParser
+from llmgate.accounting.usage import (
+    APIS,
+    Usage,
+    has_nonnull_usage,
+    is_usage_only_chunk,
+    make_accumulator,
+    usage_from_anthropic,
+    usage_from_openai,
+)
+
+from tests.dialects.test_sse import fixture
+
+# file -> (api, expected Usage or None, complete, error, upstream id prefix, sample text start)
+STREAMS = {
+    "openai_chat_stream.sse": (
+        "openai.chat",
+        Usage(input_tokens=24, output_tokens=17),
+        True,
+        False,
+        "chatcmpl-",
+        "Lighthouse keepers once burned whale oil \u2014 later kerosene",
+    ),
+    "openai_chat_stream_crlf.sse": (
+        "openai.chat",
+        Usage(input_tokens=24, output_tokens=17),
+        True,
+        False,
+        "chatcmpl-",
+        "Lighthouse keepers once burned whale oil \u2014 later kerosene",
+    ),
+    "openai_chat_stream_truncated.sse": (
+        "openai.chat",
+        None,
+        False,
+        False,
+        "chatcmpl-",
+        "Lighthouse keepers once burned whale oil",
+    ),
+    "openai_chat_stream_tools.sse": (
+        "openai.chat",
+        Usage(input_tokens=1290, output_tokens=58, cached_input_tokens=1024),
+        True,
+        False,
+        "chatcmpl-",
+        '{"station":"Monterey","date":"2025-12-01"}{"station":"Half Moon Bay","date":"2025-12-01"}',
+    ),
+    "openai_responses_stream.sse": (
+        "openai.responses",
+        Usage(input_tokens=38, output_tokens=21),
+        True,
+        False,
+        "resp_",
+        "Mount Everest grows about 4 mm a year as the Indian plate pushes north.",
+    ),
+    "anthropic_messages_stream.sse": (
+        "anthropic.messages",
+        Usage(input_tokens=1573, output_tokens=48, cache_creation_tokens=1536),
+        True,
+        False,
+        "msg_",
+        "Hot springs in Iceland often reach 80\u2013100 \u00b0C",
+    ),
+    "anthropic_messages_stream_tools.sse": (
+        "anthropic.messages",
+        Usage(input_tokens=655 + 4096, output_tokens=91, cached_input_tokens=4096),
+        True,
+        False,
+        "msg_",
+        "The user wants the ferry schedule; I should call the timetable tool for Saturday."
+        "Let me look up Saturday's sailings."
+        '{"route": "Seattle-Bainbridge", "day": "saturday"}',
+    ),
+    "anthropic_messages_stream_error.sse": (
+        "anthropic.messages",
+        Usage(input_tokens=58, output_tokens=1),
+        False,
+        True,
+        "msg_",
+        "Sourdough starters need feeding roughly every",
+    ),
+}
+
+BODIES = {
+    "openai_chat.json": (
+        "openai.chat",
+        Usage(input_tokens=1432, output_tokens=312, cached_input_tokens=1280, reasoning_tokens=256),
+        False,
+        "chatcmpl-",
+    ),
+    "openai_embeddings.json": ("openai.embeddings", Usage(input_tokens=11, output_tokens=0), False, None),
+    "anthropic_messages.json": (
+        "anthropic.messages",
+        Usage(input_tokens=3286, output_tokens=96, cached_input_tokens=3072),
+        False,
+        "msg_",
+    ),
+    "openai_error_429.json": ("openai.chat", None, True, None),
+    "anthropic_error_529.json": ("anthropic.messages", None, True, None),
+}
+
+
+def run_stream(api: str, data: bytes, size: int | None):
+    parser = EventStreamParser()
+    acc = make_accumulator(api)
+    chunks = [data] if size is None else [data[i : i + size] for i in range(0, len(data), size)]
+    for chunk in chunks:
+        for name, payload in parser.feed(chunk):
+            acc.on_event(name, payload)
+    parser.close()
+    return acc
+
+
+class FixtureStreamTests(SynchronousTestCase):
+    def test_everyStreamFixture(self):
+        """
+        Each stream fixture, whole and in every slice size 1..7, gives the
+        declared usage, complete/error flags, id and generated text.
+        """
+        for name, (api, usage, complete, error, id_prefix, text) in STREAMS.items():
+            for size in (None, 1, 2, 3, 4, 5, 6, 7):
+                acc = run_stream(api, fixture(name), size)
+                where = (name, size)
+                self.assertEqual(acc.usage, usage, where)
+                self.assertEqual(acc.complete, complete, where)
+                self.assertEqual(acc.error, error, where)
+                self.assertTrue(acc.upstream_id.startswith(id_prefix), where)
+                self.assertTrue(acc.sample_text().startswith(text), (where, acc.sample_text()))
+                # Raw JSON-escaped length: exact without escapes, else larger.
+                self.assertGreaterEqual(acc.text_bytes, len(acc.sample_text().encode()), where)
+                self.assertLess(acc.text_bytes, len(acc.sample_text().encode()) * 1.2, where)
+
+    def test_anthropicErrorKeepsMessageStart(self):
+        """
+        The Anthropic error stream keeps message_start's input (58) and the
+        placeholder output, is not complete, and records the error type.
+        """
+        acc = run_stream("anthropic.messages", fixture("anthropic_messages_stream_error.sse"), 3)
+        self.assertEqual(acc.usage.input_tokens, 58)
+        self.assertFalse(acc.complete)
+        self.assertTrue(acc.error)
+        self.assertEqual(acc.error_detail["type"], "overloaded_error")
+
+    def test_truncatedHasNoUsage(self):
+        """
+        The truncated chat stream yields no usage and is not complete; its
+        relayed text is kept for an estimate.
+        """
+        acc = run_stream("openai.chat", fixture("openai_chat_stream_truncated.sse"), 5)
+        self.assertIsNone(acc.usage)
+        self.assertFalse(acc.complete)
+        self.assertEqual(acc.sample_text(), "Lighthouse keepers once burned whale oil")
+
+    def test_anthropicOutputReplacedNotAdded(self):
+        """
+        Output is message_delta's 48, not message_start's 2 plus 48.
+        """
+        acc = run_stream("anthropic.messages", fixture("anthropic_messages_stream.sse"), None)
+        self.assertEqual(acc.usage.output_tokens, 48)
+        self.assertEqual(acc.usage.uncached_input_tokens, 37)
+
+
+class FixtureBodyTests(SynchronousTestCase):
+    def test_everyBodyFixture(self):
+        """
+        Each JSON fixture via on_body gives the declared usage and flags;
+        error bodies are complete, flagged, and have no usage.
+        """
+        for name, (api, usage, error, id_prefix) in BODIES.items():
+            acc = make_accumulator(api)
+            acc.on_body(fixture(name))
+            self.assertEqual(acc.usage, usage, name)
+            self.assertTrue(acc.complete, name)
+            self.assertEqual(acc.error, error, name)
+            if id_prefix:
+                self.assertTrue(acc.upstream_id.startswith(id_prefix), name)
+
+    def test_bodyText(self):
+        """
+        Non-streaming bodies keep their reply text for estimates.
+        """
+        acc = make_accumulator("anthropic.messages")
+        acc.on_body(fixture("anthropic_messages.json"))
+        self.assertTrue(acc.sample_text().startswith("A standard bass guitar"))
+
+    def test_garbageBody(self):
+        """
+        A body that is not JSON is complete with no usage, not an exception.
+        """
+        acc = make_accumulator("openai.chat")
+        acc.on_body(b"<html>bad gateway</html>")
+        self.assertIsNone(acc.usage)
+        self.assertTrue(acc.complete)
+
+    def test_responsesBody(self):
+        """
+        A non-streaming Responses body takes top-level usage and output text;
+        its "error": null is not an error.
+        """
+        acc = make_accumulator("openai.responses")
+        acc.on_body(
+            b'{"id":"resp_1","error":null,"output":[{"type":"message","content":'
+            b'[{"type":"output_text","text":"hi"}]}],"usage":{"input_tokens":5,'
+            b'"input_tokens_details":{"cached_tokens":2,"cache_write_tokens":1},'
+            b'"output_tokens":9,"output_tokens_details":{"reasoning_tokens":4}}}'
+        )
+        self.assertFalse(acc.error)
+        self.assertEqual(
+            acc.usage,
+            Usage(input_tokens=5, output_tokens=9, cached_input_tokens=2, cache_creation_tokens=1, reasoning_tokens=4),
+        )
+        self.assertEqual(acc.sample_text(), "hi")
+
+    def test_countTokens(self):
+        """
+        count_tokens is free: zero usage, the answered count kept aside.
+        """
+        acc = make_accumulator("anthropic.count_tokens")
+        acc.on_body(b'{"input_tokens": 2095}')
+        self.assertEqual(acc.usage, Usage(input_tokens=0, output_tokens=0))
+        self.assertEqual(acc.counted_tokens, 2095)
+
+
+class RuleTests(SynchronousTestCase):
+    def test_makeAccumulatorApis(self):
+        """
+        Every documented api has an accumulator; others are rejected.
+        """
+        self.assertEqual(
+            APIS,
+            {
+                "openai.chat",
+                "openai.completions",
+                "openai.responses",
+                "openai.embeddings",
+                "anthropic.messages",
+                "anthropic.count_tokens",
+            },
+        )
+        for api in APIS:
+            self.assertEqual(make_accumulator(api).api, api)
+        self.assertRaises(ValueError, make_accumulator, "openai.images")
+
+    def test_anthropicDeltaReplacesPresentFields(self):
+        """
+        A message_delta carrying input and cache fields replaces them; one
+        with only output_tokens keeps message_start's input fields.
+        """
+        acc = make_accumulator("anthropic.messages")
+        acc.on_event(
+            b"message_start",
+            b'{"type":"message_start","message":{"id":"msg_1","usage":{"input_tokens":10,'
+            b'"cache_creation_input_tokens":5,"cache_read_input_tokens":0,"output_tokens":1}}}',
+        )
+        acc.on_event(b"message_delta", b'{"type":"message_delta","usage":{"output_tokens":7}}')
+        self.assertEqual(acc.usage, Usage(input_tokens=15, output_tokens=7, cache_creation_tokens=5))
+        acc.on_event(
+            b"message_delta",
+            b'{"type":"message_delta","usage":{"output_tokens":9,"input_tokens":12,"cache_read_input_tokens":3}}',
+        )
+        self.assertEqual(
+            acc.usage,
+            Usage(input_tokens=20, output_tokens=9, cached_input_tokens=3, cache_creation_tokens=5),
+        )
+        self.assertFalse(acc.complete)
+        acc.on_event(b"message_stop", b'{"type":"message_stop"}')
+        self.assertTrue(acc.complete)
+
+    def test_chatUsageReplacedNotSummed(self):
+        """
+        Chat chunks that all carry usage (some OpenAI-compatible servers do)
+        leave the last one's numbers, not a sum; complete needs [DONE] or
+        the choices-empty chunk.
+        """
+        acc = make_accumulator("openai.chat")
+        for n in (1, 2, 3):
+            acc.on_event(
+                None,
+                b'{"id":"c","choices":[{"delta":{"content":"x"}}],"usage": {"prompt_tokens":4,"completion_tokens":%d}}' % n,
+            )
+        self.assertEqual(acc.usage, Usage(input_tokens=4, output_tokens=3))
+        self.assertFalse(acc.complete)
+        acc.on_event(None, b"[DONE]")
+        self.assertTrue(acc.complete)
+
+    def test_chatInBandError(self):
+        """
+        An OpenAI data payload with an error object sets error.
+        """
+        acc = make_accumulator("openai.chat")
+        acc.on_event(None, b'{"id":"c","choices":[{"delta":{"content":"a"}}]}')
+        acc.on_event(None, b'{"error": {"message": "boom", "type": "server_error"}}')
+        self.assertTrue(acc.error)
+        self.assertEqual(acc.error_detail["type"], "server_error")
+        self.assertFalse(acc.complete)
+
+    def test_responsesTerminalEvents(self):
+        """
+        response.incomplete completes with its partial usage;
+        response.failed and error flag an error.
+        """
+        acc = make_accumulator("openai.responses")
+        acc.on_event(
+            b"response.incomplete",
+            b'{"type":"response.incomplete","response":{"id":"resp_2","usage":{"input_tokens":3,"output_tokens":100}}}',
+        )
+        self.assertTrue(acc.complete)
+        self.assertEqual(acc.usage, Usage(input_tokens=3, output_tokens=100))
+        acc = make_accumulator("openai.responses")
+        acc.on_event(b"response.failed", b'{"type":"response.failed","response":{"id":"r","error":{"code":"server_error"}}}')
+        self.assertTrue(acc.error)
+        self.assertFalse(acc.complete)
+        acc = make_accumulator("openai.responses")
+        acc.on_event(b"error", b'{"type":"error","code":"x","message":"y"}')
+        self.assertTrue(acc.error)
+
+    def test_completions(self):
+        """
+        Legacy completions chunks keep choices[].text and the usage chunk.
+        """
+        acc = make_accumulator("openai.completions")
+        acc.on_event(None, b'{"id":"cmpl-1","choices":[{"text":"Hel","index":0}],"usage":null}')
+        acc.on_event(None, b'{"id":"cmpl-1","choices":[],"usage":{"prompt_tokens":2,"completion_tokens":1}}')
+        acc.on_event(None, b"[DONE]")
+        self.assertEqual(acc.sample_text(), "Hel")
+        self.assertEqual(acc.usage, Usage(input_tokens=2, output_tokens=1))
+        self.assertEqual(acc.upstream_id, "cmpl-1")
+
+    def test_sampleCap(self):
+        """
+        Past the sample cap, text is no longer kept but its bytes are still
+        counted (approximately: escapes count as written, "\\"" as 2).
+        """
+        acc = make_accumulator("openai.chat", sample_cap=4)
+        acc.on_event(None, b'{"id":"c","choices":[{"delta":{"content":"abcdef"}}],"usage":null}')
+        acc.on_event(None, b'{"id":"c","choices":[{"delta":{"content":"gh\\"i"}}],"usage":null}')
+        acc.on_event(None, b'{"id":"c","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}')
+        self.assertEqual(acc.sample_text(), "abcd")
+        self.assertEqual(acc.text_bytes, 6 + 5)
+        self.assertEqual(acc.usage.output_tokens, 2)
+        acc = make_accumulator("anthropic.messages", sample_cap=1)
+        acc.on_event(b"content_block_delta", b'{"delta":{"type":"text_delta","text":"xy"}}')
+        acc.on_event(b"content_block_delta", b'{"delta":{"type":"text_delta","text":"\\\\"}}')
+        self.assertEqual((acc.sample_text(), acc.text_bytes), ("x", 2 + 2))
+
+    def test_usageDetails(self):
+        """
+        usage_from_openai reads cached, cache-write and reasoning details
+        and treats nulls as zero; usage_from_anthropic totals the input.
+        """
+        self.assertEqual(
+            usage_from_openai(
+                {
+                    "prompt_tokens": 100,
+                    "completion_tokens": 50,
+                    "prompt_tokens_details": {"cached_tokens": 60, "cache_write_tokens": 30},
+                    "completion_tokens_details": {"reasoning_tokens": None},
+                }
+            ),
+            Usage(input_tokens=100, output_tokens=50, cached_input_tokens=60, cache_creation_tokens=30),
+        )
+        self.assertEqual(
+            usage_from_anthropic(
+                {"input_tokens": 1, "cache_creation_input_tokens": None, "cache_read_input_tokens": 2, "output_tokens": 3}
+            ),
+            Usage(input_tokens=3, output_tokens=3, cached_input_tokens=2),
+        )
+
+
+class ByteTestTests(SynchronousTestCase):
+    def test_hasNonnullUsage(self):
+        """
+        The byte test sees usage through whitespace variants and ignores
+        null usage and "usage" as a string value.
+        """
+        self.assertTrue(has_nonnull_usage(b'{"usage":{"a":1}}'))
+        self.assertTrue(has_nonnull_usage(b'{"usage" :\n {"a":1}}'))
+        self.assertFalse(has_nonnull_usage(b'{"usage":null}'))
+        self.assertFalse(has_nonnull_usage(b'{"usage" : null}'))
+        self.assertFalse(has_nonnull_usage(b'{"content":"usage","usage":null}'))
+        self.assertTrue(has_nonnull_usage(b'{"content":"usage","usage":{}}'))
+        self.assertFalse(has_nonnull_usage(b'{"choices":[]}'))
+
+    def test_isUsageOnlyChunk(self):
+        """
+        Only the choices-empty chunk with non-null usage is usage-only, in
+        both chat fixtures that have one.
+        """
+        for name in ("openai_chat_stream.sse", "openai_chat_stream_tools.sse"):
+            events = EventStreamParser().feed(fixture(name))
+            flags = [is_usage_only_chunk(data) for _, data in events]
+            self.assertEqual(flags, [False] * (len(events) - 2) + [True, False], name)
+        self.assertFalse(is_usage_only_chunk(b'{"choices":[{"delta":{}}],"usage":{"prompt_tokens":1}}'))
+        self.assertFalse(is_usage_only_chunk(b"[DONE]"))
+
+    def test_escapedTextDecoded(self):
+        """
+        Text kept raw on the hot path is JSON-decoded by sample_text():
+        escapes, \\u sequences and whitespace around the colon.
+        """
+        acc = make_accumulator("openai.chat")
+        acc.on_event(None, b'{"id":"c","choices":[{"delta":{"content" : "a\\nb \\u2014 \\"q\\""}}]}')
+        acc.on_event(None, b'{"id":"c","choices":[{"delta":{"content":"\xe2\x80\x93"}}]}')
+        self.assertEqual(acc.sample_text(), 'a\nb \u2014 "q"\u2013')

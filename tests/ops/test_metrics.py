@@ -1,0 +1,81 @@
+"""Prometheus metrics: updated per finished request, served on demand."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.trial.unittest import SynchronousTestCase
+
+from llmgate.accounting.recorder import Accounting
+from llmgate.ops.metrics import Metrics, MetricsResource
+from tests.fakes import SSE_HEADERS, FakeResponse, Gateway, parse_response
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+class MetricsTests(SynchronousTestCase):
+    def test_request_and_tokens_counted(self) -> None:
+        """
+        A finished stream counts one request by route/status/outcome and its
+        tokens by bucket; the active gauge goes up and back down; the
+        provider key appears nowhere.
+        """
+        gw = Gateway()
+        metrics = Metrics()
+        gw.resource.accounting = Accounting(gw.clock, metrics=metrics)
+        gw.post("/v1/chat/completions", {"model": "gpt-4o", "stream": True})
+        self.assertEqual(metrics.active._value.get(), 1)
+        r = FakeResponse(200, SSE_HEADERS)
+        gw.http.calls[0]["deferred"].callback(r)
+        r.send(b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}\n\ndata: [DONE]\n\n')
+        r.end()
+        self.assertEqual(metrics.active._value.get(), 0)
+        site = Gateway().site
+        site.resource = MetricsResource(metrics.registry)
+        channel = site.buildProtocol(None)
+        from twisted.internet.testing import StringTransport
+
+        t = StringTransport()
+        channel.makeConnection(t)
+        channel.dataReceived(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        body = parse_response(t.value())[2].decode()
+        got = samples(body)
+        self.assertEqual(
+            got[("llmgate_requests_total", (("outcome", "completed"), ("route", "/v1/chat/completions"), ("status", "200")))], 1
+        )
+        self.assertEqual(
+            got[("llmgate_tokens_total", (("bucket", "output"), ("model", "gpt-4o"), ("provider", "oai"), ("source", "reported")))], 7
+        )
+        self.assertNotIn("sk-upstream", body)
+
+    def test_model_labels_are_bounded(self) -> None:
+        """Client-chosen model names cannot grow the registry without bound."""
+        from llmgate.ops import metrics as m
+
+        class Rec:
+            route, status, outcome, ttft_ms, source, cost_usd, provider = "/v1/x", 200, "completed", None, "reported", None, "p"
+            input_tokens, output_tokens, cached_input_tokens, cache_creation_tokens, reasoning_tokens = 1, 1, 0, 0, 0
+
+        metrics = Metrics()
+        for i in range(m.MAX_MODELS + 50):
+            rec = Rec()
+            rec.model = f"model-{i}"  # type: ignore[attr-defined]
+            metrics.observe(rec)
+        models = {s.labels["model"] for fam in metrics.registry.collect() for s in fam.samples if "model" in s.labels}
+        self.assertEqual(len(models), m.MAX_MODELS + 1)
+        self.assertIn("other", models)
+
+    def test_unknown_routes_share_one_label(self) -> None:
+        """Client-chosen paths cannot grow the registry: they count as "other"."""
+        gw = Gateway()
+        metrics = Metrics()
+        gw.resource.accounting = Accounting(gw.clock, metrics=metrics)
+        for i in range(20):
+            gw.post(f"/v1/nothing-{i}", {"model": "m"})
+        routes = {s.labels["route"] for fam in metrics.registry.collect() for s in fam.samples if "route" in s.labels}
+        self.assertEqual(routes, {"other"})
