@@ -9,9 +9,11 @@ recomputed by each side; client credentials are replaced by the provider's.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 from twisted.web.http_headers import Headers
+
+from llmgate.relay.redact import Redactor
 
 HOP_BY_HOP = frozenset(
     {
@@ -111,16 +113,16 @@ def upstream_request_headers(
     return out
 
 
-def copy_response_headers(
-    upstream: Headers, downstream: Headers, redact: Optional[Callable[[bytes], bytes]] = None
-) -> None:
+def copy_response_headers(upstream: Headers, downstream: Headers, redact: Optional[Redactor] = None) -> None:
     """
     Copy the upstream response headers onto the client response, each
     value passed through C{redact} if given.
 
     C{setRawHeaders} replaces the C{Content-Type} that twisted.web presets.
     """
-    for name, values in _filtered(upstream, _RESPONSE_DROP):
-        if redact is not None:
-            values = [redact(v) for v in values]
+    items = list(_filtered(upstream, _RESPONSE_DROP))
+    # One cheap look at all values: the usual response has nothing to redact.
+    if redact is not None and redact.needed(b"\n".join(v for _, values in items for v in values)):
+        items = [(name, [redact(v) for v in values]) for name, values in items]
+    for name, values in items:
         downstream.setRawHeaders(name, values)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.relay.test_stream -*-
+# -*- test-case-name: tests.relay.test_stream,tests.relay.test_decode,tests.relay.test_redact -*-
 """
 The relay: one upstream call per client request, its body streamed to the
 client as it arrives.
@@ -10,6 +10,12 @@ pending upstream Deferred or stops the upstream transport at once, in every
 phase, so nobody pays for tokens no one reads. An upstream that fails after
 the status line went out never looks like success: no synthetic C{[DONE]},
 an in-band error event instead, and the partial event it cut off is dropped.
+
+What the upstream sends is not trusted: a body compressed although identity
+was asked for is decoded (gzip, deflate) or refused with a 502, so the client
+and the accounting see the same plain bytes; an error (non-2xx) body is held
+whole, up to L{MAX_ERROR_BODY}, and relayed with the provider's secrets
+redacted, as are all relayed response headers.
 """
 
 from __future__ import annotations
@@ -383,12 +389,8 @@ class Relay:
                 # Relayed as is, the client would get bytes it cannot read
                 # (labelled as identity) and the ledger no tokens.
                 response.deliverBody(_Discard())
-                self._fail(
-                    502,
-                    "upstream sent a body in an encoding the gateway cannot decode: "
-                    + encoding.decode("latin-1")[:40],
-                    "headers",
-                )
+                name = redactor_for(ex.provider.api_key)(encoding[:40]).decode("latin-1")
+                self._fail(502, "upstream sent a body in an encoding the gateway cannot decode: " + name, "headers")
                 return
             self._decoder = BodyDecoder(encoding)
         error = not 200 <= response.code < 300
@@ -591,7 +593,6 @@ class Relay:
                 self.request.unregisterProducer()
             except AttributeError:
                 pass
-        ex = self.exchange
         if self._client_gone:
             self._record()
             return
