@@ -115,5 +115,10 @@ class BodyDecoder:
 
     @property
     def complete(self) -> bool:
-        """Whether the compressed stream reached its end (not cut short)."""
-        return self._started and self._z.eof
+        """
+        Whether the compressed stream reached its end (not cut short). An
+        empty body is complete: servers label empty bodies too.
+        """
+        if not self._started:
+            return not self._head
+        return self._z.eof

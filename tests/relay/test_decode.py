@@ -91,6 +91,13 @@ class DecoderTests(SynchronousTestCase):
         d.decode(z[:-10])
         self.assertFalse(d.complete)
 
+    def test_empty_body_is_complete(self) -> None:
+        """An empty body labelled gzip is an empty body, not a cut one."""
+        self.assertTrue(BodyDecoder(b"gzip").complete)
+        d = BodyDecoder(b"deflate")
+        d.decode(b"x")
+        self.assertFalse(d.complete)
+
     def test_content_encoding(self) -> None:
         """identity or no header means none; codings are lower-cased and joined."""
         self.assertIsNone(content_encoding(Headers()))
