@@ -31,6 +31,7 @@ from twisted.web.client import (
     HTTPConnectionPool,
     _HTTP11ClientFactory,
 )
+from twisted.web._newclient import HEADER, HTTP11ClientProtocol, HTTPClientParser
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
@@ -151,11 +152,88 @@ class ProxyHTTPClient(HTTPClient):
         return d.addCallback(_Response, self._cookiejar)
 
 
+# Caps on an upstream response head (status line, header lines, the blank
+# line): the defaults of Envoy (60 KiB, 100 headers) and HAProxy, which both
+# answer a response over them with 502. Twisted's own parser has none: it
+# bounds one line (16 KiB) but not their number or total.
+MAX_RESPONSE_HEADER_BYTES = 64 * 1024
+MAX_RESPONSE_HEADERS = 100
+
+
+class ResponseHeadersTooLarge(Exception):
+    """An upstream response head went over the header caps."""
+
+
+class _CappedParser(HTTPClientParser):
+    """
+    Twisted's response parser with caps on the head, and the headers that
+    the upstream's C{Connection} header names removed from the response
+    (they describe its hop only; Twisted files C{Connection} itself apart,
+    so the relay could not see those names).
+
+    Raising from the parser makes L{HTTP11ClientProtocol.dataReceived} give
+    up the connection (closed, never pooled) and fail the request with
+    L{ResponseFailed} wrapping L{ResponseHeadersTooLarge}.
+    """
+
+    max_bytes = MAX_RESPONSE_HEADER_BYTES
+    max_headers = MAX_RESPONSE_HEADERS
+    # Class defaults: the instance is a plain HTTPClientParser whose class
+    # is swapped before its first byte (see _CappedClientProtocol). Counts
+    # run over interim 1xx heads too, so endless 100s are bounded as well.
+    _head_bytes = 0
+    _head_fields = 0
+
+    def lineReceived(self, line: bytes) -> None:
+        self._head_bytes += len(line) + 1
+        if self.state == HEADER and line not in (b"", b"\r") and line[:1] not in b" \t":
+            self._head_fields += 1
+        if self._head_bytes > self.max_bytes:
+            raise ResponseHeadersTooLarge(f"upstream response head over {self.max_bytes} bytes")
+        if self._head_fields > self.max_headers:
+            raise ResponseHeadersTooLarge(f"upstream response over {self.max_headers} headers")
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # Twisted would close quietly, which the relay could only call a
+        # failed request.
+        raise ResponseHeadersTooLarge(f"upstream response header line over {self.MAX_LENGTH} bytes")
+
+    def allHeadersReceived(self) -> None:
+        for value in self.connHeaders.getRawHeaders(b"connection", ()):
+            for token in value.split(b","):
+                token = token.strip()
+                if token:
+                    self.headers.removeHeader(token)
+        super().allHeadersReceived()
+
+
+class _CappedClientProtocol(HTTP11ClientProtocol):
+    """
+    L{HTTP11ClientProtocol} parsing each response with L{_CappedParser}.
+
+    Twisted builds its parser inside C{request()} from a module-level name,
+    with no hook; the parser it built has seen no byte when C{request()}
+    returns (bytes only come from a later reactor read), so its class is
+    swapped there for the capped subclass, which adds no state of its own.
+    """
+
+    def request(self, request: Any) -> Deferred[Any]:
+        d = super().request(request)
+        parser = self._parser
+        if type(parser) is HTTPClientParser:
+            parser.__class__ = _CappedParser
+        return d
+
+
 class _QuietClientFactory(_HTTP11ClientFactory):
     # Twisted logs "Starting factory" for every new upstream connection:
     # a formatted repr per connection, 12% of the CPU while 200 streams
     # opened their connections.
     noisy = False
+
+    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
+        return _CappedClientProtocol(self._quiescentCallback)
 
 
 class UpstreamClient(Service):

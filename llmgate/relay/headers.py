@@ -9,9 +9,11 @@ recomputed by each side; client credentials are replaced by the provider's.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 from twisted.web.http_headers import Headers
+
+from llmgate.relay.redact import Redactor
 
 HOP_BY_HOP = frozenset(
     {
@@ -28,7 +30,9 @@ HOP_BY_HOP = frozenset(
 )
 
 # Never forwarded upstream: framing (recomputed), the host (the upstream's),
-# client credentials (replaced) and encodings (treq negotiates its own).
+# client credentials (replaced), encodings (the gateway asks for identity),
+# and the provider account to bill: the gateway's key pays, so a client must
+# not pick which of that key's organizations or projects is charged.
 _REQUEST_DROP = HOP_BY_HOP | {
     b"content-length",
     b"host",
@@ -36,20 +40,32 @@ _REQUEST_DROP = HOP_BY_HOP | {
     b"x-api-key",
     b"accept-encoding",
     b"expect",
+    b"openai-organization",
+    b"openai-project",
 }
 
-# Never relayed downstream: framing and encoding are the gateway's own (treq
-# already decoded any gzip), cookies of the upstream belong to us.
+# Never relayed downstream: framing and encoding are the gateway's own (the
+# relay decodes or refuses any compressed body), cookies of the upstream
+# belong to the gateway's upstream session, not to a client (and one pool
+# serves every client), and the provider account behind the gateway is not
+# the client's business.
 _RESPONSE_DROP = HOP_BY_HOP | {
     b"content-length",
     b"content-encoding",
     b"set-cookie",
     b"server",
     b"date",
-    # The provider account behind the gateway is not the client's business.
     b"openai-organization",
     b"openai-project",
     b"anthropic-organization-id",
+    # URLs on the provider's host: a client following a redirect would
+    # take its gateway key (and its prompt) there; the gateway follows none.
+    b"location",
+    b"content-location",
+    # The provider's transport policy for its own host (alternative
+    # endpoints, HSTS), not the gateway's.
+    b"alt-svc",
+    b"strict-transport-security",
 }
 
 
@@ -90,14 +106,23 @@ def upstream_request_headers(
             # The client's SDK knows which API version it speaks.
             continue
         out.setRawHeaders(name, [value])
+    # With no Accept-Encoding an upstream may compress as it likes; say
+    # identity so that event streams arrive as events (the relay still
+    # decodes or refuses a body compressed anyway).
+    out.setRawHeaders(b"accept-encoding", [b"identity"])
     return out
 
 
-def copy_response_headers(upstream: Headers, downstream: Headers) -> None:
+def copy_response_headers(upstream: Headers, downstream: Headers, redact: Optional[Redactor] = None) -> None:
     """
-    Copy the upstream response headers onto the client response.
+    Copy the upstream response headers onto the client response, each
+    value passed through C{redact} if given.
 
     C{setRawHeaders} replaces the C{Content-Type} that twisted.web presets.
     """
-    for name, values in _filtered(upstream, _RESPONSE_DROP):
+    items = list(_filtered(upstream, _RESPONSE_DROP))
+    # One cheap look at all values: the usual response has nothing to redact.
+    if redact is not None and redact.needed(b"\n".join(v for _, values in items for v in values)):
+        items = [(name, [redact(v) for v in values]) for name, values in items]
+    for name, values in items:
         downstream.setRawHeaders(name, values)

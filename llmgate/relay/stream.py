@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.relay.test_stream -*-
+# -*- test-case-name: tests.relay.test_stream,tests.relay.test_decode,tests.relay.test_redact -*-
 """
 The relay: one upstream call per client request, its body streamed to the
 client as it arrives.
@@ -10,6 +10,12 @@ pending upstream Deferred or stops the upstream transport at once, in every
 phase, so nobody pays for tokens no one reads. An upstream that fails after
 the status line went out never looks like success: no synthetic C{[DONE]},
 an in-band error event instead, and the partial event it cut off is dropped.
+
+What the upstream sends is not trusted: a body compressed although identity
+was asked for is decoded (gzip, deflate) or refused with a 502, so the client
+and the accounting see the same plain bytes; an error (non-2xx) body is held
+whole, up to L{MAX_ERROR_BODY}, and relayed with the provider's secrets
+redacted, as are all relayed response headers.
 """
 
 from __future__ import annotations
@@ -28,16 +34,23 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
+from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from llmgate import dialects
 from llmgate.config import Provider, Timeouts
+from llmgate.relay.client import ResponseHeadersTooLarge
+from llmgate.relay.decode import DECODABLE, BodyDecoder, DecodeError, content_encoding
 from llmgate.relay.headers import copy_response_headers
+from llmgate.relay.redact import redactor_for
 
 log = Logger(namespace="llmgate.relay.stream")
+
+# An upstream error body is held whole (to redact it) up to this size; a
+# larger one is answered with a 502. Provider error bodies are well under 1 KiB.
+MAX_ERROR_BODY = 64 * 1024
 
 # Any line end followed by a line end: the blank line that ends an SSE event.
 _BLANK_LINE = re.compile(rb"(?:\r\n|\r|\n)(?:\r\n|\r|\n)")
@@ -246,7 +259,10 @@ class Relay:
         "_client_gone",
         "_coalescer",
         "_cut_message",
+        "_decoder",
         "_done",
+        "_err_body",
+        "_err_len",
         "_finished",
         "_held",
         "_held_len",
@@ -301,6 +317,11 @@ class Relay:
         self._paused_at: Optional[float] = None
         self._coalescer = coalescer
         self._out: list[bytes] = []
+        # Set when the upstream body came compressed anyway.
+        self._decoder: Optional[BodyDecoder] = None
+        # An upstream error (non-2xx) body, held until its end to be redacted.
+        self._err_body: Optional[list[bytes]] = None
+        self._err_len = 0
 
     # -- start -------------------------------------------------------------
 
@@ -362,12 +383,28 @@ class Relay:
             )
             self._fail(502, "the provider refused the gateway's credential", "headers", retry=False)
             return
+        encoding = content_encoding(response.headers)
+        if encoding is not None:
+            if encoding not in DECODABLE:
+                # Relayed as is, the client would get bytes it cannot read
+                # (labelled as identity) and the ledger no tokens.
+                response.deliverBody(_Discard())
+                name = redactor_for(ex.provider.api_key)(encoding[:40]).decode("latin-1")
+                self._fail(502, "upstream sent a body in an encoding the gateway cannot decode: " + name, "headers")
+                return
+            self._decoder = BodyDecoder(encoding)
+        error = not 200 <= response.code < 300
+        if error:
+            # Held to its end and redacted: providers quote keys and
+            # organization ids in error messages.
+            self._err_body = []
+            is_sse = False
         self._sse = is_sse
         if ex.counter is not None:
             ex.counter.sse = is_sse
         req = self.request
         req.setResponseCode(response.code, response.phrase or None)
-        copy_response_headers(response.headers, req.responseHeaders)
+        copy_response_headers(response.headers, req.responseHeaders, redactor_for(ex.provider.api_key))
         if is_sse:
             req.responseHeaders.setRawHeaders(b"cache-control", [b"no-cache"])
             req.responseHeaders.setRawHeaders(b"x-accel-buffering", [b"no"])
@@ -394,6 +431,14 @@ class Relay:
             self._fail(504, "timed out connecting to the upstream", "connect")
         elif failure.check(ConnectError, DNSLookupError, ConnectingCancelledError):
             self._fail(502, "upstream unreachable", "connect")
+        elif failure.check(ResponseFailed) and any(
+            r.check(ResponseHeadersTooLarge) for r in failure.value.reasons
+        ):
+            log.warn(
+                "provider {provider} sent response headers over the caps",
+                provider=self.exchange.provider.name,
+            )
+            self._fail(502, "upstream response headers too large", "headers")
         else:
             self._fail(502, "upstream request failed", "headers")
 
@@ -448,6 +493,22 @@ class Relay:
         if self._client_gone or self._finished or self._cut_message is not None:
             # Stopping the upstream does not stop the rest of a read that
             # is already being parsed.
+            return
+        if self._decoder is not None:
+            try:
+                data = self._decoder.decode(data)
+            except DecodeError as e:
+                self._cut(str(e))
+                return
+            if not data:
+                return
+        if self._err_body is not None:
+            self._err_len += len(data)
+            if self._err_len > MAX_ERROR_BODY:
+                self._err_body = None
+                self._cut(f"upstream error body larger than {MAX_ERROR_BODY} bytes")
+                return
+            self._err_body.append(data)
             return
         ex = self.exchange
         if self._sse:
@@ -532,7 +593,6 @@ class Relay:
                 self.request.unregisterProducer()
             except AttributeError:
                 pass
-        ex = self.exchange
         if self._client_gone:
             self._record()
             return
@@ -541,19 +601,42 @@ class Relay:
         elif reason.check(ResponseDone) or (
             reason.check(PotentialDataLoss) and self._looks_complete()
         ):
-            if self._held:
-                # A clean end with an unterminated last event: relay it as
-                # is; the client's decoder decides, as it would direct.
-                tail = b"".join(self._held)
-                self._held.clear()
-                if ex.counter is not None:
-                    ex.counter.feed(tail)
-                ex.bytes_out += len(tail)
-                self.request.write(tail)
-            self._finish()
+            if self._decoder is not None and not self._decoder.complete:
+                self._truncated("upstream compressed body ended early")
+            elif self._err_body is not None:
+                self._relay_error_body()
+            else:
+                self._relay_end()
         else:
             self._truncated("upstream connection lost mid-stream")
         self._record()
+
+    def _relay_error_body(self) -> None:
+        """The held upstream error body, redacted, with its own length."""
+        ex = self.exchange
+        body = redactor_for(ex.provider.api_key)(b"".join(self._err_body or ()))
+        self._err_body = None
+        req = self.request
+        req.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
+        if ex.first_byte_at is None:
+            ex.first_byte_at = self.clock.seconds()
+        ex.bytes_out += len(body)
+        req.write(body)
+        self._finish()
+
+    def _relay_end(self) -> None:
+        """A clean end of a relayed body."""
+        if self._held:
+            # An unterminated last event: relay it as is; the client's
+            # decoder decides, as it would direct.
+            ex = self.exchange
+            tail = b"".join(self._held)
+            self._held.clear()
+            if ex.counter is not None:
+                ex.counter.feed(tail)
+            ex.bytes_out += len(tail)
+            self.request.write(tail)
+        self._finish()
 
     def _looks_complete(self) -> bool:
         """

@@ -9,7 +9,16 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from llmgate.relay.client import BytesProducer, UpstreamClient, _NoCookies
+from twisted.web.client import ResponseFailed
+
+from llmgate.relay.client import (
+    BytesProducer,
+    ResponseHeadersTooLarge,
+    UpstreamClient,
+    _CappedClientProtocol,
+    _NoCookies,
+    _QuietClientFactory,
+)
 
 
 class RecordingAgent:
@@ -62,3 +71,115 @@ class ProxyClientTests(SynchronousTestCase):
         r = Req()
         jar.add_cookie_header(r)
         self.assertEqual(r.headers, {})
+
+
+def capped_connection() -> tuple[Any, StringTransport, Deferred[Any]]:
+    """A pool connection's protocol over a StringTransport, with one request sent."""
+    from twisted.web._newclient import Request
+
+    proto = _QuietClientFactory(lambda p: None, None).buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    d = proto.request(Request(b"POST", b"/v1/x", Headers({b"host": [b"up.test"]}), None, persistent=True))
+    return proto, transport, d
+
+
+def headers_too_large(failure: Any) -> bool:
+    return any(r.check(ResponseHeadersTooLarge) for r in failure.value.reasons)
+
+
+class ResponseHeaderCapTests(SynchronousTestCase):
+    def test_pool_uses_the_capped_protocol(self) -> None:
+        """The pool's connections parse responses with the header caps."""
+        client = UpstreamClient(MemoryReactorClock())
+        proto = client.pool._factory(lambda p: None, None).buildProtocol(None)
+        self.assertIsInstance(proto, _CappedClientProtocol)
+
+    def test_hundred_headers_pass(self) -> None:
+        """A response with 100 headers is parsed as usual."""
+        proto, t, d = capped_connection()
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(99))
+        proto.dataReceived(head + b"\r\n{}")
+        response = self.successResultOf(d)
+        self.assertEqual(response.headers.getRawHeaders(b"x-h98"), [b"v"])
+        self.assertFalse(t.disconnecting)
+
+    def test_too_many_headers_fail_and_close(self) -> None:
+        """
+        Response 101 headers or more fail the request with
+        ResponseHeadersTooLarge and close the connection (never pooled).
+        """
+        proto, t, d = capped_connection()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\n" + b"X-A: 1\r\n" * 200)
+        f = self.failureResultOf(d, ResponseFailed)
+        self.assertTrue(headers_too_large(f))
+        self.assertTrue(t.disconnecting)
+
+    def test_header_bytes_capped(self) -> None:
+        """A head over 64 KiB in few headers fails the same way."""
+        proto, t, d = capped_connection()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\n")
+        for i in range(6):
+            proto.dataReceived(b"X-Big%d: %s\r\n" % (i, b"v" * 12000))
+        f = self.failureResultOf(d, ResponseFailed)
+        self.assertTrue(headers_too_large(f))
+        self.assertTrue(t.disconnecting)
+
+    def test_one_huge_line_fails(self) -> None:
+        """A 1 MB header line fails the request as too large, read in pieces."""
+        proto, t, d = capped_connection()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nX-Huge: ")
+        for _ in range(16):
+            if t.disconnecting:
+                break
+            proto.dataReceived(b"v" * 65536)
+        f = self.failureResultOf(d, ResponseFailed)
+        self.assertTrue(headers_too_large(f))
+        self.assertTrue(t.disconnecting)
+
+    def test_endless_interim_responses_are_capped(self) -> None:
+        """Interim 1xx heads count toward the caps, so an endless series ends."""
+        proto, t, d = capped_connection()
+        for _ in range(200):
+            if t.disconnecting:
+                break
+            proto.dataReceived(b"HTTP/1.1 100 Continue\r\nX-A: 1\r\n\r\n")
+        f = self.failureResultOf(d, ResponseFailed)
+        self.assertTrue(headers_too_large(f))
+
+    def test_headers_named_in_connection_are_removed(self) -> None:
+        """
+        Headers the upstream names in its Connection header describe its
+        hop only and are not in the response the relay sees.
+        """
+        proto, t, d = capped_connection()
+        proto.dataReceived(
+            b"HTTP/1.1 200 OK\r\nConnection: X-Hop, keep-alive\r\nX-Hop: 1\r\nX-Keep: 2\r\nContent-Length: 0\r\n\r\n"
+        )
+        response = self.successResultOf(d)
+        self.assertFalse(response.headers.hasHeader(b"x-hop"))
+        self.assertEqual(response.headers.getRawHeaders(b"x-keep"), [b"2"])
+
+    def test_relay_answers_502_in_dialect(self) -> None:
+        """
+        The relay turns the failure into a 502 in the route's dialect naming
+        the cause, recorded once as an upstream error.
+        """
+        import json
+
+        from twisted.python.failure import Failure
+
+        from tests.fakes import Gateway, parse_response
+
+        gw = Gateway()
+        _, t = gw.post("/v1/messages", {"model": "claude-x", "max_tokens": 5, "messages": []})
+        gw.http.calls[0]["deferred"].errback(
+            Failure(ResponseFailed([Failure(ResponseHeadersTooLarge("over"))]))
+        )
+        status, _, body, _ = parse_response(t.value())
+        self.assertEqual(status, 502)
+        err = json.loads(body)
+        self.assertEqual(err["type"], "error")
+        self.assertIn("headers too large", err["error"]["message"])
+        [ex] = gw.accounting.exchanges
+        self.assertEqual((ex.outcome, ex.phase), ("upstream_error", "headers"))

@@ -246,7 +246,6 @@ class RoutingTests(SynchronousTestCase):
                 "Connection": "keep-alive, X-Hop",
                 "X-Hop": "1",
                 "Keep-Alive": "timeout=5",
-                "OpenAI-Organization": "org-1",
                 "x-stainless-retry-count": "0",
             },
         )
@@ -254,8 +253,64 @@ class RoutingTests(SynchronousTestCase):
         self.assertEqual(h.getRawHeaders(b"authorization"), [b"Bearer sk-upstream-oai"])
         for name in (b"connection", b"x-hop", b"keep-alive", b"content-length", b"host"):
             self.assertFalse(h.hasHeader(name), name)
-        self.assertEqual(h.getRawHeaders(b"openai-organization"), [b"org-1"])
         self.assertEqual(h.getRawHeaders(b"x-stainless-retry-count"), [b"0"])
+
+    def test_client_cannot_choose_the_billed_account(self) -> None:
+        """
+        A client's OpenAI-Organization and OpenAI-Project never reach the
+        provider: the gateway's key pays, and which of its organizations or
+        projects is charged is not the client's choice.
+        """
+        gw = Gateway()
+        gw.post(
+            "/v1/chat/completions",
+            {"model": "gpt-4o", "messages": []},
+            headers={"OpenAI-Organization": "org-other", "openai-project": "proj_other1234"},
+        )
+        h = gw.http.calls[0]["headers"]
+        self.assertFalse(h.hasHeader(b"openai-organization"))
+        self.assertFalse(h.hasHeader(b"openai-project"))
+
+    def test_identity_encoding_asked_upstream(self) -> None:
+        """
+        The upstream is asked for an uncompressed body, whatever encodings
+        the client accepts.
+        """
+        gw = Gateway()
+        gw.post("/v1/chat/completions", {"model": "gpt-4o", "messages": []}, headers={"Accept-Encoding": "gzip, br"})
+        gw.post("/v1/messages", {"model": "claude-x", "messages": []})
+        for call in gw.http.calls:
+            self.assertEqual(call["headers"].getRawHeaders(b"accept-encoding"), [b"identity"])
+
+    def test_upstream_location_and_transport_headers_not_relayed(self) -> None:
+        """
+        Location and Content-Location (URLs on the provider's host),
+        Set-Cookie, Alt-Svc, Strict-Transport-Security and headers the
+        upstream's Connection names are not relayed; others are.
+        """
+        gw = Gateway()
+        _, t = gw.post("/v1/chat/completions", {"model": "gpt-4o", "messages": []})
+        r = FakeResponse(
+            200,
+            {
+                b"content-type": [b"application/json"],
+                b"location": [b"https://provider.internal/v1/x"],
+                b"content-location": [b"/v1/x"],
+                b"set-cookie": [b"__cf_bm=1"],
+                b"alt-svc": [b'h3=":443"'],
+                b"strict-transport-security": [b"max-age=1"],
+                b"connection": [b"x-hop"],
+                b"x-hop": [b"1"],
+                b"x-ratelimit-remaining-requests": [b"9"],
+            },
+        )
+        gw.http.calls[0]["deferred"].callback(r)
+        r.send(b"{}")
+        r.end()
+        _, headers, _, _ = parse_response(t.value())
+        for name in (b"location", b"content-location", b"set-cookie", b"alt-svc", b"strict-transport-security", b"x-hop"):
+            self.assertNotIn(name, headers)
+        self.assertEqual(headers[b"x-ratelimit-remaining-requests"], [b"9"])
 
     def test_header_hygiene_anthropic(self) -> None:
         """The client's x-api-key is replaced; its anthropic-version kept."""
