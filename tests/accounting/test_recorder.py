@@ -257,3 +257,90 @@ class IdleTests(SynchronousTestCase):
         self.successResultOf(idle)
         self.assertEqual(len(gw.ledger.records), 1)
         self.successResultOf(acc.idle())
+
+
+class OpenListLedger(ListLedger):
+    """A ledger that also takes open rows and a progress source."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened: list[Any] = []
+        self.progress_source: Any = None
+
+    def open(self, rec: Any) -> None:
+        self.opened.append(rec)
+
+
+class OpenRowTests(SynchronousTestCase):
+    def gateway(self) -> tuple[Gateway, OpenListLedger, Accounting]:
+        gw = Gateway()
+        ledger = OpenListLedger()
+        acc = Accounting(gw.clock, ledger=ledger)
+        gw.resource.accounting = acc
+        return gw, ledger, acc
+
+    def test_admission_opens_a_row(self) -> None:
+        """
+        A request admitted to the relay queues an open row at once (before
+        any upstream answer) with what is known: route, key, model,
+        provider, streamed, bytes in; its final record has the same id.
+        """
+        gw, ledger, _ = self.gateway()
+        body = {"model": "public-model", "stream": True, "messages": []}
+        gw.post("/v1/chat/completions", body)
+        [row] = ledger.opened
+        self.assertEqual(
+            (row.outcome, row.route, row.model, row.upstream_model, row.provider, row.streamed, row.status),
+            ("open", "/v1/chat/completions", "public-model", "real-model", "oai", True, 0),
+        )
+        self.assertEqual(row.bytes_in, len(json.dumps(body)))
+        self.assertEqual((row.input_tokens, row.output_tokens, row.bytes_out), (None, None, 0))
+        self.assertEqual(ledger.records, [])
+        r = FakeResponse(200, SSE_HEADERS)
+        gw.http.calls[0]["deferred"].callback(r)
+        r.send(fixture("openai_chat_stream.sse"))
+        r.end()
+        [final] = ledger.records
+        self.assertEqual((final.request_id, final.outcome), (row.request_id, "completed"))
+
+    def test_rejected_requests_open_no_row(self) -> None:
+        """A request refused before the relay has only its rejected record."""
+        gw, ledger, _ = self.gateway()
+        gw.post("/v1/chat/completions", {"model": 1})
+        self.assertEqual(ledger.opened, [])
+        self.assertEqual([r.outcome for r in ledger.records], ["rejected"])
+
+    def test_progress_of_open_streams(self) -> None:
+        """
+        The accounting gives the ledger the progress of open requests that
+        relayed bytes since it last asked: status, bytes out, the reported
+        prompt and an estimate of the output (text bytes / 4); none once
+        they ended.
+        """
+        gw, ledger, acc = self.gateway()
+        self.assertEqual(ledger.progress_source, acc.progress)
+        gw.post("/v1/messages", {"model": "claude-sonnet-4", "stream": True, "max_tokens": 5, "messages": []})
+        gw.post("/v1/messages", {"model": "claude-sonnet-4", "stream": True, "max_tokens": 5, "messages": []})
+        self.assertEqual(acc.progress(), [])
+        r = FakeResponse(200, SSE_HEADERS)
+        gw.http.calls[0]["deferred"].callback(r)
+        data = fixture("anthropic_messages_stream.sse")
+        cut = data.index(b"event: content_block_stop")
+        r.send(data[:cut])
+        gw.clock.advance(2.5)
+        [p] = acc.progress()
+        self.assertEqual(p.request_id, ledger.opened[0].request_id)
+        relayed_text = b"".join(
+            json.loads(line[6:])["delta"]["text"].encode()
+            for line in data[:cut].split(b"\n")
+            if line.startswith(b"data: ") and b'"text_delta"' in line
+        )
+        self.assertEqual(
+            (p.status, p.bytes_out, p.input_tokens, p.cache_creation_tokens, p.source, p.duration_ms),
+            (200, cut, 1573, 1536, "estimated", 2500.0),
+        )
+        self.assertEqual(p.output_tokens, -(-len(relayed_text) // 4))
+        self.assertEqual(acc.progress(), [], "nothing new relayed")
+        r.send(data[cut:])
+        r.end()
+        self.assertEqual(acc.progress(), [])
