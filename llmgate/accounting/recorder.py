@@ -9,7 +9,10 @@ The per-event work on the relay path is the SSE parser plus the usage
 accumulator, which JSON-parses only the few events that can carry usage.
 Everything heavier -- parsing a large non-streaming body, counting a prompt
 or a cancelled stream's text with tiktoken -- runs off the reactor thread
-after the request has ended.
+after the request has ended.  A non-streaming body is kept whole up to
+1 MiB; past that only its first and last 64 KiB, where its top-level
+C{usage} is (L{llmgate.accounting.bigbody}): bounded memory per request,
+and the reported usage of a body of any size.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from llmgate.accounting import tokens
+from llmgate.accounting.bigbody import HeadTail
 from llmgate.accounting.ledger import OPEN, Progress, UsageRecord
 from llmgate.accounting.prices import PriceTable
 from llmgate.relay.stream import Exchange
@@ -31,9 +35,10 @@ from llmgate.accounting.usage import Usage, has_nonnull_usage, is_usage_only_chu
 
 log = Logger(namespace="llmgate.access")
 
-# A non-streaming body is kept for its usage up to this size; past it the
-# usage is estimated (embeddings of thousands of inputs can be large).
-_BODY_CAP = 16 * 1024 * 1024
+# A non-streaming body is kept whole for its usage (and its text, for an
+# estimate if it has no usage) up to this size; past it only its head and
+# tail (embeddings of thousands of inputs can be tens of MB).
+_BODY_CAP = 1024 * 1024
 # Bodies above this are parsed off the reactor thread.
 _THREAD_BYTES = 128 * 1024
 
@@ -69,7 +74,7 @@ class RequestCounter:
     reported and keeps what an estimate needs.
     """
 
-    __slots__ = ("api", "acc", "sse", "_parser", "_body", "_body_len", "_strip", "unparsed")
+    __slots__ = ("api", "acc", "sse", "_parser", "_body", "_body_len", "_ends", "_strip", "unparsed")
 
     def __init__(self, api: str, strip_usage: bool) -> None:
         self.api = api
@@ -78,6 +83,7 @@ class RequestCounter:
         self._parser = EventStreamParser()
         self._body: list[bytes] = []
         self._body_len = 0
+        self._ends: Optional[HeadTail] = None
         self._strip = strip_usage
         self.unparsed = False
 
@@ -91,11 +97,16 @@ class RequestCounter:
             on_event = self.acc.on_event
             for name, payload in events:
                 on_event(name, payload)
-        elif self._body_len < _BODY_CAP:
+        elif self._ends is not None:
+            self._ends.feed(data)
+        else:
             self._body.append(data)
             self._body_len += len(data)
-        else:
-            self.unparsed = True
+            if self._body_len > _BODY_CAP:
+                ends = self._ends = HeadTail()
+                for piece in self._body:
+                    ends.feed(piece)
+                self._body = []
 
     def strip(self, data: bytes) -> bytes:
         if self._strip and has_nonnull_usage(data):
@@ -107,6 +118,20 @@ class RequestCounter:
         if self.sse or self.unparsed or not self._body:
             return None
         return b"".join(self._body)
+
+    def ends(self) -> Optional[HeadTail]:
+        """The head and tail of a non-streaming body too large to keep."""
+        return None if self.sse else self._ends
+
+    @property
+    def kept(self) -> int:
+        """Bytes of the non-streaming body held."""
+        return self._ends.kept if self._ends is not None else sum(map(len, self._body))
+
+
+def _on_ends(acc: Any, ends: HeadTail) -> None:
+    """Account for the top-level members of a body too large to keep."""
+    acc.on_object(ends.members())
 
 
 def _reported(counter: RequestCounter) -> Optional[Usage]:
@@ -271,8 +296,11 @@ class Accounting:
             self._record(ex, None)
             return
         body = counter.body()
+        ends = counter.ends()
         if body is not None:
             d = self._run(counter.acc.on_body, body, heavy=len(body) > _THREAD_BYTES)
+        elif ends is not None:
+            d = self._run(_on_ends, counter.acc, ends, heavy=True)
         else:
             d = maybeDeferred(lambda: None)
         d.addCallback(lambda _: self._usage(ex, counter))

@@ -10,6 +10,7 @@ import json
 import os
 from typing import Any
 
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -344,3 +345,74 @@ class OpenRowTests(SynchronousTestCase):
         r.send(data[cut:])
         r.end()
         self.assertEqual(acc.progress(), [])
+
+
+class LargeBodyTests(SynchronousTestCase):
+    """
+    Non-streaming bodies far over the event cap and the old 16 MiB keep.
+    """
+
+    def relay_body(self, route: str, request: dict[str, Any], body: bytes) -> tuple[AccountingGateway, list[Any], int]:
+        """
+        Relay C{body} in 64 KiB reads; return the gateway, the functions
+        run off the reactor thread, and the most body bytes held at once.
+        """
+        gw = AccountingGateway()
+        threaded: list[Any] = []
+
+        def in_thread(f: Any, *a: Any) -> Any:
+            threaded.append(f)
+            return maybeDeferred(f, *a)
+
+        gw.resource.accounting._in_thread = in_thread
+        gw.post(route, request)
+        r = FakeResponse(200, {b"content-type": [b"application/json"]})
+        gw.http.calls[0]["deferred"].callback(r)
+        [relay] = gw.resource.active
+        counter = relay.exchange.counter
+        peak = 0
+        for i in range(0, len(body), 65536):
+            r.send(body[i:i + 65536])
+            peak = max(peak, counter.kept)
+        r.end()
+        return gw, threaded, peak
+
+    def test_huge_embeddings_body_keeps_reported_usage(self) -> None:
+        """
+        A 20 MB embeddings answer (over any cap) still yields the usage the
+        provider reported, parsed off the reactor thread, while the
+        accounting never holds more than 1 MiB of it.
+        """
+        vector = [0.0123456] * 1536
+        obj = {
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": vector} for i in range(1400)],
+            "model": "text-embedding-3-small",
+            "usage": {"prompt_tokens": 123456, "total_tokens": 123456},
+        }
+        body = json.dumps(obj).encode()
+        self.assertGreater(len(body), 17 * 1024 * 1024)
+        gw, threaded, peak = self.relay_body("/v1/embeddings", {"model": "text-embedding-3-small", "input": ["x"] * 1400}, body)
+        [rec] = gw.ledger.records
+        self.assertEqual((rec.input_tokens, rec.output_tokens, rec.source, rec.outcome), (123456, 0, "reported", "completed"))
+        self.assertEqual(rec.bytes_out, len(body))
+        self.assertLessEqual(peak, 1024 * 1024 + 65536)
+        self.assertTrue(threaded)
+
+    def test_long_completion_body(self) -> None:
+        """
+        A 3 MB non-streaming Anthropic message: reported usage from its
+        end, the provider's id from its start, and at most 1 MiB held.
+        """
+        text = "word " * 600_000
+        obj = {
+            "id": "msg_big", "type": "message", "role": "assistant", "model": "claude-sonnet-4",
+            "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": None,
+            "usage": {"input_tokens": 40, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 8, "output_tokens": 600_000},
+        }
+        body = json.dumps(obj).encode()
+        gw, _, peak = self.relay_body("/v1/messages", {"model": "claude-sonnet-4", "max_tokens": 600_000, "messages": []}, body)
+        [rec] = gw.ledger.records
+        self.assertEqual(buckets(rec), (48, 600_000, 8, 0, 0))
+        self.assertEqual((rec.source, rec.upstream_id), ("reported", "msg_big"))
+        self.assertLessEqual(peak, 1024 * 1024 + 65536)
