@@ -251,7 +251,9 @@ class _SQLiteWriter:
         """
         try:
             conn = self._open()
-            opens = [_asRow(r) for r in records if r.outcome == OPEN]
+            ended = {r.request_id for r in records if r.outcome != OPEN}
+            # A request that ended within the batch skips its open row.
+            opens = [_asRow(r) for r in records if r.outcome == OPEN and r.request_id not in ended]
             finals = [_asRow(r) for r in records if r.outcome != OPEN]
             conn.execute("BEGIN IMMEDIATE")
             try:
