@@ -19,12 +19,14 @@ failure cost memory, never a request.
 Durability bound:
   - clean stop (C{stopService}, e.g. SIGTERM under twistd): nothing is lost,
     unless the disk refuses the final write (then the loss is logged);
-  - C{kill -9} / power loss after the OS wrote the WAL: a request admitted
-    less than C{batch_interval} before the kill (plus the batch in flight:
-    its transaction is atomic, all of it is in the file or none) may have
-    no row; a request that was admitted earlier has one, C{interrupted} if
-    its final record had not been written yet (even if it had just ended),
-    with the progress of at most one second before;
+  - C{kill -9} / power loss after the OS wrote the WAL: a request whose
+    open row was still queued may have no row -- one admitted less than
+    C{batch_interval} before the kill, or a little longer if a write was in
+    flight then (a batch's transaction is atomic: all of it is in the file
+    or none), or much longer if the disk was failing; every request
+    admitted earlier has its row, C{interrupted} if its final record was
+    not written yet (even if it had just ended), with its progress as of
+    about C{progress_interval} before the kill;
   - a disk failing for long: the oldest records beyond C{max_pending} are
     dropped and counted in L{Ledger.dropped}.
 With C{synchronous=NORMAL} in WAL mode a power cut (not a process kill) may

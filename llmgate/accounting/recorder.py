@@ -269,6 +269,8 @@ class Accounting:
                 # Priced only with both counts: a cost without the prompt
                 # would look like a (too small) real one.
                 cost = self.prices.cost(ex.upstream_model, est)
+                if cost is None and ex.model != ex.upstream_model:
+                    cost = self.prices.cost(ex.model, est)
         ttft = ex.ttft
         return Progress(
             request_id=ex.request_id,
