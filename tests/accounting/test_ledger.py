@@ -434,6 +434,29 @@ class OpenRowTests(SynchronousTestCase):
         self.clock.advance(ledger.batch_interval)
         self.assertEqual([UsageRecord(**r) for r in self.rows()], [a, b])
 
+    def test_openRowSkippedWhenEndedInSameBatch(self) -> None:
+        """
+        A request that ends before its open row is written costs one
+        insert, not an insert and a replacement.
+        """
+        ledger = self.makeLedger()
+        conn = sqlite3.connect(self.path)
+        self.addCleanup(conn.close)
+        conn.executescript(
+            "CREATE TABLE inserted (outcome TEXT);"
+            "CREATE TRIGGER count_inserts AFTER INSERT ON usage "
+            "BEGIN INSERT INTO inserted VALUES (NEW.outcome); END;"
+        )
+        short, long = makeRecord(0), openRecord(1)
+        ledger.open(openRecord(0, request_id=short.request_id))
+        ledger.open(long)
+        ledger.record(short)
+        self.clock.advance(ledger.batch_interval)
+        self.assertEqual(
+            sorted(o for (o,) in conn.execute("SELECT outcome FROM inserted")), ["completed", "open"]
+        )
+        self.assertEqual(len(self.rows()), 2)
+
     def test_progressUpdatesOpenRowsOnly(self) -> None:
         """
         Progress is asked for once per progress_interval (not every batch
