@@ -2,22 +2,38 @@
 """
 The durable usage ledger: one row per gateway request, in SQLite.
 
-The relay calls L{Ledger.record} on the reactor thread, which only appends
-to an in-memory queue; a timer hands the queue to one dedicated worker
-thread that writes it in a single transaction.  This keeps disk latency
-(fsync, a locked or full disk) off the reactor, where it would stall every
-stream, and makes a write failure cost memory, never a request.
+Each request's row is written twice: an C{open} row when it is admitted
+(L{Ledger.open}), then its final record (L{Ledger.record}) replaces it.  While
+it is open, its progress (bytes and an estimate of the tokens relayed) is
+refreshed about once a second (L{Ledger.progress_source}).  On start, rows
+still open from a previous run -- the process was killed or lost power --
+become C{interrupted}, keeping what was known.  So a request that was in
+flight when the gateway died still has its one row.
+
+All of it happens on the reactor thread as appends to in-memory queues; a
+timer hands the queue to one dedicated worker thread that writes it in a
+single transaction.  This keeps disk latency (fsync, a locked or full disk)
+off the reactor, where it would stall every stream, and makes a write
+failure cost memory, never a request.
 
 Durability bound:
   - clean stop (C{stopService}, e.g. SIGTERM under twistd): nothing is lost,
     unless the disk refuses the final write (then the loss is logged);
-  - C{kill -9} / power loss after the OS wrote the WAL: at most the records
-    of the last C{batch_interval} window plus the batch in flight (its
-    transaction is atomic: either all of it is in the file or none);
+  - C{kill -9} / power loss after the OS wrote the WAL: a request whose
+    open row was still queued may have no row -- one admitted less than
+    C{batch_interval} before the kill, or a little longer if a write was in
+    flight then (a batch's transaction is atomic: all of it is in the file
+    or none), or much longer if the disk was failing; every request
+    admitted earlier has its row, C{interrupted} if its final record was
+    not written yet (even if it had just ended), with its progress as of
+    about C{progress_interval} before the kill;
   - a disk failing for long: the oldest records beyond C{max_pending} are
     dropped and counted in L{Ledger.dropped}.
 With C{synchronous=NORMAL} in WAL mode a power cut (not a process kill) may
 also roll back the last few committed transactions; the file stays valid.
+
+One gateway process per ledger file: a second process starting on the same
+file would mark the first one's open rows interrupted.
 """
 
 from __future__ import annotations
@@ -44,7 +60,14 @@ OUTCOMES = (
     "upstream_error",
     "rejected",
     "gateway_error",
+    # Written at admission, replaced by the final record.
+    "open",
+    # Still open when the gateway started: the previous run died with it
+    # in flight.
+    "interrupted",
 )
+OPEN = "open"
+INTERRUPTED = "interrupted"
 PHASES = ("connect", "headers", "body")
 SOURCES = ("reported", "estimated")
 
@@ -123,10 +146,52 @@ CREATE TABLE IF NOT EXISTS usage (
     bytes_out INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
+-- Only open rows, so finding them at start-up costs nothing on a big file.
+CREATE INDEX IF NOT EXISTS usage_open ON usage (request_id) WHERE outcome = 'open';
 """
 
-_INSERT = "INSERT OR IGNORE INTO usage ({}) VALUES ({})".format(
-    ", ".join(COLUMNS), ", ".join("?" * len(COLUMNS))
+_VALUES = "({}) VALUES ({})".format(", ".join(COLUMNS), ", ".join("?" * len(COLUMNS)))
+# An open row never overwrites anything (its final record may be there
+# already, or a retried batch wrote it); a final record always replaces the
+# open row of its request.  Together: one row per request, whatever order
+# the two reach the file in.
+_INSERT_OPEN = "INSERT OR IGNORE INTO usage " + _VALUES
+_INSERT_FINAL = "INSERT OR REPLACE INTO usage " + _VALUES
+
+
+@dataclass
+class Progress:
+    """
+    What an open request has relayed so far; updates its open row only.
+
+    @ivar output_tokens: reported by the provider, or estimated from the
+        text relayed (then C{source} is C{"estimated"}).
+    """
+
+    request_id: str
+    status: int
+    upstream_id: Optional[str]
+    input_tokens: Optional[int]
+    output_tokens: Optional[int]
+    cached_input_tokens: int
+    cache_creation_tokens: int
+    source: Optional[str]
+    cost_usd: Optional[float]
+    ttft_ms: Optional[float]
+    duration_ms: float
+    bytes_out: int
+
+
+_PROGRESS_COLUMNS = tuple(f.name for f in fields(Progress))[1:]
+_asProgressRow = attrgetter(*(_PROGRESS_COLUMNS + ("request_id",)))
+_PROGRESS = "UPDATE usage SET {} WHERE request_id = ? AND outcome = 'open'".format(
+    ", ".join("%s = ?" % (c,) for c in _PROGRESS_COLUMNS)
+)
+# phase "body": it had relayed bytes, so it was cut mid-response.
+_RECOVER = (
+    "UPDATE usage SET outcome = 'interrupted', "
+    "phase = CASE WHEN bytes_out > 0 THEN 'body' ELSE phase END "
+    "WHERE outcome = 'open'"
 )
 
 RunInThread = Callable[..., "defer.Deferred[Any]"]
@@ -146,6 +211,9 @@ class _SQLiteWriter:
     def __init__(self, path: str) -> None:
         self.path = path
         self._conn: Optional[sqlite3.Connection] = None
+        # Open rows left by a previous run are marked once, before this
+        # run writes any row of its own.
+        self._recovered = False
 
     def _open(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -167,24 +235,46 @@ class _SQLiteWriter:
             self._conn = conn
         return self._conn
 
-    def write(self, records: List[UsageRecord]) -> int:
+    def recover(self) -> int:
         """
-        Insert C{records} in one transaction.
+        Mark the rows a previous run left open as C{interrupted}.
 
-        @return: how many rows were new (a retried batch inserts 0 twice).
+        @return: how many there were (0 if already done by this writer).
+        """
+        return self.write([], [])
+
+    def write(self, records: List[UsageRecord], progress: Optional[List[Progress]] = None) -> int:
+        """
+        Write C{records} (open rows and final records) and C{progress} in
+        one transaction, after recovering the previous run's open rows if
+        that is not done yet.
+
+        @return: how many rows were recovered.
         """
         try:
             conn = self._open()
-            rows = [_asRow(r) for r in records]
+            ended = {r.request_id for r in records if r.outcome != OPEN}
+            # A request that ended within the batch skips its open row.
+            opens = [_asRow(r) for r in records if r.outcome == OPEN and r.request_id not in ended]
+            finals = [_asRow(r) for r in records if r.outcome != OPEN]
             conn.execute("BEGIN IMMEDIATE")
             try:
-                cursor = conn.executemany(_INSERT, rows)
+                recovered = 0
+                if not self._recovered:
+                    recovered = max(conn.execute(_RECOVER).rowcount, 0)
+                if opens:
+                    conn.executemany(_INSERT_OPEN, opens)
+                if finals:
+                    conn.executemany(_INSERT_FINAL, finals)
+                if progress:
+                    conn.executemany(_PROGRESS, [_asProgressRow(p) for p in progress])
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-            return max(cursor.rowcount, 0)
+            self._recovered = True
+            return recovered
         except BaseException:
             self.close()
             raise
@@ -203,8 +293,9 @@ class Ledger(Service):
     Batches L{UsageRecord}s in memory and writes them off the reactor thread.
 
     See the module docstring for the durability bound: a clean stop loses
-    nothing; C{kill -9} loses at most the last C{batch_interval} window plus
-    the batch in flight.
+    nothing; after C{kill -9} the requests admitted in the last
+    C{batch_interval} window (plus the batch in flight) may have no row,
+    and every earlier one in flight has an C{interrupted} row.
 
     @ivar flushed: records confirmed in the file.
     @ivar write_failures: failed write attempts (each is retried).
@@ -212,6 +303,10 @@ class Ledger(Service):
         C{max_pending} were waiting for a failing disk.
     @ivar on_write_failure: optional C{callable(Failure)} called after each
         failed write, e.g. to bump a metric.
+    @ivar progress_source: optional C{callable() -> list of Progress}, asked
+        on every batch tick that ends a C{progress_interval} (in whole ticks) for the
+        progress of the requests still open (the accounting sets it).
+    @ivar recovered: open rows of a previous run marked C{interrupted}.
     """
 
     log = Logger()
@@ -224,6 +319,7 @@ class Ledger(Service):
         max_pending: int = 100_000,
         run_in_thread: Optional[RunInThread] = None,
         on_write_failure: Optional[Callable[[Failure], object]] = None,
+        progress_interval: float = 1.0,
     ) -> None:
         """
         @param reactor: provides C{IReactorTime}; also C{IReactorFromThreads}
@@ -245,11 +341,26 @@ class Ledger(Service):
         self._pool: Optional[ThreadPool] = None
         self._loop: Optional[LoopingCall] = None
         self._droppedLogged = 0
+        self.progress_source: Optional[Callable[[], List[Progress]]] = None
+        self.progress_interval = progress_interval
+        # Progress goes with every n-th tick (clock arithmetic would drift).
+        self._progressEvery = max(1, round(progress_interval / batch_interval))
+        self._ticksToProgress = self._progressEvery
         self.flushed = 0
         self.write_failures = 0
         self.dropped = 0
+        self.recovered = 0
 
     # -- reactor-thread API -------------------------------------------------
+
+    def open(self, rec: UsageRecord) -> None:
+        """
+        Queue the row of a request just admitted (C{rec.outcome} is
+        C{"open"}); its final record, same C{request_id}, replaces it.
+        Same cost and queue as L{record}.
+        """
+        assert rec.outcome == OPEN
+        self.record(rec)
 
     def record(self, rec: UsageRecord) -> None:
         """
@@ -283,6 +394,8 @@ class Ledger(Service):
                 return deferToThreadPool(reactor, pool, f, *a)
 
             self._runInThread = run
+        # Recover first: the tick does not flush while this is in flight.
+        self._flush(recover=True)
         loop = LoopingCall(self._tick)
         loop.clock = self._reactor
         loop.start(self.batch_interval, now=False)
@@ -331,28 +444,54 @@ class Ledger(Service):
         # Never return the Deferred: a LoopingCall stops on failure and
         # waits on success, and we want neither.
         self._reportDropped()
-        if self._inflight is None and self._pending:
-            self._flush()
+        self._ticksToProgress -= 1
+        if self._inflight is not None:
+            return
+        progress: List[Progress] = []
+        source = self.progress_source
+        if source is not None and self._ticksToProgress <= 0:
+            self._ticksToProgress = self._progressEvery
+            try:
+                progress = source()
+            except Exception:
+                self.log.failure("usage ledger: progress of open requests failed")
+        if self._pending or progress:
+            self._flush(progress)
 
-    def _flush(self) -> defer.Deferred[bool]:
+    def _flush(self, progress: Optional[List[Progress]] = None, recover: bool = False) -> defer.Deferred[bool]:
         """
-        Hand the whole queue to the writer.  Only one flush is in flight.
+        Hand the whole queue (and C{progress}) to the writer.  Only one
+        flush is in flight.
 
+        @param progress: written with the batch, or lost with it if the
+            write fails (newer progress follows within a second).
+        @param recover: write nothing, only mark the previous run's open
+            rows (the first operation of the worker).
         @return: a Deferred firing C{True} if written, C{False} if the
             records went back to the queue.  It never fails.
         """
         assert self._inflight is None and self._runInThread is not None
-        batch = list(self._pending)
-        self._pending.clear()
+        batch = [] if recover else list(self._pending)
+        if not recover:
+            self._pending.clear()
         self._inflight = batch
         done: defer.Deferred[None] = defer.Deferred()
         self._inflightDone = done
 
-        def written(inserted: int) -> bool:
+        def written(recovered: int) -> bool:
             # Count the batch, not the new rows: rows a lost-success attempt
             # already wrote are in the file too, and counted only once
             # because that attempt was counted as a failure.
             self.flushed += len(batch)
+            if recovered:
+                self.recovered += recovered
+                self.log.warn(
+                    "usage ledger {path}: {count} requests were in flight when "
+                    "the gateway last stopped without a clean shutdown; their "
+                    "rows are marked interrupted",
+                    path=self.path,
+                    count=recovered,
+                )
             return True
 
         def failed(f: Failure) -> bool:
@@ -381,7 +520,10 @@ class Ledger(Service):
             done.callback(None)
             return ok
 
-        d = defer.maybeDeferred(self._runInThread, self._writer.write, batch)
+        if recover:
+            d = defer.maybeDeferred(self._runInThread, self._writer.recover)
+        else:
+            d = defer.maybeDeferred(self._runInThread, self._writer.write, batch, progress or [])
         d.addCallbacks(written, failed)
         d.addCallback(settle)
         return d
@@ -454,8 +596,11 @@ def read_records(path: str) -> List[dict[str, Any]]:
 
 __all__ = [
     "COLUMNS",
+    "INTERRUPTED",
     "Ledger",
+    "OPEN",
     "OUTCOMES",
+    "Progress",
     "PHASES",
     "SOURCES",
     "UsageRecord",

@@ -1,13 +1,18 @@
 # -*- test-case-name: tests.accounting.test_recorder -*-
 """
-Accounting: a counter per request on the relay path, and, when the request
-ends, one access-log line and exactly one usage record.
+Accounting: an open ledger row and a counter per request as it is admitted,
+its progress about once a second while it relays, and, when the request
+ends, one access-log line and exactly one usage record (replacing the open
+row).
 
 The per-event work on the relay path is the SSE parser plus the usage
 accumulator, which JSON-parses only the few events that can carry usage.
 Everything heavier -- parsing a large non-streaming body, counting a prompt
 or a cancelled stream's text with tiktoken -- runs off the reactor thread
-after the request has ended.
+after the request has ended.  A non-streaming body is kept whole up to
+1 MiB; past that only its first and last 64 KiB, where its top-level
+C{usage} is (L{llmgate.accounting.bigbody}): bounded memory per request,
+and the reported usage of a body of any size.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from llmgate.accounting import tokens
-from llmgate.accounting.ledger import UsageRecord
+from llmgate.accounting.bigbody import HeadTail
+from llmgate.accounting.ledger import OPEN, Progress, UsageRecord
 from llmgate.accounting.prices import PriceTable
 from llmgate.relay.stream import Exchange
 from llmgate.dialects.sse import EventStreamParser, EventTooLarge
@@ -29,11 +35,16 @@ from llmgate.accounting.usage import Usage, has_nonnull_usage, is_usage_only_chu
 
 log = Logger(namespace="llmgate.access")
 
-# A non-streaming body is kept for its usage up to this size; past it the
-# usage is estimated (embeddings of thousands of inputs can be large).
-_BODY_CAP = 16 * 1024 * 1024
+# A non-streaming body is kept whole for its usage (and its text, for an
+# estimate if it has no usage) up to this size; past it only its head and
+# tail (embeddings of thousands of inputs can be tens of MB).
+_BODY_CAP = 1024 * 1024
 # Bodies above this are parsed off the reactor thread.
 _THREAD_BYTES = 128 * 1024
+
+# For the progress of open requests only: a rough English average, so an
+# interrupted stream's row carries a ballpark, not a tiktoken count.
+_BYTES_PER_TOKEN = 4
 
 _EVENT_SPLIT = re.compile(rb"((?:\r\n|\r|\n)(?:\r\n|\r|\n))")
 
@@ -63,7 +74,7 @@ class RequestCounter:
     reported and keeps what an estimate needs.
     """
 
-    __slots__ = ("api", "acc", "sse", "_parser", "_body", "_body_len", "_strip", "unparsed")
+    __slots__ = ("api", "acc", "sse", "_parser", "_body", "_body_len", "_ends", "_strip", "unparsed")
 
     def __init__(self, api: str, strip_usage: bool) -> None:
         self.api = api
@@ -72,6 +83,7 @@ class RequestCounter:
         self._parser = EventStreamParser()
         self._body: list[bytes] = []
         self._body_len = 0
+        self._ends: Optional[HeadTail] = None
         self._strip = strip_usage
         self.unparsed = False
 
@@ -85,11 +97,16 @@ class RequestCounter:
             on_event = self.acc.on_event
             for name, payload in events:
                 on_event(name, payload)
-        elif self._body_len < _BODY_CAP:
+        elif self._ends is not None:
+            self._ends.feed(data)
+        else:
             self._body.append(data)
             self._body_len += len(data)
-        else:
-            self.unparsed = True
+            if self._body_len > _BODY_CAP:
+                ends = self._ends = HeadTail()
+                for piece in self._body:
+                    ends.feed(piece)
+                self._body = []
 
     def strip(self, data: bytes) -> bytes:
         if self._strip and has_nonnull_usage(data):
@@ -101,6 +118,20 @@ class RequestCounter:
         if self.sse or self.unparsed or not self._body:
             return None
         return b"".join(self._body)
+
+    def ends(self) -> Optional[HeadTail]:
+        """The head and tail of a non-streaming body too large to keep."""
+        return None if self.sse else self._ends
+
+    @property
+    def kept(self) -> int:
+        """Bytes of the non-streaming body held."""
+        return self._ends.kept if self._ends is not None else sum(map(len, self._body))
+
+
+def _on_ends(acc: Any, ends: HeadTail) -> None:
+    """Account for the top-level members of a body too large to keep."""
+    acc.on_object(ends.members())
 
 
 def _reported(counter: RequestCounter) -> Optional[Usage]:
@@ -173,17 +204,92 @@ class Accounting:
         # them to be handed to the ledger at shutdown.
         self._counting = 0
         self._idle_waiters: list[Deferred[None]] = []
+        # Requests admitted and not finished: request_id -> [exchange,
+        # bytes_out at the last progress report].
+        self._open: dict[str, list[Any]] = {}
+        if ledger is not None and hasattr(ledger, "progress_source"):
+            ledger.progress_source = self.progress
 
     def counter(self, exchange: Exchange, strip_usage: bool) -> Optional[RequestCounter]:
-        """Called as a relay starts: its counter, or None if not counting."""
+        """
+        Called as a relay starts (the request is admitted): queues its open
+        ledger row, so a gateway killed while it relays still leaves a row
+        for it; returns its counter, or None if not counting.
+        """
         if self.metrics is not None:
             self.metrics.active.inc()
+        self._opened(exchange)
         if not self.enabled:
             return None
         return RequestCounter(exchange.endpoint.api, strip_usage)
 
+    def _opened(self, ex: Exchange) -> None:
+        opener = getattr(self.ledger, "open", None)
+        if opener is None:
+            return
+        self._open[ex.request_id] = [ex, 0]
+        opener(self._make_record(ex, None, OPEN))
+
+    def progress(self) -> list[Progress]:
+        """
+        The progress of the open requests that relayed bytes since the last
+        call (the ledger asks about once a second).  Cheap, on the reactor
+        thread: a few attribute reads per request; output tokens not
+        reported yet are estimated as text bytes / 4, not with tiktoken.
+        """
+        out = []
+        now = self.clock.seconds()
+        for entry in self._open.values():
+            ex, seen = entry
+            if ex.bytes_out == seen:
+                continue
+            entry[1] = ex.bytes_out
+            out.append(self._progress(ex, now))
+        return out
+
+    def _progress(self, ex: Exchange, now: float) -> Progress:
+        upstream_id = ex.upstream_request_id
+        est = Usage(source="estimated")
+        source = cost = None
+        counter = ex.counter
+        # A JSON body is parsed only once whole: no text to go by before.
+        if isinstance(counter, RequestCounter) and counter.sse:
+            acc = counter.acc
+            upstream_id = acc.upstream_id or upstream_id
+            reported = acc.usage
+            est.output_tokens = -(-acc.text_bytes // _BYTES_PER_TOKEN)
+            if reported is not None:
+                # Anthropic reports the prompt as the stream starts.
+                est.input_tokens = reported.input_tokens
+                est.cached_input_tokens = reported.cached_input_tokens
+                est.cache_creation_tokens = reported.cache_creation_tokens
+                est.output_tokens = max(est.output_tokens, reported.output_tokens or 0)
+            source = "estimated"
+            if est.input_tokens is not None:
+                # Priced only with both counts: a cost without the prompt
+                # would look like a (too small) real one.
+                cost = self.prices.cost(ex.upstream_model, est)
+                if cost is None and ex.model != ex.upstream_model:
+                    cost = self.prices.cost(ex.model, est)
+        ttft = ex.ttft
+        return Progress(
+            request_id=ex.request_id,
+            status=ex.status,
+            upstream_id=upstream_id,
+            input_tokens=est.input_tokens,
+            output_tokens=est.output_tokens,
+            cached_input_tokens=est.cached_input_tokens,
+            cache_creation_tokens=est.cache_creation_tokens,
+            source=source,
+            cost_usd=cost,
+            ttft_ms=None if ttft is None else ttft * 1000.0,
+            duration_ms=(now - ex.started) * 1000.0,
+            bytes_out=ex.bytes_out,
+        )
+
     def finished(self, ex: Exchange) -> None:
         self.finished_count += 1
+        self._open.pop(ex.request_id, None)
         if self.metrics is not None:
             self.metrics.active.dec()
         self._access_log(ex)
@@ -192,8 +298,11 @@ class Accounting:
             self._record(ex, None)
             return
         body = counter.body()
+        ends = counter.ends()
         if body is not None:
             d = self._run(counter.acc.on_body, body, heavy=len(body) > _THREAD_BYTES)
+        elif ends is not None:
+            d = self._run(_on_ends, counter.acc, ends, heavy=True)
         else:
             d = maybeDeferred(lambda: None)
         d.addCallback(lambda _: self._usage(ex, counter))
@@ -256,8 +365,18 @@ class Accounting:
             cost = self.prices.cost(ex.upstream_model, usage)
             if cost is None and ex.model != ex.upstream_model:
                 cost = self.prices.cost(ex.model, usage)
+        self._sink(self._make_record(ex, usage, outcome, upstream_id, cost))
+
+    def _make_record(
+        self,
+        ex: Exchange,
+        usage: Optional[Usage],
+        outcome: str,
+        upstream_id: Optional[str] = None,
+        cost: Optional[float] = None,
+    ) -> UsageRecord:
         ttft = ex.ttft
-        rec = UsageRecord(
+        return UsageRecord(
             request_id=ex.request_id,
             ts=ex.wall_start,
             key_name=ex.key_name,
@@ -282,7 +401,6 @@ class Accounting:
             bytes_in=ex.bytes_in,
             bytes_out=ex.bytes_out,
         )
-        self._sink(rec)
 
     def _sink(self, rec: UsageRecord) -> None:
         if self.metrics is not None:

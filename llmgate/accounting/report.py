@@ -6,6 +6,14 @@ Reads the SQLite file read-only, so it can run while the daemon writes.
 Costs are summed over known prices only; a group where no price was known
 shows no cost (C{null} / C{-}), never 0, and every group says how many of
 its requests had an unknown cost.
+
+Every request has one row, so nothing is counted twice.  A request still in
+flight has an C{open} row (with its progress so far, updated about once a
+second): it is counted, and shown in the C{in_flight} column.  C{interrupted}
+rows are requests a gateway was relaying when it died (C{kill -9}, power
+loss), found open when it started again; their tokens are what was known
+then, estimated.  (Open rows of a gateway that died and has not started
+again still show as C{in_flight}.)
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ GROUPS: Dict[str, tuple[str, str]] = {
     "day": ("day", "strftime('%Y-%m-%d', ts, 'unixepoch')"),
     "provider": ("provider", "provider"),
     "route": ("route", "route"),
+    "outcome": ("outcome", "outcome"),
 }
 
 # Output column -> SQL aggregate.  Token sums skip NULLs (requests with no
@@ -44,6 +53,8 @@ SUMS: List[tuple[str, str]] = [
     ("cost_usd", "SUM(cost_usd)"),
     ("unknown_cost", "COUNT(*) - COUNT(cost_usd)"),
     ("estimated", "TOTAL(source = 'estimated')"),
+    ("in_flight", "TOTAL(outcome = 'open')"),
+    ("interrupted", "TOTAL(outcome = 'interrupted')"),
 ]
 _INT_SUMS = {name for name, _ in SUMS if name != "cost_usd"}
 

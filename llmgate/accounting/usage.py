@@ -294,7 +294,13 @@ class UsageAccumulator:
 
     def on_body(self, body: bytes) -> None:
         """Account for a whole non-streaming JSON response body."""
-        obj = _loads(body)
+        self.on_object(_loads(body))
+
+    def on_object(self, obj: object) -> None:
+        """
+        Account for a parsed non-streaming body, or for the top-level
+        members of one too large to keep (L{llmgate.accounting.bigbody}).
+        """
         self.complete = True
         if not isinstance(obj, dict):
             return

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import llmgate
-from llmgate.accounting.ledger import Ledger, UsageRecord, read_records
+from llmgate.accounting.ledger import Ledger, Progress, UsageRecord, read_records
 
 
 def makeRecord(n: int = 0, **kw: Any) -> UsageRecord:
@@ -55,6 +55,33 @@ def makeRecord(n: int = 0, **kw: Any) -> UsageRecord:
     )
     values.update(kw)
     return UsageRecord(**values)
+
+
+def openRecord(n: int = 0, **kw: Any) -> UsageRecord:
+    """
+    The row of a request just admitted: no status, tokens or bytes out yet.
+    """
+    values: dict[str, Any] = dict(
+        outcome="open", status=0, upstream_id=None, input_tokens=None,
+        output_tokens=None, source=None, cost_usd=None, ttft_ms=None,
+        duration_ms=0.0, bytes_out=0,
+    )
+    values.update(kw)
+    return makeRecord(n, **values)
+
+
+def progressOf(rec: UsageRecord, **kw: Any) -> Progress:
+    """
+    Progress of C{rec}'s request: 200, 300 bytes, 40 estimated tokens.
+    """
+    values: dict[str, Any] = dict(
+        request_id=rec.request_id, status=200, upstream_id="chatcmpl-p",
+        input_tokens=None, output_tokens=40, cached_input_tokens=0,
+        cache_creation_tokens=0, source="estimated", cost_usd=None,
+        ttft_ms=7.0, duration_ms=900.0, bytes_out=300,
+    )
+    values.update(kw)
+    return Progress(**values)
 
 
 def syncRunner(f: Callable[..., Any], *a: Any) -> defer.Deferred[Any]:
@@ -122,9 +149,11 @@ class LedgerTests(SynchronousTestCase):
         for r in recs:
             ledger.record(r)
         self.assertEqual(ledger.pending_count(), 3)
-        self.assertFalse(os.path.exists(self.path))
+        # The file exists from the start (open rows of a previous run were
+        # looked for), but holds nothing of this run before the tick.
+        self.assertEqual(self.rows(), [])
         self.clock.advance(0.19)
-        self.assertFalse(os.path.exists(self.path))
+        self.assertEqual(self.rows(), [])
         self.clock.advance(0.01)
         self.assertEqual(ledger.pending_count(), 0)
         self.assertEqual(ledger.flushed, 3)
@@ -245,9 +274,11 @@ class LedgerTests(SynchronousTestCase):
             pass
         self.path = os.path.join(blocker, "usage.db")
         ledger = self.makeLedger()
+        # The start-up recovery failed already: it is retried with the batch.
+        self.assertEqual(ledger.write_failures, 1)
         ledger.record(makeRecord(0))
         self.clock.advance(ledger.batch_interval)
-        self.assertEqual(ledger.write_failures, 1)
+        self.assertEqual(ledger.write_failures, 2)
         self.assertEqual(ledger.pending_count(), 1)
         os.remove(blocker)
         os.mkdir(blocker)
@@ -258,7 +289,7 @@ class LedgerTests(SynchronousTestCase):
     def test_retriedBatchNotDuplicated(self) -> None:
         """
         If a batch reached the file but its success was lost, the retry
-        inserts nothing new (UNIQUE request_id + INSERT OR IGNORE).
+        adds no row (UNIQUE request_id: the final record replaces itself).
         """
         runner = FlakyRunner(failures=1, commitThenFail=True)
         ledger = self.makeLedger(runner=runner)
@@ -335,6 +366,195 @@ class LedgerTests(SynchronousTestCase):
         self.assertRaises(
             FileNotFoundError, read_records, os.path.join(self.dir, "nope.db")
         )
+
+
+class OpenRowTests(SynchronousTestCase):
+    """
+    Open rows written at admission, replaced by the final record, updated
+    with progress, and marked interrupted by the next start.
+    """
+
+    def setUp(self) -> None:
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.path = os.path.join(self.dir, "usage.db")
+        self.clock = Clock()
+
+    def makeLedger(self, runner: Any = syncRunner, **kw: Any) -> Ledger:
+        ledger = Ledger(self.path, self.clock, run_in_thread=runner, **kw)
+        ledger.startService()
+        self.addCleanup(self.stop, ledger)
+        return ledger
+
+    def stop(self, ledger: Ledger) -> None:
+        if ledger.running:
+            self.successResultOf(ledger.stopService())
+
+    def rows(self) -> List[dict[str, Any]]:
+        return read_records(self.path)
+
+    def killed(self, ledger: Ledger) -> None:
+        """
+        Forget C{ledger} as C{kill -9} would: no final flush, no close
+        beyond what the file already holds.
+        """
+        if ledger._loop is not None:
+            ledger._loop.stop()
+        ledger._writer.close()
+        ledger.running = False
+
+    def test_openThenFinal(self) -> None:
+        """
+        An open row is in the file after one tick; the final record of the
+        same request replaces it: one row, the final one.
+        """
+        ledger = self.makeLedger()
+        opened = openRecord(0)
+        ledger.open(opened)
+        self.clock.advance(ledger.batch_interval)
+        [row] = self.rows()
+        self.assertEqual(UsageRecord(**row), opened)
+        final = makeRecord(0, request_id=opened.request_id)
+        ledger.record(final)
+        self.clock.advance(ledger.batch_interval)
+        self.assertEqual([UsageRecord(**r) for r in self.rows()], [final])
+
+    def test_finalWinsWhateverTheOrder(self) -> None:
+        """
+        A final record is never overwritten by its open row: not in the
+        same batch, nor when the open row comes in a later batch (a retry).
+        """
+        ledger = self.makeLedger()
+        a, b = makeRecord(0), makeRecord(1)
+        ledger.open(openRecord(0, request_id=a.request_id))
+        ledger.record(a)
+        ledger.record(b)
+        self.clock.advance(ledger.batch_interval)
+        ledger.open(openRecord(1, request_id=b.request_id))
+        self.clock.advance(ledger.batch_interval)
+        self.assertEqual([UsageRecord(**r) for r in self.rows()], [a, b])
+
+    def test_openRowSkippedWhenEndedInSameBatch(self) -> None:
+        """
+        A request that ends before its open row is written costs one
+        insert, not an insert and a replacement.
+        """
+        ledger = self.makeLedger()
+        conn = sqlite3.connect(self.path)
+        self.addCleanup(conn.close)
+        conn.executescript(
+            "CREATE TABLE inserted (outcome TEXT);"
+            "CREATE TRIGGER count_inserts AFTER INSERT ON usage "
+            "BEGIN INSERT INTO inserted VALUES (NEW.outcome); END;"
+        )
+        short, long = makeRecord(0), openRecord(1)
+        ledger.open(openRecord(0, request_id=short.request_id))
+        ledger.open(long)
+        ledger.record(short)
+        self.clock.advance(ledger.batch_interval)
+        self.assertEqual(
+            sorted(o for (o,) in conn.execute("SELECT outcome FROM inserted")), ["completed", "open"]
+        )
+        self.assertEqual(len(self.rows()), 2)
+
+    def test_progressUpdatesOpenRowsOnly(self) -> None:
+        """
+        Progress is asked for once per progress_interval (not every batch
+        tick) and updates open rows; a finished row keeps its final values.
+        """
+        ledger = self.makeLedger(batch_interval=0.2, progress_interval=1.0)
+        running, done = openRecord(0), makeRecord(1)
+        ledger.open(running)
+        ledger.record(done)
+        asked = []
+
+        def source() -> List[Progress]:
+            asked.append(self.clock.seconds())
+            return [progressOf(running, bytes_out=300 * len(asked)), progressOf(done)]
+
+        ledger.progress_source = source
+        for _ in range(10):
+            self.clock.advance(0.2)
+        self.assertEqual(len(asked), 2)
+        byId = {r["request_id"]: r for r in self.rows()}
+        self.assertEqual(UsageRecord(**byId[done.request_id]), done)
+        row = byId[running.request_id]
+        self.assertEqual(
+            (row["outcome"], row["status"], row["output_tokens"], row["source"], row["bytes_out"], row["ttft_ms"]),
+            ("open", 200, 40, "estimated", 600, 7.0),
+        )
+
+    def test_restartMarksOpenRowsInterrupted(self) -> None:
+        """
+        Rows left open by a killed run become interrupted when the next
+        run starts, before any tick, keeping what was known (route, key,
+        model, provider, ts, streamed, bytes in, progress); the new run's
+        own open rows stay open.
+        """
+        first = self.makeLedger()
+        cut, fresh, done = openRecord(0), openRecord(1), makeRecord(2)
+        first.open(cut)
+        first.open(fresh)
+        first.record(done)
+        self.clock.advance(first.batch_interval)
+        first.progress_source = lambda: [progressOf(cut)]
+        for _ in range(5):
+            self.clock.advance(first.batch_interval)
+        self.killed(first)
+
+        with capturedLogs() as events:
+            second = self.makeLedger()
+        self.assertEqual(second.recovered, 2)
+        self.assertTrue(any(e.get("count") == 2 and "interrupted" in e["log_format"] for e in events))
+        byId = {r["request_id"]: r for r in self.rows()}
+        self.assertEqual(UsageRecord(**byId[done.request_id]), done)
+        row = byId[cut.request_id]
+        kept = ("ts", "key_name", "route", "model", "provider", "upstream_model", "streamed", "bytes_in")
+        self.assertEqual({k: row[k] for k in kept}, {k: getattr(cut, k) for k in kept})
+        self.assertEqual(
+            (row["outcome"], row["phase"], row["status"], row["output_tokens"], row["bytes_out"]),
+            ("interrupted", "body", 200, 40, 300),
+        )
+        self.assertEqual(
+            (byId[fresh.request_id]["outcome"], byId[fresh.request_id]["phase"]),
+            ("interrupted", None),
+        )
+
+        mine = openRecord(3)
+        second.open(mine)
+        self.clock.advance(second.batch_interval)
+        self.assertEqual({r["request_id"]: r["outcome"] for r in self.rows()}[mine.request_id], "open")
+        self.assertEqual(second.recovered, 2)
+
+    def test_failedRecoveryRunsBeforeOwnRows(self) -> None:
+        """
+        If the start-up recovery fails, the first write does it in the same
+        transaction, before the new run's own open rows go in: those are
+        never taken for leftovers.
+        """
+        first = self.makeLedger()
+        old = openRecord(0)
+        first.open(old)
+        self.clock.advance(first.batch_interval)
+        self.killed(first)
+
+        fails = [True]
+
+        def runner(f: Callable[..., Any], *a: Any) -> defer.Deferred[Any]:
+            if fails and f.__name__ == "recover":
+                fails.pop()
+                return defer.fail(sqlite3.OperationalError("database is locked"))
+            return defer.maybeDeferred(f, *a)
+
+        second = self.makeLedger(runner=runner)
+        self.assertEqual((second.recovered, second.write_failures), (0, 1))
+        self.assertEqual(self.rows()[0]["outcome"], "open")
+        mine = openRecord(1)
+        second.open(mine)
+        self.clock.advance(second.batch_interval)
+        outcomes = {r["request_id"]: r["outcome"] for r in self.rows()}
+        self.assertEqual(outcomes, {old.request_id: "interrupted", mine.request_id: "open"})
+        self.assertEqual(second.recovered, 1)
 
 
 class ThreadedLedgerTests(TestCase):

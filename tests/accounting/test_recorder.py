@@ -10,6 +10,7 @@ import json
 import os
 from typing import Any
 
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -257,3 +258,161 @@ class IdleTests(SynchronousTestCase):
         self.successResultOf(idle)
         self.assertEqual(len(gw.ledger.records), 1)
         self.successResultOf(acc.idle())
+
+
+class OpenListLedger(ListLedger):
+    """A ledger that also takes open rows and a progress source."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened: list[Any] = []
+        self.progress_source: Any = None
+
+    def open(self, rec: Any) -> None:
+        self.opened.append(rec)
+
+
+class OpenRowTests(SynchronousTestCase):
+    def gateway(self) -> tuple[Gateway, OpenListLedger, Accounting]:
+        gw = Gateway()
+        ledger = OpenListLedger()
+        acc = Accounting(gw.clock, ledger=ledger)
+        gw.resource.accounting = acc
+        return gw, ledger, acc
+
+    def test_admission_opens_a_row(self) -> None:
+        """
+        A request admitted to the relay queues an open row at once (before
+        any upstream answer) with what is known: route, key, model,
+        provider, streamed, bytes in; its final record has the same id.
+        """
+        gw, ledger, _ = self.gateway()
+        body = {"model": "public-model", "stream": True, "messages": []}
+        gw.post("/v1/chat/completions", body)
+        [row] = ledger.opened
+        self.assertEqual(
+            (row.outcome, row.route, row.model, row.upstream_model, row.provider, row.streamed, row.status),
+            ("open", "/v1/chat/completions", "public-model", "real-model", "oai", True, 0),
+        )
+        self.assertEqual(row.bytes_in, len(json.dumps(body)))
+        self.assertEqual((row.input_tokens, row.output_tokens, row.bytes_out), (None, None, 0))
+        self.assertEqual(ledger.records, [])
+        r = FakeResponse(200, SSE_HEADERS)
+        gw.http.calls[0]["deferred"].callback(r)
+        r.send(fixture("openai_chat_stream.sse"))
+        r.end()
+        [final] = ledger.records
+        self.assertEqual((final.request_id, final.outcome), (row.request_id, "completed"))
+
+    def test_rejected_requests_open_no_row(self) -> None:
+        """A request refused before the relay has only its rejected record."""
+        gw, ledger, _ = self.gateway()
+        gw.post("/v1/chat/completions", {"model": 1})
+        self.assertEqual(ledger.opened, [])
+        self.assertEqual([r.outcome for r in ledger.records], ["rejected"])
+
+    def test_progress_of_open_streams(self) -> None:
+        """
+        The accounting gives the ledger the progress of open requests that
+        relayed bytes since it last asked: status, bytes out, the reported
+        prompt and an estimate of the output (text bytes / 4); none once
+        they ended.
+        """
+        gw, ledger, acc = self.gateway()
+        self.assertEqual(ledger.progress_source, acc.progress)
+        gw.post("/v1/messages", {"model": "claude-sonnet-4", "stream": True, "max_tokens": 5, "messages": []})
+        gw.post("/v1/messages", {"model": "claude-sonnet-4", "stream": True, "max_tokens": 5, "messages": []})
+        self.assertEqual(acc.progress(), [])
+        r = FakeResponse(200, SSE_HEADERS)
+        gw.http.calls[0]["deferred"].callback(r)
+        data = fixture("anthropic_messages_stream.sse")
+        cut = data.index(b"event: content_block_stop")
+        r.send(data[:cut])
+        gw.clock.advance(2.5)
+        [p] = acc.progress()
+        self.assertEqual(p.request_id, ledger.opened[0].request_id)
+        relayed_text = b"".join(
+            json.loads(line[6:])["delta"]["text"].encode()
+            for line in data[:cut].split(b"\n")
+            if line.startswith(b"data: ") and b'"text_delta"' in line
+        )
+        self.assertEqual(
+            (p.status, p.bytes_out, p.input_tokens, p.cache_creation_tokens, p.source, p.duration_ms),
+            (200, cut, 1573, 1536, "estimated", 2500.0),
+        )
+        self.assertEqual(p.output_tokens, -(-len(relayed_text) // 4))
+        self.assertEqual(acc.progress(), [], "nothing new relayed")
+        r.send(data[cut:])
+        r.end()
+        self.assertEqual(acc.progress(), [])
+
+
+class LargeBodyTests(SynchronousTestCase):
+    """
+    Non-streaming bodies far over the event cap and the old 16 MiB keep.
+    """
+
+    def relay_body(self, route: str, request: dict[str, Any], body: bytes) -> tuple[AccountingGateway, list[Any], int]:
+        """
+        Relay C{body} in 64 KiB reads; return the gateway, the functions
+        run off the reactor thread, and the most body bytes held at once.
+        """
+        gw = AccountingGateway()
+        threaded: list[Any] = []
+
+        def in_thread(f: Any, *a: Any) -> Any:
+            threaded.append(f)
+            return maybeDeferred(f, *a)
+
+        gw.resource.accounting._in_thread = in_thread
+        gw.post(route, request)
+        r = FakeResponse(200, {b"content-type": [b"application/json"]})
+        gw.http.calls[0]["deferred"].callback(r)
+        [relay] = gw.resource.active
+        counter = relay.exchange.counter
+        peak = 0
+        for i in range(0, len(body), 65536):
+            r.send(body[i:i + 65536])
+            peak = max(peak, counter.kept)
+        r.end()
+        return gw, threaded, peak
+
+    def test_huge_embeddings_body_keeps_reported_usage(self) -> None:
+        """
+        A 20 MB embeddings answer (over any cap) still yields the usage the
+        provider reported, parsed off the reactor thread, while the
+        accounting never holds more than 1 MiB of it.
+        """
+        vector = [0.0123456] * 1536
+        obj = {
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": vector} for i in range(1400)],
+            "model": "text-embedding-3-small",
+            "usage": {"prompt_tokens": 123456, "total_tokens": 123456},
+        }
+        body = json.dumps(obj).encode()
+        self.assertGreater(len(body), 17 * 1024 * 1024)
+        gw, threaded, peak = self.relay_body("/v1/embeddings", {"model": "text-embedding-3-small", "input": ["x"] * 1400}, body)
+        [rec] = gw.ledger.records
+        self.assertEqual((rec.input_tokens, rec.output_tokens, rec.source, rec.outcome), (123456, 0, "reported", "completed"))
+        self.assertEqual(rec.bytes_out, len(body))
+        self.assertLessEqual(peak, 1024 * 1024 + 65536)
+        self.assertTrue(threaded)
+
+    def test_long_completion_body(self) -> None:
+        """
+        A 3 MB non-streaming Anthropic message: reported usage from its
+        end, the provider's id from its start, and at most 1 MiB held.
+        """
+        text = "word " * 600_000
+        obj = {
+            "id": "msg_big", "type": "message", "role": "assistant", "model": "claude-sonnet-4",
+            "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": None,
+            "usage": {"input_tokens": 40, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 8, "output_tokens": 600_000},
+        }
+        body = json.dumps(obj).encode()
+        gw, _, peak = self.relay_body("/v1/messages", {"model": "claude-sonnet-4", "max_tokens": 600_000, "messages": []}, body)
+        [rec] = gw.ledger.records
+        self.assertEqual(buckets(rec), (48, 600_000, 8, 0, 0))
+        self.assertEqual((rec.source, rec.upstream_id), ("reported", "msg_big"))
+        self.assertLessEqual(peak, 1024 * 1024 + 65536)

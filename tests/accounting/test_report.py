@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from llmgate.accounting import report
 from llmgate.accounting.ledger import Ledger
-from tests.accounting.test_ledger import makeRecord, syncRunner
+from tests.accounting.test_ledger import makeRecord, openRecord, syncRunner
 
 
 def at(day: int, hour: int = 12) -> float:
@@ -104,7 +104,7 @@ class ReportTests(SynchronousTestCase):
                 "requests": 2, "input_tokens": 30, "output_tokens": 12,
                 "cached_input_tokens": 4, "cache_creation_tokens": 0,
                 "reasoning_tokens": 0, "cost_usd": 0.75, "unknown_cost": 0,
-                "estimated": 0,
+                "estimated": 0, "in_flight": 0, "interrupted": 0,
             },
         )
 
@@ -258,3 +258,50 @@ class ReportTests(SynchronousTestCase):
         code, out, err = self.run_usage("--json")
         self.assertEqual((code, err), (0, ""))
         self.assertEqual(json.loads(out)["rows"], [])
+
+
+class OpenAndInterruptedTests(SynchronousTestCase):
+    """
+    The report over a ledger with open, finalised and interrupted rows.
+    """
+
+    def test_countedOnceAndShown(self) -> None:
+        """
+        A finalised request counts once (its open row is gone); rows the
+        previous run left open are shown as interrupted, with the tokens
+        known then; the current run's open rows are in_flight; --by outcome
+        tells them apart.
+        """
+        d = self.mktemp()
+        os.makedirs(d)
+        path = os.path.join(d, "usage.db")
+        clock = Clock()
+        done = makeRecord(0, ts=at(1), input_tokens=10, output_tokens=5)
+        cut = openRecord(1, ts=at(1), output_tokens=30, source="estimated")
+        first = Ledger(path, clock, run_in_thread=syncRunner)
+        first.startService()
+        first.open(openRecord(0, request_id=done.request_id, ts=at(1)))
+        first.open(cut)
+        clock.advance(first.batch_interval)
+        first.record(done)
+        self.successResultOf(first.stopService())  # cut never finished
+        second = Ledger(path, clock, run_in_thread=syncRunner)
+        second.startService()
+        second.open(openRecord(2, ts=at(1)))
+        clock.advance(second.batch_interval)
+
+        parser = argparse.ArgumentParser()
+        report.add_arguments(parser)
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        code = report.run(parser.parse_args(["--ledger", path, "--json", "--by", "outcome"]))
+        self.successResultOf(second.stopService())
+        self.assertEqual(code, 0)
+        doc = json.loads(out.getvalue())
+        self.assertEqual(
+            [(r["outcome"], r["requests"], r["output_tokens"], r["in_flight"], r["interrupted"]) for r in doc["rows"]],
+            [("completed", 1, 5, 0, 0), ("interrupted", 1, 30, 0, 1), ("open", 1, 0, 1, 0)],
+        )
+        self.assertEqual(
+            (doc["total"]["requests"], doc["total"]["in_flight"], doc["total"]["interrupted"]), (3, 1, 1)
+        )
