@@ -40,6 +40,24 @@ class OrderedMultiService(MultiService):
         _log.failure("error while stopping", failure)
 
 
+class ListenFailed(SystemExit, Exception):
+    """
+    A listener could not bind at start; the process exits with status 1.
+
+    A L{SystemExit}, so C{twistd -n} exits 1 without a traceback (the log
+    line says why); also an L{Exception}, so a daemonizing C{twistd} passes
+    it to its parent, which waits for the daemon's start-up report, prints
+    it, and exits 1 (a bare SystemExit leaves that parent waiting forever).
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(1)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class Listener(StreamServerEndpointService):
     """
     Listens on one endpoint; a port that cannot be bound ends the process.
@@ -48,7 +66,7 @@ class Listener(StreamServerEndpointService):
     daemon whose port is taken keeps running while listening on nothing:
     systemd sees it active and C{Restart=} never fires. Here the failure
     is one log line naming the setting, the endpoint and the reason, and
-    the process exits with status 1.
+    the process exits with status 1 (L{ListenFailed}).
 
     @param setting: the setting the endpoint came from, for the log line
         (C{--port}, C{[metrics] port}).
@@ -82,7 +100,7 @@ class Listener(StreamServerEndpointService):
         self._starting = False
         if now:
             # twistd has not run the reactor yet: leave before it does.
-            raise SystemExit(1)
+            raise ListenFailed(f"{_reason(now[0].value)}: {self.desc} ({self.setting})")
 
     def _cannot_listen(self, failure: Failure, now: list[Failure]) -> None:
         if failure.check(CancelledError):

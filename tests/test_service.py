@@ -62,6 +62,11 @@ class ListenerTests(SynchronousTestCase):
         with self.assertRaises(SystemExit) as e:
             lst.privilegedStartService()
         self.assertEqual(e.exception.code, 1)
+        # Also an Exception: a daemonizing twistd reports those to its parent.
+        self.assertIsInstance(e.exception, Exception)
+        self.assertEqual(
+            str(e.exception), "Address already in use: tcp:8080:interface=127.0.0.1 ([metrics] port)"
+        )
         [line] = self.critical()
         self.assertEqual(
             line, "cannot listen on tcp:8080:interface=127.0.0.1 ([metrics] port): Address already in use"

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 
 import openai
@@ -139,6 +141,23 @@ class LifecycleTests(SynchronousTestCase):
         desc = f"tcp:{port}:interface=127.0.0.1"
         d = self.daemon("llmgate", "--demo", "--port", desc, wait=False)
         self.assert_one_line_exit(d, desc + ":backlog=4096", "--port")
+
+    def test_port_in_use_when_daemonizing_exits_1(self) -> None:
+        """
+        Without -n, twistd's waiting parent reports the bind failure and
+        exits 1 (instead of waiting for a start-up report forever).
+        """
+        port = self.busy_port()
+        cmd = [
+            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            f"--pidfile={self.dir}/twistd.pid", f"--logfile={self.dir}/twistd.log",
+            "llmgate", "--demo", "--port", f"tcp:{port}:interface=127.0.0.1",
+        ]
+        r = subprocess.run(cmd, cwd=self.dir, capture_output=True, text=True, timeout=60)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("Address already in use", r.stderr)
+        with open(f"{self.dir}/twistd.log") as f:
+            self.assertIn(f"cannot listen on tcp:{port}:interface=127.0.0.1:backlog=4096 (--port)", f.read())
 
     def test_metrics_port_in_use_exits_1(self) -> None:
         """A [metrics] port already bound ends twistd the same way."""
