@@ -98,16 +98,31 @@ class Reloader(Service):
         self._load = load
         self._install = install
         self._previous: Any = None
+        self._installed = False
         self._loading = False
         self._again = False
 
+    def privilegedStartService(self) -> None:
+        # twistd calls this on the whole tree before any startService, and
+        # the listeners bind in theirs: installing here (as the tree's first
+        # child) means no client can be served before SIGHUP is handled.
+        super().privilegedStartService()
+        self._install_handler()
+
     def startService(self) -> None:
         super().startService()
-        self._previous = self._install(signal.SIGHUP, self._on_signal)
+        self._install_handler()
+
+    def _install_handler(self) -> None:
+        if not self._installed:
+            self._previous = self._install(signal.SIGHUP, self._on_signal)
+            self._installed = True
 
     def stopService(self) -> Any:
         super().stopService()
-        self._install(signal.SIGHUP, self._previous if self._previous is not None else signal.SIG_DFL)
+        if self._installed:
+            self._install(signal.SIGHUP, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False
         return None
 
     def _on_signal(self, signum: int, frame: Any) -> None:

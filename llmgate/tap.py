@@ -9,6 +9,7 @@ builds takes the reactor as an argument.
 from __future__ import annotations
 
 import gc
+import signal
 from typing import Any, Optional
 
 from twisted.application import service
@@ -182,6 +183,10 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
+        # Until the reload handler is installed (first thing when the tree
+        # starts), a SIGHUP (systemctl reload right after start) would kill
+        # the process: ignore it meanwhile, the file was just read.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     top = OrderedMultiService()
     cfg = options["loaded"]
     if cfg is None or cfg.accounting_enabled:

@@ -107,6 +107,21 @@ class ReloaderTests(SynchronousTestCase):
         r.stopService()
         self.assertEqual(self.signals.handlers[signal.SIGHUP], signal.SIG_DFL)
 
+    def test_handler_installed_before_listening(self) -> None:
+        """
+        The handler is installed by privilegedStartService, which twistd
+        runs on the whole tree before any listener starts; startService
+        then installs nothing more, and stop restores the previous one.
+        """
+        r = Reloader(self.path, self.running, self.applied.append, self.reactor, self.in_thread, install=self.signals)
+        r.privilegedStartService()
+        self.assertEqual(len(self.signals.installs), 1)
+        self.assertTrue(callable(self.signals.handlers[signal.SIGHUP]))
+        r.startService()
+        self.assertEqual(len(self.signals.installs), 1)
+        r.stopService()
+        self.assertEqual(self.signals.handlers[signal.SIGHUP], signal.SIG_DFL)
+
     def test_valid_file_replaces_the_config(self) -> None:
         """A valid changed file is applied: the new route is there, the old gone."""
         self.reloader()
