@@ -38,7 +38,9 @@ class Options(usage.Options):
     longdesc = (
         "Run the llmgate LLM API gateway. With no --config, providers come "
         "from OPENAI_API_KEY/OPENAI_BASE_URL and ANTHROPIC_API_KEY/"
-        "ANTHROPIC_BASE_URL; --demo serves a built-in mock provider instead."
+        "ANTHROPIC_BASE_URL; --demo serves a built-in mock provider instead. "
+        "SIGHUP re-reads --config for new requests (an invalid file is logged "
+        "and the running config kept); a port that cannot be bound exits 1."
     )
     optParameters = [
         ["config", "c", None, "Path of a TOML config file."],
