@@ -19,7 +19,8 @@ def _check_config(args: argparse.Namespace) -> int:
     a port already in use is found only at start.
     """
     try:
-        cfg = configmod.load(args.path)
+        # Run outside systemd: a systemd: endpoint is checked for syntax only.
+        cfg = configmod.load(args.path, inherited=False)
         ports = configmod.listen_endpoints(args.port, not cfg.keys, inherited=False)
     except configmod.ConfigError as e:
         print(f"invalid configuration: {e}", file=sys.stderr)

@@ -187,7 +187,7 @@ def _price(value: Any, where: str) -> float:
     return float(value)
 
 
-def _metrics_endpoint(value: Any) -> str:
+def _metrics_endpoint(value: Any, inherited: bool) -> str:
     """
     C{[metrics] port}: a port number listens on 127.0.0.1 (metrics name
     keys and models, which are not for everyone to read); a string is an
@@ -200,7 +200,7 @@ def _metrics_endpoint(value: Any) -> str:
     _expect(value, str, where)
     if value.isdigit():
         value = f"tcp:{value}:interface=127.0.0.1"
-    check_endpoint(value, where)
+    check_endpoint(value, where, inherited=inherited)
     return value
 
 
@@ -280,11 +280,14 @@ def _with_backlog(desc: str) -> str:
     return desc
 
 
-def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
+def parse(
+    data: Mapping[str, Any], env: Mapping[str, str] | None = None, *, inherited: bool = True
+) -> Config:
     """
     Validate a parsed TOML document into a L{Config}.
 
     @param env: the environment to read secrets from (L{os.environ} by default).
+    @param inherited: see L{check_endpoint}; false for C{check-config}.
     """
     env = os.environ if env is None else env
     _no_unknown(
@@ -408,7 +411,7 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Conf
     _no_unknown(metrics, {"port"}, "metrics")
     metrics_port = None
     if "port" in metrics:
-        metrics_port = _metrics_endpoint(metrics["port"])
+        metrics_port = _metrics_endpoint(metrics["port"], inherited)
 
     return Config(
         providers=providers,
@@ -471,7 +474,7 @@ def demo(base_url: str) -> Config:
     )
 
 
-def load(path: str, env: Mapping[str, str] | None = None) -> Config:
+def load(path: str, env: Mapping[str, str] | None = None, *, inherited: bool = True) -> Config:
     """
     Read and validate the TOML file at C{path}.
     """
@@ -482,4 +485,4 @@ def load(path: str, env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return parse(data, env)
+    return parse(data, env, inherited=inherited)

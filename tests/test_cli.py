@@ -70,3 +70,18 @@ class CheckConfigTests(SynchronousTestCase):
         code, out, _ = self.run_cli("check-config", path, "--port", "8081", "-p", "systemd:domain=INET:name=llmgate")
         self.assertEqual(code, 0)
         self.assertIn("tcp:8081:interface=127.0.0.1:backlog=4096, systemd:domain=INET:name=llmgate", out)
+
+    def test_systemd_metrics_socket(self) -> None:
+        """
+        A [metrics] port on a systemd socket passes check-config (run
+        outside systemd, it checks the syntax only) but is refused there
+        when malformed.
+        """
+        ok = self.write('[metrics]\nport = "systemd:domain=INET:name=llmgate-metrics"\n')
+        code, out, err = self.run_cli("check-config", ok)
+        self.assertEqual(code, 0, err)
+        self.assertIn("metrics on systemd:domain=INET:name=llmgate-metrics", out)
+        bad = self.write('[metrics]\nport = "systemd:domain=INET"\n')
+        code, _, err = self.run_cli("check-config", bad)
+        self.assertEqual(code, 1)
+        self.assertIn("metrics.port", err)
