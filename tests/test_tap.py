@@ -158,3 +158,36 @@ class ReloadRefusalTests(SynchronousTestCase):
         o = tap.Options()
         o.parseOptions(["--demo", "--port", "8081"])
         self.assertFalse(o["bare_public"])
+
+
+class ReloadWiringTests(SynchronousTestCase):
+    def test_reload_reaches_routes_keys_and_prices(self) -> None:
+        """
+        The tree's Reloader hands an accepted file to the gateway resource
+        (routes, gateway keys) and the accounting (prices).
+        """
+        from twisted.internet.defer import maybeDeferred
+
+        from llmgate import config
+        from llmgate.reload import Reloader
+
+        path = self.mktemp()
+        base = '[providers.p]\nkind = "openai"\nbase_url = "http://x/v1"\n'
+        with open(path, "w") as f:
+            f.write(base + '[models.old]\nprovider = "p"\n')
+        env = {"K1": "secret-1"}
+        top = tap.build(config.load(path, env), MemoryReactorClock(), ["tcp:1"], config_path=path)
+        [reloader] = [s for s in top if isinstance(s, Reloader)]
+        reloader._in_thread = maybeDeferred  # type: ignore[assignment]
+        reloader._load = lambda p: config.load(p, env)  # type: ignore[assignment]
+        [listener] = [s for s in top if isinstance(s, Listener)]
+        root = listener.factory.resource
+        with open(path, "w") as f:
+            f.write(
+                base + '[models.new]\nprovider = "p"\n[keys.team]\napi_key_env = "K1"\n'
+                '[prices.new]\ninput = 1\noutput = 2\n'
+            )
+        reloader.reload()
+        self.assertEqual(sorted(root.config.models), ["new"])
+        self.assertEqual([name for name, _ in root._keys], ["team"])
+        self.assertEqual(root.accounting.prices.lookup("new").output, 2.0)
