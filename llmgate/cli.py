@@ -13,14 +13,23 @@ from llmgate import config as configmod
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    """
+    The daemon's own checks (L{configmod.load}, L{configmod.listen_endpoints}),
+    so a file and ports that pass here start the daemon. Nothing listens:
+    a port already in use is found only at start.
+    """
     try:
-        cfg = configmod.load(args.path)
+        # Run outside systemd: a systemd: endpoint is checked for syntax only.
+        cfg = configmod.load(args.path, inherited=False)
+        ports = configmod.listen_endpoints(args.port, not cfg.keys, inherited=False)
     except configmod.ConfigError as e:
         print(f"invalid configuration: {e}", file=sys.stderr)
         return 1
     print(
         f"{args.path}: OK ({len(cfg.providers)} providers, {len(cfg.models)} models, "
-        f"{len(cfg.keys)} gateway keys)"
+        f"{len(cfg.keys)} gateway keys; listens on {', '.join(ports)}"
+        + (f"; metrics on {cfg.metrics_port}" if cfg.metrics_port else "")
+        + ")"
     )
     return 0
 
@@ -36,6 +45,10 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("check-config", help="validate a TOML config file")
     c.add_argument("path")
+    c.add_argument(
+        "--port", "-p", action="append", default=[],
+        help="a --port value the daemon will be given, to check too (repeatable)",
+    )
     c.set_defaults(func=_check_config)
     u = sub.add_parser("usage", help="sum tokens and cost from the usage ledger")
     try:

@@ -10,11 +10,12 @@ variable or a file that holds its key.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from urllib.parse import urlsplit
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 KINDS = ("openai", "anthropic")
 
@@ -176,11 +177,117 @@ def _positive(value: Any, where: str) -> float:
     return float(value)
 
 
-def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
+PRICE_FIELDS = ("input", "output", "cached_input", "cache_write")
+
+
+def _price(value: Any, where: str) -> float:
+    _expect(value, (int, float), where)
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{where}: must be a number >= 0 (USD per 1M tokens), got {value!r}")
+    return float(value)
+
+
+def _metrics_endpoint(value: Any, inherited: bool) -> str:
+    """
+    C{[metrics] port}: a port number listens on 127.0.0.1 (metrics name
+    keys and models, which are not for everyone to read); a string is an
+    endpoint string, checked here so a typo stops the daemon before it
+    starts rather than with a traceback.
+    """
+    where = "metrics.port"
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    _expect(value, str, where)
+    if value.isdigit():
+        value = f"tcp:{value}:interface=127.0.0.1"
+    check_endpoint(value, where, inherited=inherited)
+    return value
+
+
+def check_endpoint(desc: str, where: str, *, inherited: bool = True) -> None:
+    """
+    Parse the server endpoint string C{desc} as the daemon will, without
+    listening (nothing is bound: the endpoint is made on a memory reactor).
+
+    @param inherited: whether a C{systemd:} endpoint must name a socket this
+        process inherited. C{llmgate check-config} runs outside systemd, so
+        it checks only the syntax of those.
+    @raise ConfigError: naming C{where}, the string and a fix.
+    """
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    hint = (
+        "write a port number or a Twisted endpoint string such as "
+        "tcp:8080:interface=127.0.0.1"
+    )
+    if not desc or not desc.strip():
+        raise ConfigError(f"{where}: empty endpoint; {hint}")
+    systemd = desc.split(":", 1)[0] == "systemd"
+    try:
+        endpoint = serverFromString(MemoryReactor(), desc)
+    except (KeyError, IndexError) as e:
+        if not systemd:
+            raise ConfigError(f"{where}: invalid endpoint {desc!r} ({e}); {hint}") from None
+        if inherited:
+            raise ConfigError(
+                f"{where}: {desc!r}: systemd passed no such socket ({e}); start the "
+                f"service through its socket unit, and match name= to the socket's "
+                f"FileDescriptorName= (or index= to its position)"
+            ) from None
+    except Exception as e:
+        # Endpoint parsers raise what they like (ValueError, TypeError,
+        # AttributeError for an unknown address family, OSError for an
+        # unreadable certificate): every one is a bad setting.
+        raise ConfigError(f"{where}: invalid endpoint {desc!r} ({e}); {hint}") from None
+    else:
+        port = getattr(endpoint, "_port", None)
+        if isinstance(port, int) and not 0 <= port <= 65535:
+            raise ConfigError(f"{where}: invalid endpoint {desc!r} (port {port} is not 0-65535); {hint}")
+
+
+def listen_endpoints(raw: Sequence[str], open_relay: bool, *, inherited: bool = True) -> list[str]:
+    """
+    The endpoint strings to listen on for C{--port} values C{raw}
+    (C{8080} when there are none), each checked with L{check_endpoint}.
+
+    A bare port number is the common case (C{--port 8080}). Without gateway
+    keys anyone who reaches the port spends the provider keys, so a bare
+    port then listens on loopback only; a full endpoint string is taken as
+    given.
+
+    @raise ConfigError: naming the bad C{--port} value.
+    """
+    out = []
+    for value in raw or ["8080"]:
+        if value.isdigit():
+            desc = f"tcp:{value}:interface=127.0.0.1" if open_relay else f"tcp:{value}"
+        else:
+            desc = value
+        check_endpoint(desc, "--port", inherited=inherited)
+        out.append(_with_backlog(desc))
+    return out
+
+
+def _with_backlog(desc: str) -> str:
+    """
+    Twisted listens with a backlog of 50: a burst of new streams (hundreds
+    a second) overflows it and clients wait seconds to retry their SYNs.
+    TCP endpoints get a deep queue unless they name one.
+    """
+    if desc.split(":", 1)[0] in ("tcp", "tcp6") and "backlog=" not in desc:
+        return desc + ":backlog=4096"
+    return desc
+
+
+def parse(
+    data: Mapping[str, Any], env: Mapping[str, str] | None = None, *, inherited: bool = True
+) -> Config:
     """
     Validate a parsed TOML document into a L{Config}.
 
     @param env: the environment to read secrets from (L{os.environ} by default).
+    @param inherited: see L{check_endpoint}; false for C{check-config}.
     """
     env = os.environ if env is None else env
     _no_unknown(
@@ -291,11 +398,20 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Conf
     for model, table in _expect(data.get("prices", {}), dict, "prices").items():
         where = f"prices.{model}"
         _expect(table, dict, where)
-        _no_unknown(table, {"input", "output", "cached_input", "cache_write"}, where)
-        prices[model] = {k: float(_expect(v, (int, float), f"{where}.{k}")) for k, v in table.items()}
+        _no_unknown(table, set(PRICE_FIELDS), where)
+        for k in ("input", "output"):
+            if k not in table:
+                raise ConfigError(
+                    f"{where}.{k}: missing (set {k} = USD per 1M {k} tokens; "
+                    f"input and output are both required)"
+                )
+        prices[model] = {k: _price(v, f"{where}.{k}") for k, v in table.items()}
 
     metrics = _expect(data.get("metrics", {}), dict, "metrics")
     _no_unknown(metrics, {"port"}, "metrics")
+    metrics_port = None
+    if "port" in metrics:
+        metrics_port = _metrics_endpoint(metrics["port"], inherited)
 
     return Config(
         providers=providers,
@@ -313,9 +429,7 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Conf
             accounting.get("enabled", True), bool, "accounting.enabled"
         ),
         prices=prices,
-        metrics_port=_expect(metrics["port"], str, "metrics.port")
-        if "port" in metrics
-        else None,
+        metrics_port=metrics_port,
     )
 
 
@@ -360,7 +474,7 @@ def demo(base_url: str) -> Config:
     )
 
 
-def load(path: str, env: Mapping[str, str] | None = None) -> Config:
+def load(path: str, env: Mapping[str, str] | None = None, *, inherited: bool = True) -> Config:
     """
     Read and validate the TOML file at C{path}.
     """
@@ -371,4 +485,4 @@ def load(path: str, env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return parse(data, env)
+    return parse(data, env, inherited=inherited)

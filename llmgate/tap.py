@@ -9,10 +9,10 @@ builds takes the reactor as an argument.
 from __future__ import annotations
 
 import gc
+import signal
 from typing import Any, Optional
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -26,33 +26,11 @@ from llmgate.accounting.ledger import Ledger
 from llmgate.ops.metrics import Metrics, MetricsResource
 from llmgate.accounting.prices import PriceTable
 from llmgate.ops.drain import Drain
-from llmgate.service import OrderedMultiService
+from llmgate.reload import Reloader
+from llmgate.service import Listener, OrderedMultiService
 from llmgate.edge.site import GatewaySite
 from llmgate.api.resource import GatewayResource
 from llmgate.relay.client import UpstreamClient
-
-
-def _endpoint_string(value: str, open_relay: bool) -> str:
-    """
-    A bare port number is the common case (C{--port 8080}). Without gateway
-    keys anyone who reaches the port spends the provider keys, so a bare
-    port then listens on loopback only; a full endpoint string is taken as
-    given.
-    """
-    if not value.isdigit():
-        return _with_backlog(value)
-    return _with_backlog(f"tcp:{value}:interface=127.0.0.1" if open_relay else f"tcp:{value}")
-
-
-def _with_backlog(desc: str) -> str:
-    """
-    Twisted listens with a backlog of 50: a burst of new streams (hundreds
-    a second) overflows it and clients wait seconds to retry their SYNs.
-    TCP endpoints get a deep queue unless they name one.
-    """
-    if desc.split(":", 1)[0] in ("tcp", "tcp6") and "backlog=" not in desc:
-        return desc + ":backlog=4096"
-    return desc
 
 
 class Options(usage.Options):
@@ -60,7 +38,9 @@ class Options(usage.Options):
     longdesc = (
         "Run the llmgate LLM API gateway. With no --config, providers come "
         "from OPENAI_API_KEY/OPENAI_BASE_URL and ANTHROPIC_API_KEY/"
-        "ANTHROPIC_BASE_URL; --demo serves a built-in mock provider instead."
+        "ANTHROPIC_BASE_URL; --demo serves a built-in mock provider instead. "
+        "SIGHUP re-reads --config for new requests (an invalid file is logged "
+        "and the running config kept); a port that cannot be bound exits 1."
     )
     optParameters = [
         ["config", "c", None, "Path of a TOML config file."],
@@ -73,6 +53,7 @@ class Options(usage.Options):
         super().__init__()
         self["ports"] = []
         self["raw_ports"] = []
+        self["bare_public"] = False
 
     def opt_port(self, value: str) -> None:
         "Port number or Twisted endpoint string (tcp:8080:interface=127.0.0.1, ssl:..., systemd:domain=INET:index=0); repeatable. Default 8080. A bare port listens on 127.0.0.1 only when no gateway keys are configured."
@@ -89,10 +70,13 @@ class Options(usage.Options):
                 self["loaded"] = configmod.load(self["config"])
             elif not self["demo"]:
                 self["loaded"] = configmod.from_environment()
+            open_relay = self["loaded"] is None or not self["loaded"].keys
+            self["ports"] = configmod.listen_endpoints(self["raw_ports"], open_relay)
+            self["bare_public"] = not open_relay and any(
+                p.isdigit() for p in self["raw_ports"] or ["8080"]
+            )
         except configmod.ConfigError as e:
             raise usage.UsageError(f"invalid configuration: {e}") from None
-        open_relay = self["loaded"] is None or not self["loaded"].keys
-        self["ports"] = [_endpoint_string(p, open_relay) for p in self["raw_ports"] or ["8080"]]
 
 
 class _ListeningPort(service.Service):
@@ -106,20 +90,44 @@ class _ListeningPort(service.Service):
         return self._port.stopListening()
 
 
-def build(cfg: configmod.Config, reactor: Any, ports: list[str]) -> service.MultiService:
+def build(
+    cfg: configmod.Config,
+    reactor: Any,
+    ports: list[str],
+    config_path: Optional[str] = None,
+    bare_public: bool = False,
+) -> service.MultiService:
     """
     The gateway's service tree for C{cfg}: the upstream pool, the
-    accounting sinks and one listener per endpoint string.
+    accounting sinks, one listener per endpoint string, and the SIGHUP
+    reload of C{config_path}.
+
+    @param bare_public: whether a bare C{--port} number listens on every
+        interface (it does when gateway keys were configured at start).
     """
     top = OrderedMultiService()
 
     def in_thread(f: Any, *a: Any) -> Any:
         return deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
 
+    def apply(new: configmod.Config) -> None:
+        # Called only once the tree is running, when root and accounting
+        # (bound below) exist.
+        root.reconfigure(new)
+        # Costed when a request is recorded: a price changed by a reload
+        # applies to the requests that finish after it.
+        accounting.prices = PriceTable.from_config(dict(new.prices))
+
+    # First child, so it stops last: a SIGHUP during the drain still
+    # reloads instead of killing the process before the ledger is flushed.
+    Reloader(
+        config_path, cfg, apply, reactor, in_thread,
+        check=lambda new: _reload_refusal(new, bare_public),
+    ).setServiceParent(top)
     ledger = None
     if cfg.ledger_enabled:
-        # First child, so it stops last: records of requests cut off by the
-        # shutdown still reach the file.
+        # Before the rest, so it stops after them: records of requests cut
+        # off by the shutdown still reach the file.
         ledger = Ledger(cfg.ledger_path, reactor, batch_interval=cfg.ledger_batch_interval)
         ledger.setServiceParent(top)
     upstream = UpstreamClient(reactor, connect_timeout=cfg.timeouts.connect)
@@ -146,15 +154,30 @@ def build(cfg: configmod.Config, reactor: Any, ports: list[str]) -> service.Mult
     Drain(root, reactor, cfg.drain_seconds).setServiceParent(top)
     for desc in ports:
         ep = endpoints.serverFromString(reactor, desc)
-        StreamServerEndpointService(ep, site).setServiceParent(top)
+        Listener("--port", desc, ep, site, reactor).setServiceParent(top)
     if cfg.metrics_port:
         # On its own listener: metrics name keys and models, which are not
         # for every client of the gateway to read.
         msite = Site(MetricsResource(metrics.registry), reactor=reactor)
         msite.log = lambda request: None  # type: ignore[method-assign]
         ep = endpoints.serverFromString(reactor, cfg.metrics_port)
-        StreamServerEndpointService(ep, msite).setServiceParent(top)
+        Listener("[metrics] port", cfg.metrics_port, ep, msite, reactor).setServiceParent(top)
     return top
+
+
+def _reload_refusal(new: configmod.Config, bare_public: bool) -> Optional[str]:
+    """
+    A bare C{--port} chosen to listen on every interface because gateway
+    keys were configured must not become an open relay by a reload that
+    removes the last key.
+    """
+    if bare_public and not new.keys:
+        return (
+            "keys: the new file has no gateway keys, but a bare --port listens on every "
+            "interface (chosen at start because keys were set), so anyone could spend the "
+            "provider keys; keep a key, or restart to listen on 127.0.0.1 only"
+        )
+    return None
 
 
 def makeService(options: Options, reactor: Optional[Any] = None) -> service.MultiService:
@@ -162,6 +185,10 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
+        # Until the reload handler is installed (first thing when the tree
+        # starts), a SIGHUP (systemctl reload right after start) would kill
+        # the process: ignore it meanwhile, the file was just read.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     top = OrderedMultiService()
     cfg = options["loaded"]
     if cfg is None or cfg.accounting_enabled:
@@ -183,7 +210,9 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
             "no providers configured: every request will get 404. Set OPENAI_API_KEY "
             "or ANTHROPIC_API_KEY (and *_BASE_URL), pass --config, or try --demo."
         )
-    build(cfg, reactor, options["ports"]).setServiceParent(top)
+    build(
+        cfg, reactor, options["ports"], config_path=options["config"], bare_public=options["bare_public"]
+    ).setServiceParent(top)
     _tune_gc()
     return top
 

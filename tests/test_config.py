@@ -120,3 +120,79 @@ class UrlTests(SynchronousTestCase):
                 c.parse(provider(base_url=url), {})
             self.assertIn("providers.p.base_url", str(e.exception))
             self.assertIn(words, str(e.exception))
+
+
+class DaemonSettingsTests(SynchronousTestCase):
+    """
+    Everything the daemon uses at start is checked by parse, so a file that
+    passes check-config never stops the daemon with a traceback.
+    """
+
+    def error(self, doc: dict[str, object]) -> str:
+        with self.assertRaises(c.ConfigError) as e:
+            c.parse(doc, {})
+        return str(e.exception)
+
+    def test_price_without_output(self) -> None:
+        """A price with input but no output names prices.<model>.output."""
+        msg = self.error({"prices": {"my-model": {"input": 1.0}}})
+        self.assertIn("prices.my-model.output: missing", msg)
+        self.assertIn("USD per 1M", msg)
+
+    def test_negative_price(self) -> None:
+        """A negative or non-finite price is refused, naming the setting."""
+        msg = self.error({"prices": {"m": {"input": -1, "output": 2}}})
+        self.assertIn("prices.m.input", msg)
+        self.assertIn(">= 0", msg)
+        self.assertIn("prices.m.output", self.error({"prices": {"m": {"input": 1, "output": float("nan")}}}))
+
+    def test_valid_price(self) -> None:
+        """A complete price is kept as floats."""
+        cfg = c.parse({"prices": {"m": {"input": 1, "output": 2.5, "cached_input": 0}}}, {})
+        self.assertEqual(dict(cfg.prices["m"]), {"input": 1.0, "output": 2.5, "cached_input": 0.0})
+
+    def test_bad_metrics_endpoint(self) -> None:
+        """A [metrics] port that is not an endpoint string names metrics.port."""
+        for bad in ["tcp:abc", "nope:1", "tcp:70000", ""]:
+            msg = self.error({"metrics": {"port": bad}})
+            self.assertIn("metrics.port", msg, bad)
+            self.assertIn("tcp:8080:interface=127.0.0.1", msg)
+
+    def test_metrics_bare_port_is_loopback(self) -> None:
+        """A bare [metrics] port number (int or string) listens on 127.0.0.1."""
+        for port in [9464, "9464"]:
+            cfg = c.parse({"metrics": {"port": port}}, {})
+            self.assertEqual(cfg.metrics_port, "tcp:9464:interface=127.0.0.1")
+        cfg = c.parse({"metrics": {"port": "tcp:9464"}}, {})
+        self.assertEqual(cfg.metrics_port, "tcp:9464")
+
+
+class ListenEndpointTests(SynchronousTestCase):
+    def test_bad_port_value(self) -> None:
+        """A --port value that is no endpoint is one error naming --port."""
+        for bad in ["tcp:abc", "bogus:1", "70000", "systemd:domain=INET"]:
+            with self.assertRaises(c.ConfigError) as e:
+                c.listen_endpoints([bad], True)
+            self.assertIn("--port", str(e.exception))
+            self.assertIn(repr(bad) if not bad.isdigit() else "70000", str(e.exception))
+
+    def test_bare_ports(self) -> None:
+        """
+        A bare port listens on loopback only without gateway keys, on every
+        interface with them; 8080 when no --port is given; TCP gets a deep
+        backlog.
+        """
+        self.assertEqual(c.listen_endpoints([], True), ["tcp:8080:interface=127.0.0.1:backlog=4096"])
+        self.assertEqual(c.listen_endpoints(["81"], False), ["tcp:81:backlog=4096"])
+        self.assertEqual(c.listen_endpoints(["unix:/tmp/s"], True), ["unix:/tmp/s"])
+
+    def test_systemd_socket(self) -> None:
+        """
+        A systemd endpoint must name an inherited socket in the daemon; the
+        check outside systemd (check-config) looks at its syntax only.
+        """
+        desc = "systemd:domain=INET:name=llmgate-test-nothing"
+        self.assertEqual(c.listen_endpoints([desc], True, inherited=False), [desc])
+        with self.assertRaises(c.ConfigError) as e:
+            c.listen_endpoints([desc], True)
+        self.assertIn("FileDescriptorName", str(e.exception))

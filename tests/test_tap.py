@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmgate import tap
 from llmgate.relay.client import UpstreamClient
+from llmgate.service import Listener
 
 
 class OptionsTests(SynchronousTestCase):
@@ -64,7 +64,7 @@ class ServiceTests(SynchronousTestCase):
         top = tap.build(cfg, MemoryReactorClock(), ["tcp:1", "tcp:2"])
         kinds = [type(s) for s in top]
         self.assertIn(UpstreamClient, kinds)
-        self.assertEqual(kinds.count(StreamServerEndpointService), 2)
+        self.assertEqual([s.desc for s in top if isinstance(s, Listener)], ["tcp:1", "tcp:2"])
 
 
 class WarningTests(SynchronousTestCase):
@@ -87,3 +87,107 @@ class WarningTests(SynchronousTestCase):
         tap.makeService(o, reactor=MemoryReactorClock())
         warned = [e for e in events if "no providers configured" in e.get("log_format", "")]
         self.assertEqual(len(warned), 1)
+
+
+class StartErrorTests(SynchronousTestCase):
+    """
+    What the daemon cannot start with stops twistd as a usage error (one
+    line naming the setting), never as a traceback from makeService.
+    """
+
+    def usage_error(self, text: str, *args: str) -> str:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        with self.assertRaises(usage.UsageError) as e:
+            tap.Options().parseOptions(["--config", path, *args])
+        return str(e.exception)
+
+    def test_price_without_output(self) -> None:
+        """A price without output."""
+        self.assertIn("prices.m.output: missing", self.usage_error("[prices.m]\ninput = 1\n"))
+
+    def test_negative_price(self) -> None:
+        """A negative price."""
+        self.assertIn("prices.m.output", self.usage_error("[prices.m]\ninput = 1\noutput = -2\n"))
+
+    def test_bad_metrics_endpoint(self) -> None:
+        """A [metrics] port that is no endpoint string."""
+        self.assertIn("metrics.port", self.usage_error('[metrics]\nport = "tcp:abc"\n'))
+
+    def test_bad_port(self) -> None:
+        """--port tcp:abc, with or without a config file."""
+        self.assertIn("--port: invalid endpoint 'tcp:abc'", self.usage_error("", "--port", "tcp:abc"))
+        with self.assertRaises(usage.UsageError) as e:
+            tap.Options().parseOptions(["--demo", "--port", "tcp:abc"])
+        self.assertIn("--port", str(e.exception))
+
+    def test_missing_systemd_socket(self) -> None:
+        """A systemd endpoint naming no socket systemd passed says what to fix."""
+        msg = self.usage_error("", "--port", "systemd:domain=INET:name=llmgate-test-nothing")
+        self.assertIn("FileDescriptorName", msg)
+
+
+class ReloadRefusalTests(SynchronousTestCase):
+    def test_last_key_removed_with_public_bare_port(self) -> None:
+        """
+        A reload that removes every gateway key is refused when a bare
+        --port listens on every interface: it would become an open relay.
+        """
+        from llmgate import config
+
+        keyless = config.parse({}, {})
+        self.assertIn("keys:", tap._reload_refusal(keyless, bare_public=True))
+        self.assertIsNone(tap._reload_refusal(keyless, bare_public=False))
+        keyed = config.parse({"keys": {"a": {"api_key_env": "K"}}}, {"K": "s"})
+        self.assertIsNone(tap._reload_refusal(keyed, bare_public=True))
+
+    def test_bare_public_option(self) -> None:
+        """bare_public is set only for a bare --port with gateway keys."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('[keys.a]\napi_key_env = "PATH"\n')
+        for args, want in [
+            (["--port", "8081"], True),
+            ([], True),
+            (["--port", "tcp:8081"], False),
+        ]:
+            o = tap.Options()
+            o.parseOptions(["--config", path, *args])
+            self.assertEqual(o["bare_public"], want, args)
+        o = tap.Options()
+        o.parseOptions(["--demo", "--port", "8081"])
+        self.assertFalse(o["bare_public"])
+
+
+class ReloadWiringTests(SynchronousTestCase):
+    def test_reload_reaches_routes_keys_and_prices(self) -> None:
+        """
+        The tree's Reloader hands an accepted file to the gateway resource
+        (routes, gateway keys) and the accounting (prices).
+        """
+        from twisted.internet.defer import maybeDeferred
+
+        from llmgate import config
+        from llmgate.reload import Reloader
+
+        path = self.mktemp()
+        base = '[providers.p]\nkind = "openai"\nbase_url = "http://x/v1"\n'
+        with open(path, "w") as f:
+            f.write(base + '[models.old]\nprovider = "p"\n')
+        env = {"K1": "secret-1"}
+        top = tap.build(config.load(path, env), MemoryReactorClock(), ["tcp:1"], config_path=path)
+        [reloader] = [s for s in top if isinstance(s, Reloader)]
+        reloader._in_thread = maybeDeferred  # type: ignore[assignment]
+        reloader._load = lambda p: config.load(p, env)  # type: ignore[assignment]
+        [listener] = [s for s in top if isinstance(s, Listener)]
+        root = listener.factory.resource
+        with open(path, "w") as f:
+            f.write(
+                base + '[models.new]\nprovider = "p"\n[keys.team]\napi_key_env = "K1"\n'
+                '[prices.new]\ninput = 1\noutput = 2\n'
+            )
+        reloader.reload()
+        self.assertEqual(sorted(root.config.models), ["new"])
+        self.assertEqual([name for name, _ in root._keys], ["team"])
+        self.assertEqual(root.accounting.prices.lookup("new").output, 2.0)

@@ -101,6 +101,15 @@ class GatewayResource(Resource):
         # Start it (it is a Service) to enforce the relays' timeouts.
         self.watchdog = Watchdog(clock, self.active)
         self.draining = False
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """
+        Serve requests from now on with C{config} (a SIGHUP reload). Relays
+        in flight hold their own provider, model and timeouts, so they
+        finish on the config they started with.
+        """
+        self.config = config
         self._keys = [
             (k.name, hashlib.sha256(k.secret.encode()).digest()) for k in config.keys
         ]
