@@ -476,7 +476,10 @@ class GatewaySite(server.Site):
         class _Request(GatewayRequest):
             maxBody = limit
 
-        super().__init__(resource, requestFactory=_Request, reactor=reactor)
+        # timeout=None: no idle timer of Twisted's. It restarts on every byte
+        # (no defence against a trickle) and would cut a body that pauses a
+        # minute without a response; the deadlines below cover every phase.
+        super().__init__(resource, requestFactory=_Request, reactor=reactor, timeout=None)
         self.protocol = GatewayChannel
         self.clock = reactor
         self.budget = BodyBudget(max_buffered)

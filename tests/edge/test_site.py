@@ -107,6 +107,20 @@ class AbsoluteDeadlineTests(SynchronousTestCase):
         self.assertEqual(json.loads(body)["error"]["code"], "request_timeout")
         self.assertTrue(t.disconnecting)
 
+    def test_body_pause_within_deadline_served(self) -> None:
+        """
+        A body that pauses for over a minute but arrives within the body
+        deadline is served: Twisted's idle timer (60 s, silent close) is
+        off, the absolute deadlines govern.
+        """
+        gw = Gateway()
+        channel, t = gw.connect()
+        channel.dataReceived(HEAD + b"Content-Length: 13\r\n\r\n")
+        gw.clock.advance(61)
+        self.assertFalse(t.disconnecting)
+        channel.dataReceived(b'{"model":"m"}')
+        self.assertEqual(len(gw.http.calls), 1)
+
     def test_silent_connection_closed_without_response(self) -> None:
         """
         A connection that sends nothing is closed at the header deadline
