@@ -420,7 +420,14 @@ class GatewayChannel(http.HTTPChannel):
             self.loseConnection()
             delay = self.abortTimeout
         if self._abortingCall is None:
-            self._abortingCall = self.callLater(delay, self.forceAbortClient)
+            self._abortingCall = self.callLater(delay, self._abort)
+
+    def _abort(self) -> None:
+        # Quietly: under a flood of refused uploads, a log line per
+        # connection would be the flood's echo.
+        self._abortingCall = None
+        if self.transport is not None:
+            self.transport.abortConnection()
 
     # -- request cycle -------------------------------------------------------
 

@@ -9,13 +9,15 @@ import json
 from typing import Any, Optional
 
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from llmgate.accounting.recorder import Accounting
-from llmgate.edge.site import BODY_DEADLINE, HEADER_DEADLINE
-from tests.fakes import FakeResponse, Gateway, parse_response
+from llmgate.edge.site import BODY_DEADLINE, HEADER_DEADLINE, LINGER
+from tests.fakes import FakeResponse, Gateway, make_config, parse_response
 
 
 class DeadlineTests(SynchronousTestCase):
@@ -306,3 +308,44 @@ class BudgetTests(SynchronousTestCase):
         a.dataReceived(b"40\r\n" + b"x" * 64 + b"\r\n")
         self.assertEqual(parse_response(ta.value())[0], 503)
         self.assertEqual(gw.site.budget.used, 0)
+
+
+@implementer(ITCPTransport)
+class _HalfClosable(StringTransport):
+    """A StringTransport that, like TCP, can close its write half."""
+
+    write_closed = False
+    aborted = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+
+
+class LingerTests(SynchronousTestCase):
+    def test_refusal_half_closes_then_resets_after_linger(self) -> None:
+        """
+        Over TCP a refusal closes only the write half, so the answer is not
+        destroyed by a reset while the client is still sending; what it
+        sends is dropped unbuffered, and the connection is aborted LINGER
+        seconds later.
+        """
+        gw = Gateway(make_config(keys={"team": {"api_key_env": "GW_KEY"}}))
+        channel = gw.site.buildProtocol(None)
+        t = _HalfClosable()
+        channel.makeConnection(t)
+        channel.dataReceived(HEAD + b"Content-Length: 1000000\r\n\r\n")
+        self.assertEqual(parse_response(t.value())[0], 401)
+        self.assertTrue(t.write_closed)
+        self.assertFalse(t.disconnecting)
+        channel.dataReceived(b"x" * 65536)
+        self.assertEqual(channel.requests[-1].received, 0)
+        gw.clock.advance(LINGER - 0.1)
+        self.assertFalse(t.aborted)
+        gw.clock.advance(0.1)
+        self.assertTrue(t.aborted)
