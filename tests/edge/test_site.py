@@ -109,6 +109,26 @@ class AbsoluteDeadlineTests(SynchronousTestCase):
         self.assertEqual(json.loads(body)["error"]["code"], "request_timeout")
         self.assertTrue(t.disconnecting)
 
+    def test_slow_body_leaves_one_record(self) -> None:
+        """
+        A request cut by the body deadline was a request: one "rejected"
+        record with status 408 and the bytes it sent; header timeouts (no
+        complete request) leave none.
+        """
+        gw, ledger = _ledger_gateway()
+        channel, t = gw.connect()
+        channel.dataReceived(HEAD + b"Content-Length: 100\r\n\r\n{\"mo")
+        gw.clock.advance(BODY_DEADLINE)
+        self.assertEqual(parse_response(t.value())[0], 408)
+        self.assertEqual(
+            [(r.route, r.status, r.outcome, r.bytes_in) for r in ledger.records], [("/v1/chat/completions", 408, "rejected", 4)]
+        )
+        channel, t = gw.connect()
+        channel.dataReceived(b"POST /v1/chat/completions HTTP/1.1\r\n")
+        gw.clock.advance(HEADER_DEADLINE)
+        self.assertEqual(parse_response(t.value())[0], 408)
+        self.assertEqual(len(ledger.records), 1)
+
     def test_body_pause_within_deadline_served(self) -> None:
         """
         A body that pauses for over a minute but arrives within the body
