@@ -65,6 +65,8 @@ class Config:
     models: Mapping[str, ModelRoute]
     timeouts: Timeouts = Timeouts()
     max_body_bytes: int = 32 * 1024 * 1024
+    # Request bodies being received at once, across all connections.
+    max_buffered_body_bytes: int = 256 * 1024 * 1024
     drain_seconds: float = 25.0
     keys: tuple[GatewayKey, ...] = ()
     ledger_enabled: bool = True
@@ -373,11 +375,16 @@ def parse(
     )
 
     server = _expect(data.get("server", {}), dict, "server")
-    _no_unknown(server, {"max_body_bytes", "drain_seconds"}, "server")
+    _no_unknown(server, {"max_body_bytes", "max_buffered_body_bytes", "drain_seconds"}, "server")
     max_body = server.get("max_body_bytes", 32 * 1024 * 1024)
     _expect(max_body, int, "server.max_body_bytes")
     if max_body <= 0:
         raise ConfigError("server.max_body_bytes: must be greater than 0")
+    max_buffered = server.get("max_buffered_body_bytes", max(256 * 1024 * 1024, max_body))
+    _expect(max_buffered, int, "server.max_buffered_body_bytes")
+    if max_buffered < max_body:
+        # Else a body at the cap could never be received.
+        raise ConfigError("server.max_buffered_body_bytes: must be at least server.max_body_bytes")
 
     keys = []
     for name, table in _expect(data.get("keys", {}), dict, "keys").items():
@@ -418,6 +425,7 @@ def parse(
         models=models,
         timeouts=timeouts,
         max_body_bytes=max_body,
+        max_buffered_body_bytes=max_buffered,
         drain_seconds=_positive(server.get("drain_seconds", 25.0), "server.drain_seconds"),
         keys=tuple(keys),
         ledger_enabled=_expect(ledger.get("enabled", True), bool, "ledger.enabled"),

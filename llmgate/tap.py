@@ -148,7 +148,7 @@ def build(
         cfg, upstream.http, reactor, accounting, parse_in_thread=in_thread, coalesce=True
     )
     root.watchdog.setServiceParent(top)
-    site = GatewaySite(root, reactor, cfg.max_body_bytes)
+    site = GatewaySite(root, reactor, cfg.max_body_bytes, cfg.max_buffered_body_bytes)
     # Stopped after the listeners (children stop in reverse order) and
     # before the pool and the ledger.
     Drain(root, reactor, cfg.drain_seconds).setServiceParent(top)

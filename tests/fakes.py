@@ -140,7 +140,7 @@ class Gateway:
     def post(self, path: str, body: Any, headers: Optional[dict[str, str]] = None, raw: Optional[bytes] = None) -> tuple[Any, StringTransport]:
         channel, transport = self.connect()
         data = raw if raw is not None else json.dumps(body).encode()
-        head = f"POST {path} HTTP/1.1\r\nHost: gw.test\r\nContent-Length: {len(data)}\r\n"
+        head = f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
         for k, v in (headers or {}).items():
             head += f"{k}: {v}\r\n"
         channel.dataReceived(head.encode() + b"\r\n" + data)

@@ -31,6 +31,17 @@ class ParseTests(SynchronousTestCase):
         self.check(provider(default="yes"), "providers.p.default", "bool")
         self.check({"server": {"max_body_bytes": True}}, "server.max_body_bytes")
 
+    def test_buffered_bodies_budget(self) -> None:
+        """
+        server.max_buffered_body_bytes defaults to 256 MiB and may not be
+        below the per-request cap.
+        """
+        self.assertEqual(c.parse({}, {}).max_buffered_body_bytes, 256 * 1024 * 1024)
+        cfg = c.parse({"server": {"max_buffered_body_bytes": 64 * 1024 * 1024}}, {})
+        self.assertEqual(cfg.max_buffered_body_bytes, 64 * 1024 * 1024)
+        self.check({"server": {"max_buffered_body_bytes": 10}}, "server.max_buffered_body_bytes", "at least")
+        self.check({"server": {"max_buffered_body_bytes": "1G"}}, "server.max_buffered_body_bytes", "int")
+
     def test_missing_env_var(self) -> None:
         """A key from an unset environment variable is refused at start."""
         self.check(provider(api_key_env="NOPE_KEY"), "providers.p.api_key_env", "NOPE_KEY")

@@ -66,6 +66,16 @@ class ServiceTests(SynchronousTestCase):
         self.assertIn(UpstreamClient, kinds)
         self.assertEqual([s.desc for s in top if isinstance(s, Listener)], ["tcp:1", "tcp:2"])
 
+    def test_site_limits_from_config(self) -> None:
+        """The listening site takes the body cap and the buffered-bodies budget from the config."""
+        from llmgate import config
+
+        cfg = config.parse({"server": {"max_body_bytes": 1000, "max_buffered_body_bytes": 5000}}, {})
+        top = tap.build(cfg, MemoryReactorClock(), ["tcp:1"])
+        [listener] = [s for s in top if isinstance(s, StreamServerEndpointService)]
+        self.assertEqual(listener.factory.budget.limit, 5000)
+        self.assertEqual(listener.factory.requestFactory.maxBody, 1000)
+
 
 class WarningTests(SynchronousTestCase):
     def test_no_providers_warns(self) -> None:

@@ -145,7 +145,7 @@ class GatewayResource(Resource):
         )
 
     def _render_models(self, request: Any) -> bytes:
-        if self._authenticate(request) is None:
+        if self.authenticate(request) is None:
             return _write_error(request, "openai", 401, "invalid or missing gateway key", code="invalid_api_key")
         data = [
             {"id": name, "object": "model", "created": 0, "owned_by": m.provider}
@@ -154,19 +154,35 @@ class GatewayResource(Resource):
         request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
         return json.dumps({"object": "list", "data": data}).encode()
 
-    def _authenticate(self, request: Any) -> Optional[str]:
+    @property
+    def keyed(self) -> bool:
+        """
+        Whether gateway keys are configured; without them the edge admits
+        only loopback clients (see L{llmgate.edge.admission}).
+        """
+        return bool(self._keys)
+
+    def authenticate(self, request: Any) -> Optional[str]:
         """
         The name of the gateway key the request carries, C{"anonymous"} when
         no keys are configured, or L{None} when it carries no valid key.
+
+        The edge calls this as soon as the headers arrive, before reading
+        the body; two C{Authorization} or two C{x-api-key} headers are no
+        valid key (which one would be billed?).
         """
         if not self._keys:
             return "anonymous"
+        headers = request.requestHeaders
+        auth = headers.getRawHeaders(b"authorization") or []
+        api_key = headers.getRawHeaders(b"x-api-key") or []
+        if len(auth) > 1 or len(api_key) > 1:
+            return None
         presented = None
-        auth = request.getHeader(b"authorization")
-        if auth and auth[:7].lower() == b"bearer ":
-            presented = auth[7:].strip()
-        else:
-            presented = request.getHeader(b"x-api-key")
+        if auth and auth[0][:7].lower() == b"bearer ":
+            presented = auth[0][7:].strip()
+        elif api_key:
+            presented = api_key[0]
         if not presented:
             return None
         digest = hashlib.sha256(presented).digest()
@@ -186,7 +202,7 @@ class GatewayResource(Resource):
             return _write_error(
                 request, kind, 503, "the gateway is shutting down", headers={b"retry-after": b"1"}
             )
-        key_name = self._authenticate(request)
+        key_name = self.authenticate(request)
         if key_name is None:
             self._rejected(request, endpoint.path, 401)
             return _write_error(

@@ -216,7 +216,7 @@ class RejectedTests(SynchronousTestCase):
         gw2.resource.accounting = Accounting(gw2.clock, ledger=gw.ledger)
         gw2.post("/v1/chat/completions", {"model": "nope"})
         channel, _ = gw2.connect()
-        channel.dataReceived(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 21\r\n\r\n")
+        channel.dataReceived(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 21\r\n\r\n")
         statuses = sorted((r.route, r.status, r.outcome) for r in gw.ledger.records if r.outcome == "rejected")
         self.assertEqual(
             statuses,

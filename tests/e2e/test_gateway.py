@@ -211,7 +211,7 @@ class GatewayE2ETests(SynchronousTestCase):
         body = json.dumps({"model": "gpt-x", "stream": True, "messages": []}).encode()
         s = socket.create_connection(("127.0.0.1", self.gw.port))
         s.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             b"x-mock-tokens: 1000\r\nx-mock-delay-ms: 20\r\nContent-Length: %d\r\n\r\n" % len(body) + body
         )
         got = b""

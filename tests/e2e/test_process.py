@@ -29,7 +29,7 @@ def _request(port: int, body: dict, headers: str = "") -> socket.socket:  # type
     data = json.dumps(body).encode()
     s = socket.create_connection(("127.0.0.1", port))
     s.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         + headers.encode()
         + b"Content-Length: %d\r\n\r\n" % len(data)
         + data
@@ -265,7 +265,7 @@ class ProcessTests(SynchronousTestCase):
             data = json.dumps(body).encode()
             s = socket.create_connection(("127.0.0.1", gw.port))
             s.sendall(
-                f"POST {route} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"POST {route} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                 f"x-mock-fixture: {name}\r\nConnection: close\r\nContent-Length: {len(data)}\r\n\r\n".encode()
                 + data
             )

@@ -387,7 +387,7 @@ class ErrorTests(SynchronousTestCase):
         """GET on a POST route is a 405 with Allow."""
         gw = Gateway()
         channel, t = gw.connect()
-        channel.dataReceived(b"GET /v1/messages HTTP/1.1\r\nHost: x\r\n\r\n")
+        channel.dataReceived(b"GET /v1/messages HTTP/1.1\r\nHost: localhost\r\n\r\n")
         status, headers, body, _ = parse_response(t.value())
         self.assertEqual(status, 405)
         self.assertEqual(headers[b"allow"], [b"POST"])
@@ -400,7 +400,7 @@ class ErrorTests(SynchronousTestCase):
         """
         gw = Gateway(max_body=100)
         channel, t = gw.connect()
-        channel.dataReceived(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 101\r\n\r\n")
+        channel.dataReceived(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 101\r\n\r\n")
         status, _, body, _ = parse_response(t.value())
         self.assertEqual(status, 413)
         self.assertEqual(json.loads(body)["error"]["type"], "request_too_large")
@@ -411,7 +411,7 @@ class ErrorTests(SynchronousTestCase):
         """A chunked body is refused as soon as it passes the cap."""
         gw = Gateway(max_body=100)
         channel, t = gw.connect()
-        channel.dataReceived(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        channel.dataReceived(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
         channel.dataReceived(b"40\r\n" + b"x" * 64 + b"\r\n")
         self.assertEqual(t.value(), b"")
         channel.dataReceived(b"40\r\n" + b"x" * 64 + b"\r\n0\r\n\r\n")
