@@ -72,7 +72,7 @@ class ServiceTests(SynchronousTestCase):
 
         cfg = config.parse({"server": {"max_body_bytes": 1000, "max_buffered_body_bytes": 5000}}, {})
         top = tap.build(cfg, MemoryReactorClock(), ["tcp:1"])
-        [listener] = [s for s in top if isinstance(s, StreamServerEndpointService)]
+        [listener] = [s for s in top if isinstance(s, Listener)]
         self.assertEqual(listener.factory.budget.limit, 5000)
         self.assertEqual(listener.factory.requestFactory.maxBody, 1000)
 

@@ -222,7 +222,7 @@ def post(port: int, path: str, body: dict[str, Any], headers: str = "", timeout:
     data = json.dumps(body).encode()
     s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     s.sendall(
-        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n{headers}"
+        f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nConnection: close\r\n{headers}"
         f"Content-Length: {len(data)}\r\n\r\n".encode()
         + data
     )
