@@ -119,9 +119,13 @@ def make_config(**doc: Any) -> configmod.Config:
 
 
 class Gateway:
-    """A GatewayResource on a Site over in-memory transports."""
+    """
+    A GatewayResource on a Site over in-memory transports, configured as
+    C{twistd llmgate} runs it: writes coalesced to the end of the reactor
+    turn (run the turn with C{clock.advance(0)}).
+    """
 
-    def __init__(self, cfg: Optional[configmod.Config] = None, max_body: Optional[int] = None, coalesce: bool = False) -> None:
+    def __init__(self, cfg: Optional[configmod.Config] = None, max_body: Optional[int] = None, coalesce: bool = True) -> None:
         self.clock = MemoryReactorClock()
         self.cfg = cfg or make_config()
         self.http = FakeHTTP()
