@@ -148,6 +148,7 @@ class FixtureAccountingTests(SynchronousTestCase):
             r.send(b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":" ' + word.encode() + b'"}}],"usage":null}\n\n')
         channel.connectionLost(Failure(ConnectionDone()))
         self.assertTrue(r.transport.stopped)
+        gw.clock.advance(0)  # the upstream's connectionLost, a turn later
         [rec] = gw.ledger.records
         self.assertEqual((rec.outcome, rec.phase, rec.source), ("client_cancelled", "body", "estimated"))
         self.assertEqual(rec.output_tokens, 6)
@@ -249,6 +250,7 @@ class IdleTests(SynchronousTestCase):
         gw.http.calls[0]["deferred"].callback(r)
         r.send(b'data: {"choices":[{"delta":{"content":" hi"}}]}\n\n')
         channel.connectionLost(Failure(ConnectionDone()))
+        gw.clock.advance(0)  # the upstream's connectionLost: the exchange ends
         idle = acc.idle()
         self.assertNoResult(idle)
         self.assertEqual(gw.ledger.records, [])
