@@ -487,6 +487,10 @@ class UpstreamCredentialTests(SynchronousTestCase):
         _, t = gw.post("/v1/chat/completions", {"model": "gpt-4o"})
         r = FakeResponse(401, {b"content-type": [b"application/json"]})
         gw.http.calls[0]["deferred"].callback(r)
+        # What OpenAI answers to a bad key: a body quoting part of it.
+        r.send(b'{"error":{"message":"Incorrect API key provided: sk-upstr*****-oai.","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}')
+        r.end()
+        gw.clock.advance(0)
         status, headers, body, _ = parse_response(t.value())
         self.assertEqual(status, 502)
         self.assertEqual(headers[b"x-should-retry"], [b"false"])
