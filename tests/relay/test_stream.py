@@ -78,14 +78,21 @@ class StreamingTests(SynchronousTestCase):
         self.assertIn(E2, self.transport.value())
 
     def test_sse_headers(self) -> None:
-        """Event streams go out unbuffered by intermediaries and uncached."""
-        r = self.respond()
+        """
+        Event streams go out unbuffered by intermediaries, uncached, and
+        uncompressed even to a client that accepts gzip.
+        """
+        _, transport = self.gw.post("/v1/chat/completions", CHAT, headers={"Accept-Encoding": "gzip"})
+        r = FakeResponse(200, SSE_HEADERS)
+        self.gw.http.calls[1]["deferred"].callback(r)
         r.send(E1)
-        status, headers, _, _ = parse_response(self.transport.value())
+        self.gw.clock.advance(0)
+        status, headers, body, _ = parse_response(transport.value())
         self.assertEqual(status, 200)
         self.assertEqual(headers[b"cache-control"], [b"no-cache"])
         self.assertEqual(headers[b"x-accel-buffering"], [b"no"])
         self.assertNotIn(b"content-encoding", headers)
+        self.assertEqual(body, E1)
 
     def test_split_event_is_joined(self) -> None:
         """An event split over reads is written once it is complete."""
