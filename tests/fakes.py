@@ -118,11 +118,35 @@ class FakeHTTP:
         return d
 
 
+def next_turn(clock: Any) -> Any:
+    """
+    An C{in_thread} runner for L{Accounting} as production's thread pool
+    behaves for the caller: the result arrives on a later reactor turn,
+    never before the call returns (run it with C{clock.advance(0)}).
+    """
+
+    def run(f: Any, *a: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+
+        def call() -> None:
+            try:
+                result = f(*a)
+            except BaseException:
+                d.errback(Failure())
+            else:
+                d.callback(result)
+
+        clock.callLater(0, call)
+        return d
+
+    return run
+
+
 class RecordingAccounting(Accounting):
     """The real sink, remembering the exchanges it got."""
 
     def __init__(self, clock: Any) -> None:
-        super().__init__(clock)
+        super().__init__(clock, in_thread=next_turn(clock))
         self.exchanges: list[Any] = []
 
     def finished(self, ex: Any) -> None:

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from llmgate.accounting import tokens
 from llmgate.accounting.recorder import Accounting, strip_usage_chunks
 from llmgate.mock.provider import mock_text
-from tests.fakes import SSE_HEADERS, FakeResponse, Gateway, make_config, parse_response
+from tests.fakes import SSE_HEADERS, FakeResponse, Gateway, make_config, next_turn, parse_response
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(tokens.__file__)), "mock", "fixtures")
 
@@ -39,7 +39,9 @@ class AccountingGateway(Gateway):
     def __init__(self) -> None:
         super().__init__()
         self.ledger = ListLedger()
-        acc = Accounting(self.clock, ledger=self.ledger)
+        # Estimates and big bodies are counted off the reactor thread, as
+        # twistd llmgate does: their records arrive a turn later.
+        acc = Accounting(self.clock, ledger=self.ledger, in_thread=next_turn(self.clock))
         self.resource.accounting = acc
 
 
@@ -114,6 +116,7 @@ class FixtureAccountingTests(SynchronousTestCase):
         gw.http.calls[0]["deferred"].callback(r)
         r.send(fixture("openai_chat_stream_truncated.sse"))
         r.fail()
+        gw.clock.advance(0)  # the estimate runs off the reactor thread
         [rec] = gw.ledger.records
         self.assertEqual((rec.outcome, rec.phase, rec.source), ("upstream_error", "body", "estimated"))
         # The relayed text, "Lighthouse keepers once burned whale oil", is 8
@@ -131,6 +134,7 @@ class FixtureAccountingTests(SynchronousTestCase):
             "anthropic_messages_stream_error.sse", "/v1/messages", {"model": "claude-sonnet-4", "stream": True}, 7, SSE_HEADERS
         )
         self.assertIn(b"event: error", transport.value())
+        gw.clock.advance(0)  # the estimate runs off the reactor thread
         [rec] = gw.ledger.records
         self.assertEqual((rec.outcome, rec.source, rec.input_tokens), ("upstream_error", "estimated", 58))
         # "Sourdough starters need feeding roughly every" is 8 cl100k_base
