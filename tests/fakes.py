@@ -10,7 +10,7 @@ import json
 from typing import Any, Optional
 
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionLost
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
@@ -28,7 +28,10 @@ from llmgate.api.resource import GatewayResource
 class FakeBodyTransport:
     """
     Stands for treq's TransportProxyProducer: records pause/resume/stop and,
-    like the real one, ends the body with a failure when stopped.
+    like the real one, ends the body with a failure when stopped: not at
+    once, but on a later reactor turn (stopProducing is the TCP transport's
+    loseConnection, and connectionLost comes from the reactor after it).
+    C{clock} is set by L{FakeHTTP} when the response is delivered.
     """
 
     def __init__(self) -> None:
@@ -36,6 +39,8 @@ class FakeBodyTransport:
         self.resumed = 0
         self.stopped = False
         self.protocol: Any = None
+        self.response: Any = None
+        self.clock: Any = None
 
     def pauseProducing(self) -> None:
         self.paused += 1
@@ -47,7 +52,7 @@ class FakeBodyTransport:
         if self.stopped:
             return
         self.stopped = True
-        self.protocol.connectionLost(Failure(ResponseFailed([Failure(ConnectionLost())])))
+        self.clock.callLater(0, self.response.lost, Failure(ResponseFailed([Failure(ConnectionDone())])))
 
 
 class FakeResponse:
@@ -56,7 +61,9 @@ class FakeResponse:
         self.phrase = phrase
         self.headers = Headers(headers or {})
         self.transport = FakeBodyTransport()
+        self.transport.response = self
         self.protocol: Any = None
+        self.ended = False
 
     def deliverBody(self, protocol: Any) -> None:
         self.protocol = protocol
@@ -66,21 +73,37 @@ class FakeResponse:
     def send(self, data: bytes) -> None:
         self.protocol.dataReceived(data)
 
+    def lost(self, reason: Failure) -> None:
+        """The body ends with C{reason}, once: a body never ends twice."""
+        if self.ended:
+            return
+        self.ended = True
+        self.protocol.connectionLost(reason)
+
     def end(self) -> None:
-        self.protocol.connectionLost(Failure(ResponseDone()))
+        self.lost(Failure(ResponseDone()))
 
     def fail(self) -> None:
-        self.protocol.connectionLost(Failure(ResponseFailed([Failure(ConnectionLost())])))
+        self.lost(Failure(ResponseFailed([Failure(ConnectionLost())])))
 
 
 SSE_HEADERS = {b"content-type": [b"text/event-stream; charset=utf-8"]}
 
 
 class FakeHTTP:
-    """A treq-like client: each request returns a Deferred the test fires."""
+    """
+    A treq-like client: each request returns a Deferred the test fires. A
+    L{FakeResponse} fired into it gets the clock its stopped body ends on.
+    """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Any = None) -> None:
         self.calls: list[dict[str, Any]] = []
+        self.clock = clock
+
+    def _bind(self, response: Any) -> Any:
+        if isinstance(response, FakeResponse):
+            response.transport.clock = self.clock
+        return response
 
     def request(self, method: str, url: str, **kw: Any) -> Deferred[Any]:
         call: dict[str, Any] = {"method": method, "url": url, **kw, "cancelled": False}
@@ -89,16 +112,41 @@ class FakeHTTP:
             call["cancelled"] = True
 
         d: Deferred[Any] = Deferred(cancel)
+        d.addCallback(self._bind)
         call["deferred"] = d
         self.calls.append(call)
         return d
+
+
+def next_turn(clock: Any) -> Any:
+    """
+    An C{in_thread} runner for L{Accounting} as production's thread pool
+    behaves for the caller: the result arrives on a later reactor turn,
+    never before the call returns (run it with C{clock.advance(0)}).
+    """
+
+    def run(f: Any, *a: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+
+        def call() -> None:
+            try:
+                result = f(*a)
+            except BaseException:
+                d.errback(Failure())
+            else:
+                d.callback(result)
+
+        clock.callLater(0, call)
+        return d
+
+    return run
 
 
 class RecordingAccounting(Accounting):
     """The real sink, remembering the exchanges it got."""
 
     def __init__(self, clock: Any) -> None:
-        super().__init__(clock)
+        super().__init__(clock, in_thread=next_turn(clock))
         self.exchanges: list[Any] = []
 
     def finished(self, ex: Any) -> None:
@@ -119,12 +167,16 @@ def make_config(**doc: Any) -> configmod.Config:
 
 
 class Gateway:
-    """A GatewayResource on a Site over in-memory transports."""
+    """
+    A GatewayResource on a Site over in-memory transports, configured as
+    C{twistd llmgate} runs it: writes coalesced to the end of the reactor
+    turn (run the turn with C{clock.advance(0)}).
+    """
 
-    def __init__(self, cfg: Optional[configmod.Config] = None, max_body: Optional[int] = None, coalesce: bool = False) -> None:
+    def __init__(self, cfg: Optional[configmod.Config] = None, max_body: Optional[int] = None, coalesce: bool = True) -> None:
         self.clock = MemoryReactorClock()
         self.cfg = cfg or make_config()
-        self.http = FakeHTTP()
+        self.http = FakeHTTP(self.clock)
         self.accounting = RecordingAccounting(self.clock)
         self.resource = GatewayResource(self.cfg, self.http, self.clock, self.accounting, coalesce=coalesce)
         self.resource.watchdog.startService()

@@ -76,6 +76,19 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(listener.factory.budget.limit, 5000)
         self.assertEqual(listener.factory.requestFactory.maxBody, 1000)
 
+    def test_writes_coalesced(self) -> None:
+        """
+        The gateway twistd runs coalesces client writes per reactor turn,
+        the configuration tests.fakes.Gateway gives the unit tests.
+        """
+        from llmgate import config
+        from llmgate.relay.stream import Coalescer
+
+        cfg = config.parse({"providers": {"p": {"kind": "openai", "base_url": "http://x/v1", "default": True}}}, {})
+        top = tap.build(cfg, MemoryReactorClock(), ["tcp:1"])
+        [listener] = [s for s in top if isinstance(s, StreamServerEndpointService)]
+        self.assertIsInstance(listener.factory.resource._coalescer, Coalescer)
+
 
 class WarningTests(SynchronousTestCase):
     def test_no_providers_warns(self) -> None:

@@ -394,10 +394,11 @@ class ByteTestTests(SynchronousTestCase):
         Only the choices-empty chunk with non-null usage is usage-only, in
         both chat fixtures that have one.
         """
-        for name in ("openai_chat_stream.sse", "openai_chat_stream_tools.sse"):
+        # 18 and 15 data lines: the usage chunk is the last but one ([DONE]).
+        for name, n in (("openai_chat_stream.sse", 18), ("openai_chat_stream_tools.sse", 15)):
             events = EventStreamParser().feed(fixture(name))
             flags = [is_usage_only_chunk(data) for _, data in events]
-            self.assertEqual(flags, [False] * (len(events) - 2) + [True, False], name)
+            self.assertEqual(flags, [False] * (n - 2) + [True, False], name)
         self.assertFalse(is_usage_only_chunk(b'{"choices":[{"delta":{}}],"usage":{"prompt_tokens":1}}'))
         self.assertFalse(is_usage_only_chunk(b"[DONE]"))
 

@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
 from llmgate.mock import tap as mock_tap
-from llmgate.mock.provider import MOCK_WORDS, MockProvider, mock_prompt_tokens, mock_text
+from llmgate.mock.provider import MOCK_WORDS, MockProvider, mock_text
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "llmgate", "mock", "fixtures")
 ENCODINGS = os.path.join(os.path.dirname(__file__), "..", "..", "llmgate", "accounting", "encodings")
@@ -31,6 +31,17 @@ ENCODINGS = os.path.join(os.path.dirname(__file__), "..", "..", "llmgate", "acco
 def fixture(name: str) -> bytes:
     with open(os.path.join(FIXTURES, name), "rb") as f:
         return f.read()
+
+
+# The mock's 32 words, written out here so that expected texts do not come
+# from the module under test.
+_WORDS = ("the and of to in is it that for on with as was he be at by this had"
+          " not are but from or have an they which one you were all").split()
+
+
+def words(n: int) -> str:
+    """The text the mock must generate for n tokens: its words in order, cycling."""
+    return "".join(" " + _WORDS[i % len(_WORDS)] for i in range(n))
 
 
 class Response:
@@ -129,14 +140,14 @@ class WordsTests(SynchronousTestCase):
                 tokens = {base64.b64decode(line.split()[0]) for line in f if line.strip()}
             for word in MOCK_WORDS:
                 self.assertIn(word.encode(), tokens, (name, word))
-        self.assertEqual(mock_text(34), "".join(MOCK_WORDS) + MOCK_WORDS[0] + MOCK_WORDS[1])
+        self.assertEqual(mock_text(34), words(34))
 
 
 class ChatTests(MockTestCase):
     def test_chat_stream_without_usage(self) -> None:
         """
         A chat stream is a role chunk, N content chunks that join to
-        mock_text(N), a finish chunk and [DONE], with no usage field at all
+        words(N), a finish chunk and [DONE], with no usage field at all
         when include_usage was not asked for; SSE headers, no content-length.
         """
         r = self.get("/v1/chat/completions", {"model": "m1", "stream": True}, x_mock_tokens="5")
@@ -151,7 +162,7 @@ class ChatTests(MockTestCase):
         chunks = chunks[:-1]
         self.assertEqual(chunks[0]["choices"][0]["delta"]["role"], "assistant")
         text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
-        self.assertEqual(text, mock_text(5))
+        self.assertEqual(text, words(5))
         self.assertEqual(len(chunks), 1 + 5 + 1)
         self.assertEqual(chunks[-1]["choices"][0]["finish_reason"], "stop")
         for c in chunks:
@@ -165,7 +176,7 @@ class ChatTests(MockTestCase):
         """
         With stream_options.include_usage, a usage-only chunk (choices=[])
         comes just before [DONE], reporting N completion tokens and
-        mock_prompt_tokens(body); every other chunk has usage null.
+        len(body) // 4 prompt tokens; every other chunk has usage null.
         """
         body = json.dumps({"model": "m", "stream": True,
                            "stream_options": {"include_usage": True}}).encode()
@@ -174,13 +185,13 @@ class ChatTests(MockTestCase):
         self.assertEqual(chunks[-1], "[DONE]")
         usage_chunk = chunks[-2]
         self.assertEqual(usage_chunk["choices"], [])
-        p = mock_prompt_tokens(body)
+        p = 18  # the mock's rule, len(body) // 4, for this 73-byte body
         self.assertEqual(usage_chunk["usage"], {"prompt_tokens": p, "completion_tokens": 7,
                                                 "total_tokens": p + 7})
         for c in chunks[:-2]:
             self.assertIsNone(c["usage"])
         text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-2])
-        self.assertEqual(text, mock_text(7))
+        self.assertEqual(text, words(7))
 
     def test_chat_json(self) -> None:
         """
@@ -194,8 +205,8 @@ class ChatTests(MockTestCase):
         obj = r.json()
         self.assertEqual(obj["object"], "chat.completion")
         self.assertEqual(obj["model"], "gpt-x")
-        self.assertEqual(obj["choices"][0]["message"]["content"], mock_text(16))
-        p = mock_prompt_tokens(body)
+        self.assertEqual(obj["choices"][0]["message"]["content"], words(16))
+        p = 8  # len(body) // 4 for this 34-byte body
         self.assertEqual(obj["usage"], {"prompt_tokens": p, "completion_tokens": 16,
                                         "total_tokens": p + 16})
         self.assertEqual(self.mock.stats["streams_started"], 0)
@@ -206,7 +217,7 @@ class ChatTests(MockTestCase):
         chunks = r.data()
         self.assertEqual(chunks[-1], "[DONE]")
         self.assertEqual({c["object"] for c in chunks[:-1]}, {"text_completion"})
-        self.assertEqual("".join(c["choices"][0]["text"] for c in chunks[:-1]), mock_text(4))
+        self.assertEqual("".join(c["choices"][0]["text"] for c in chunks[:-1]), words(4))
         self.assertEqual(chunks[-2]["choices"][0]["finish_reason"], "stop")
 
     def test_invalid_json(self) -> None:
@@ -224,7 +235,7 @@ class OtherApiTests(MockTestCase):
     def test_anthropic_stream(self) -> None:
         """
         An Anthropic stream has the documented event order, input tokens in
-        message_start (output 1), N text deltas joining to mock_text(N) and
+        message_start (output 1), N text deltas joining to words(N) and
         the cumulative output count N in message_delta; the JSON type equals
         the event name and request-id is set.
         """
@@ -242,9 +253,9 @@ class OtherApiTests(MockTestCase):
         self.assertEqual([d["type"] for d in data], names)
         start = data[0]["message"]
         self.assertEqual(start["model"], "claude-x")
-        self.assertEqual(start["usage"]["input_tokens"], mock_prompt_tokens(body))
+        self.assertEqual(start["usage"]["input_tokens"], 13)  # len(body) // 4, 55 bytes
         self.assertEqual(start["usage"]["output_tokens"], 1)
-        self.assertEqual("".join(d["delta"]["text"] for d in data[3:9]), mock_text(6))
+        self.assertEqual("".join(d["delta"]["text"] for d in data[3:9]), words(6))
         self.assertEqual(data[-2]["usage"]["output_tokens"], 6)
         self.assertEqual(data[-2]["delta"]["stop_reason"], "end_turn")
 
@@ -252,11 +263,11 @@ class OtherApiTests(MockTestCase):
         """A non-stream Message carries the text and usage; count_tokens the input count."""
         body = json.dumps({"model": "c", "messages": []}).encode()
         obj = self.get("/v1/messages", body, x_mock_tokens="3").json()
-        self.assertEqual(obj["content"], [{"type": "text", "text": mock_text(3)}])
+        self.assertEqual(obj["content"], [{"type": "text", "text": words(3)}])
         self.assertEqual(obj["usage"]["output_tokens"], 3)
-        self.assertEqual(obj["usage"]["input_tokens"], mock_prompt_tokens(body))
+        self.assertEqual(obj["usage"]["input_tokens"], 7)  # len(body) // 4, 30 bytes
         obj = self.get("/v1/messages/count_tokens", body).json()
-        self.assertEqual(obj, {"input_tokens": mock_prompt_tokens(body)})
+        self.assertEqual(obj, {"input_tokens": 7})
 
     def test_responses_stream(self) -> None:
         """
@@ -275,9 +286,9 @@ class OtherApiTests(MockTestCase):
         data = [json.loads(d) for _, d in events]
         self.assertEqual([d["type"] for d in data], names)
         self.assertEqual([d["sequence_number"] for d in data], list(range(len(data))))
-        self.assertEqual("".join(d["delta"] for d in data[4:7]), mock_text(3))
+        self.assertEqual("".join(d["delta"] for d in data[4:7]), words(3))
         usage = data[-1]["response"]["usage"]
-        p = mock_prompt_tokens(body)
+        p = 11  # len(body) // 4 for this 45-byte body
         self.assertEqual((usage["input_tokens"], usage["output_tokens"], usage["total_tokens"]),
                          (p, 3, p + 3))
         self.assertNotIn(b"[DONE]", r.body)
@@ -292,9 +303,8 @@ class OtherApiTests(MockTestCase):
         obj = r.json()
         self.assertEqual([d["index"] for d in obj["data"]], [0, 1])
         self.assertEqual(len(obj["data"][0]["embedding"]), 4)
-        raw = json.dumps(body).encode()
-        self.assertEqual(obj["usage"], {"prompt_tokens": mock_prompt_tokens(raw),
-                                        "total_tokens": mock_prompt_tokens(raw)})
+        # len(body) // 4 for the 52 bytes json.dumps(body) makes
+        self.assertEqual(obj["usage"], {"prompt_tokens": 13, "total_tokens": 13})
         b64 = self.get("/v1/embeddings", {**body, "encoding_format": "base64"}).json()
         decoded = struct.unpack("<4f", base64.b64decode(b64["data"][1]["embedding"]))
         for x, y in zip(decoded, obj["data"][1]["embedding"]):
@@ -525,7 +535,7 @@ class BytesTests(MockTestCase):
         chunks = r.data()
         self.assertEqual(chunks[-1], "[DONE]")
         text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1])
-        self.assertTrue(text.startswith(mock_text(64)))
+        self.assertTrue(text.startswith(words(64)))
         self.assertEqual(self.mock.stats["streams_completed"], 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 

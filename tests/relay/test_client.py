@@ -7,6 +7,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
 
 from twisted.web.client import ResponseFailed
@@ -38,6 +39,10 @@ class ProxyClientTests(SynchronousTestCase):
         Accept-Encoding added (event streams must not be compressed).
         """
         client = UpstreamClient(MemoryReactorClock())
+        # The agent the client really holds is treq's plain Agent: a wrapper
+        # built in (cookies, redirects, gzip) would sit inside it and be
+        # replaced, unseen, by the recording agent below.
+        self.assertIs(type(client.http._agent), Agent)
         agent = RecordingAgent()
         client.http._agent = agent
         h = Headers({b"x-a": [b"1"]})

@@ -64,25 +64,35 @@ class StreamingTests(SynchronousTestCase):
 
     def test_each_chunk_reaches_the_client_as_it_arrives(self) -> None:
         """
-        Every upstream event is written to the client before the next one
-        arrives: no buffering.
+        Every upstream event is written to the client by the end of the
+        reactor turn that read it, before the next one arrives: no
+        buffering beyond the turn.
         """
         r = self.respond()
         r.send(E1)
+        self.gw.clock.advance(0)
         self.assertIn(E1, self.transport.value())
         self.assertNotIn(E2, self.transport.value())
         r.send(E2)
+        self.gw.clock.advance(0)
         self.assertIn(E2, self.transport.value())
 
     def test_sse_headers(self) -> None:
-        """Event streams go out unbuffered by intermediaries and uncached."""
-        r = self.respond()
+        """
+        Event streams go out unbuffered by intermediaries, uncached, and
+        uncompressed even to a client that accepts gzip.
+        """
+        _, transport = self.gw.post("/v1/chat/completions", CHAT, headers={"Accept-Encoding": "gzip"})
+        r = FakeResponse(200, SSE_HEADERS)
+        self.gw.http.calls[1]["deferred"].callback(r)
         r.send(E1)
-        status, headers, _, _ = parse_response(self.transport.value())
+        self.gw.clock.advance(0)
+        status, headers, body, _ = parse_response(transport.value())
         self.assertEqual(status, 200)
         self.assertEqual(headers[b"cache-control"], [b"no-cache"])
         self.assertEqual(headers[b"x-accel-buffering"], [b"no"])
         self.assertNotIn(b"content-encoding", headers)
+        self.assertEqual(body, E1)
 
     def test_split_event_is_joined(self) -> None:
         """An event split over reads is written once it is complete."""
@@ -119,6 +129,9 @@ class StreamingTests(SynchronousTestCase):
         r.send(E1)
         self.channel.connectionLost(Failure(ConnectionDone()))
         self.assertTrue(r.transport.stopped)
+        # The upstream's connectionLost comes on a later turn, as it does
+        # after a real transport's loseConnection.
+        self.gw.clock.advance(0)
         [ex] = self.gw.accounting.exchanges
         self.assertEqual((ex.outcome, ex.phase), ("client_cancelled", "body"))
         self.assertEqual(relay_timers(self.gw.clock), [])
@@ -132,6 +145,7 @@ class StreamingTests(SynchronousTestCase):
         self.assertTrue(self.call["cancelled"])
         [ex] = self.gw.accounting.exchanges
         self.assertEqual(ex.outcome, "client_cancelled")
+        self.gw.clock.advance(0)  # its estimate, counted off the reactor thread
         self.assertEqual(relay_timers(self.gw.clock), [])
 
     def test_upstream_reset_mid_stream_is_visible(self) -> None:
@@ -459,6 +473,7 @@ class RobustnessTests(SynchronousTestCase):
         self.r.send(ev[:-3])
         self.assertNotIn(b"data", self.transport.value())
         self.r.send(ev[-3:])
+        self.gw.clock.advance(0)
         self.assertIn(ev, self.transport.value())
 
     def test_event_over_cap_is_cut_cleanly(self) -> None:
@@ -467,7 +482,6 @@ class RobustnessTests(SynchronousTestCase):
         with an error event; data still arriving from the same read is
         dropped instead of written after the finish.
         """
-        self.r.transport.stopProducing = lambda: setattr(self.r.transport, "stopped", True)  # type: ignore[method-assign]
         self.r.send(b"data: " + b"z" * (1 << 20) + b"x")
         self.assertTrue(self.r.transport.stopped)
         self.r.send(E1)  # the rest of the read, after the stop
@@ -520,6 +534,7 @@ class RobustnessTests(SynchronousTestCase):
         self.assertTrue(self.transport.disconnecting or self.transport.disconnected)
         self.channel.connectionLost(Failure(ConnectionDone()))
         self.assertTrue(self.r.transport.stopped)
+        self.gw.clock.advance(0)  # the upstream's connectionLost, a turn later
         [ex] = self.gw.accounting.exchanges
         self.assertEqual((ex.outcome, ex.error), ("client_cancelled", "client stopped reading"))
 
@@ -535,6 +550,10 @@ class UpstreamCredentialTests(SynchronousTestCase):
         _, t = gw.post("/v1/chat/completions", {"model": "gpt-4o"})
         r = FakeResponse(401, {b"content-type": [b"application/json"]})
         gw.http.calls[0]["deferred"].callback(r)
+        # What OpenAI answers to a bad key: a body quoting part of it.
+        r.send(b'{"error":{"message":"Incorrect API key provided: sk-upstr*****-oai.","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}')
+        r.end()
+        gw.clock.advance(0)
         status, headers, body, _ = parse_response(t.value())
         self.assertEqual(status, 502)
         self.assertEqual(headers[b"x-should-retry"], [b"false"])
