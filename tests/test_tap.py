@@ -86,7 +86,7 @@ class ServiceTests(SynchronousTestCase):
 
         cfg = config.parse({"providers": {"p": {"kind": "openai", "base_url": "http://x/v1", "default": True}}}, {})
         top = tap.build(cfg, MemoryReactorClock(), ["tcp:1"])
-        [listener] = [s for s in top if isinstance(s, StreamServerEndpointService)]
+        [listener] = [s for s in top if isinstance(s, Listener)]
         self.assertIsInstance(listener.factory.resource._coalescer, Coalescer)
 
 

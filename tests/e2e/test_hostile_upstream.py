@@ -247,11 +247,11 @@ def peak_rss_kb(pid: int) -> int:
 
 
 def ledger_record(path: str, model: str, timeout: float = 10) -> list[dict[str, Any]]:
-    """The ledger records of C{model}, once there is at least one."""
+    """The final ledger records of C{model} (not rows still open), once there is at least one."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            recs = [r for r in read_records(path) if r["model"] == model]
+            recs = [r for r in read_records(path) if r["model"] == model and r["outcome"] != "open"]
         except FileNotFoundError:  # no record written yet
             recs = []
         if recs or time.monotonic() > deadline:

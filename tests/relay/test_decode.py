@@ -176,6 +176,7 @@ class RelayDecodeTests(SynchronousTestCase):
         r = self.respond(gw, 200, {b"content-type": [b"text/event-stream"], b"content-encoding": [b"gzip"]})
         r.send(gzip.compress(b"data: {}\n\n" + b"\0" * (64 << 20)))
         self.assertTrue(r.transport.stopped)
+        gw.clock.advance(0)  # the write coalescer flushes at the end of the turn
         _, _, body, _ = parse_response(t.value())
         self.assertIn(b"error", body)
         self.assertNotIn(b"[DONE]", body)

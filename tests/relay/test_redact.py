@@ -106,6 +106,7 @@ class RelayRedactionTests(SynchronousTestCase):
         self.assertEqual(t.value(), b"")
         r.send(b"x" * 40000)
         self.assertTrue(r.transport.stopped)
+        gw.clock.advance(0)  # the stopped upstream ends a turn later, as a real one does
         status, _, body, _ = parse_response(t.value())
         self.assertEqual(status, 502)
         self.assertEqual(json.loads(body)["type"], "error")
