@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from llmgate.accounting.prices import price_entry
+
 KINDS = ("openai", "anthropic")
 
 # The dialect a client speaks is given by the route it calls.
@@ -73,7 +75,7 @@ class Config:
     ledger_path: str = "llmgate-usage.db"
     ledger_batch_interval: float = 0.2
     accounting_enabled: bool = True
-    prices: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    prices: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     metrics_port: str | None = None
 
     def route(self, kind: str, model: str) -> tuple[Provider, str] | None:
@@ -179,7 +181,7 @@ def _positive(value: Any, where: str) -> float:
     return float(value)
 
 
-PRICE_FIELDS = ("input", "output", "cached_input", "cache_write")
+PRICE_FIELDS = ("input", "output", "cached_input", "cache_write", "cache_write_1h")
 
 
 def _price(value: Any, where: str) -> float:
@@ -401,18 +403,31 @@ def parse(
     accounting = _expect(data.get("accounting", {}), dict, "accounting")
     _no_unknown(accounting, {"enabled"}, "accounting")
 
-    prices: dict[str, dict[str, float]] = {}
+    prices: dict[str, dict[str, Any]] = {}
     for model, table in _expect(data.get("prices", {}), dict, "prices").items():
         where = f"prices.{model}"
         _expect(table, dict, where)
-        _no_unknown(table, set(PRICE_FIELDS), where)
+        _no_unknown(table, set(PRICE_FIELDS) | {"tiers"}, where)
         for k in ("input", "output"):
             if k not in table:
                 raise ConfigError(
                     f"{where}.{k}: missing (set {k} = USD per 1M {k} tokens; "
                     f"input and output are both required)"
                 )
-        prices[model] = {k: _price(v, f"{where}.{k}") for k, v in table.items()}
+        entry: dict[str, Any] = {
+            k: _price(v, f"{where}.{k}") for k, v in table.items() if k != "tiers"
+        }
+        if "tiers" in table:
+            entry["tiers"] = table["tiers"]
+        try:
+            # The price table's own parser: the daemon builds its table with
+            # it, so what passes here is exactly what the daemon accepts.
+            price_entry(model, entry)
+        except ValueError as e:
+            raise ConfigError(
+                f"{where}: {e} (tiers = [{{above = 200000, input = 6.0, output = 22.5}}])"
+            ) from None
+        prices[model] = entry
 
     metrics = _expect(data.get("metrics", {}), dict, "metrics")
     _no_unknown(metrics, {"port"}, "metrics")

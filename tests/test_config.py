@@ -162,6 +162,32 @@ class DaemonSettingsTests(SynchronousTestCase):
         cfg = c.parse({"prices": {"m": {"input": 1, "output": 2.5, "cached_input": 0}}}, {})
         self.assertEqual(dict(cfg.prices["m"]), {"input": 1.0, "output": 2.5, "cached_input": 0.0})
 
+    def test_price_tiers_and_1h_cache_write_accepted(self) -> None:
+        """
+        Long-context tiers and the 1-hour cache-write price pass the config
+        check and reach the daemon's price table with their values.
+        """
+        from llmgate.accounting.prices import PriceTable
+
+        cfg = c.parse(
+            {"prices": {"m": {"input": 3, "output": 15, "cache_write_1h": 6,
+                              "tiers": [{"above": 200000, "input": 6, "output": 22.5}]}}},
+            {},
+        )
+        price = PriceTable.from_config(dict(cfg.prices)).lookup("m")
+        self.assertEqual(price.cache_write_1h, 6.0)
+        self.assertEqual([(t.above, t.input, t.output) for t in price.tiers], [(200000, 6.0, 22.5)])
+
+    def test_bad_tiers_refused_like_the_daemon(self) -> None:
+        """
+        A tier the price table would refuse (no threshold, negative rate,
+        not a list) is refused by the config check, naming prices.<model>.
+        """
+        for tiers in [[{"input": 6}], [{"above": 200000, "input": -1}], {"above": 1}]:
+            msg = self.error({"prices": {"m": {"input": 1, "output": 2, "tiers": tiers}}})
+            self.assertIn("prices.m", msg, tiers)
+            self.assertIn("tiers", msg, tiers)
+
     def test_bad_metrics_endpoint(self) -> None:
         """A [metrics] port that is not an endpoint string names metrics.port."""
         for bad in ["tcp:abc", "nope:1", "tcp:70000", ""]:

@@ -226,6 +226,16 @@ def _price(model: str, spec, default_source: str, as_of: str = "") -> Price:
     )
 
 
+def price_entry(model: str, spec: dict) -> Price:
+    """
+    Validate and build one configured price (C{[prices."model"]}); the
+    config's check and the daemon's table share this parser.
+
+    @raise ValueError: naming the bad key.
+    """
+    return _price(model, spec, "config")
+
+
 def load_price_file(path: str = PRICES_FILE) -> tuple[dict[str, Price], list[dict]]:
     """
     Read a price file written by C{tools/update_prices.py}: model ->
@@ -348,5 +358,5 @@ class PriceTable:
         if not isinstance(mapping, dict):
             raise ValueError("prices: expected a mapping of model name to prices")
         for model, spec in mapping.items():
-            entries[model] = _price(model, spec, "config")
+            entries[model] = price_entry(model, spec)
         return cls(entries)
