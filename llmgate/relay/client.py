@@ -226,6 +226,45 @@ class _CappedClientProtocol(HTTP11ClientProtocol):
         return d
 
 
+def _closing(transport: Any) -> bool:
+    """
+    Whether a connection is on its way out: closed, or asked to close
+    (C{loseConnection}, or C{stopProducing}, which is C{loseConnection} on
+    a TCP transport) or to abort (C{abortConnection} flags TCP with
+    C{_aborting} and TLS with C{_aborted}; neither sets C{disconnecting}).
+    """
+    return (
+        transport is None
+        or bool(getattr(transport, "disconnecting", False))
+        or bool(getattr(transport, "disconnected", False))
+        or bool(getattr(transport, "_aborting", False))
+        or bool(getattr(transport, "_aborted", False))
+    )
+
+
+def _pool_unless_closing(put_back: Any) -> Any:
+    """
+    Wrap the pool's quiescent callback so a connection being closed is
+    never put back as idle.
+
+    The relay closes an upstream connection to throw a body away (an HTML
+    answer to a stream request, a 401/403, a client gone after the
+    headers). When the rest of that body came in the same read, Twisted's
+    protocol still parses it to the end, calls the connection quiescent
+    and hands it to the pool, which would give the closing connection to
+    the next request: that one fails with C{ResponseNeverReceived} and,
+    with C{retryAutomatically} off, the client gets a 502. Such a
+    connection is left out of the pool; its close goes on.
+    """
+
+    def quiescent(protocol: HTTP11ClientProtocol) -> None:
+        if _closing(protocol.transport):
+            return
+        put_back(protocol)
+
+    return quiescent
+
+
 class _QuietClientFactory(_HTTP11ClientFactory):
     # Twisted logs "Starting factory" for every new upstream connection:
     # a formatted repr per connection, 12% of the CPU while 200 streams
@@ -233,7 +272,7 @@ class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False
 
     def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
-        return _CappedClientProtocol(self._quiescentCallback)
+        return _CappedClientProtocol(_pool_unless_closing(self._quiescentCallback))
 
 
 class UpstreamClient(Service):

@@ -188,3 +188,157 @@ class ResponseHeaderCapTests(SynchronousTestCase):
         self.assertIn("headers too large", err["error"]["message"])
         [ex] = gw.accounting.exchanges
         self.assertEqual((ex.outcome, ex.phase), ("upstream_error", "headers"))
+
+
+class TCPLikeTransport(StringTransport):
+    """
+    A StringTransport that closes the way a TCP connection does:
+    C{stopProducing} is C{loseConnection} (as in
+    L{twisted.internet.abstract.FileDescriptor}), and C{abortConnection}
+    only sets C{_aborting} (as in L{twisted.internet.tcp.Connection}),
+    leaving C{disconnecting} false. Like TCP, it lets the protocol pause
+    and resume it after a close without raising.
+    """
+
+    _aborting = False
+
+    def __init__(self) -> None:
+        super().__init__(lenient=True)
+
+    def stopProducing(self) -> None:
+        self.loseConnection()
+
+    def abortConnection(self) -> None:
+        self._aborting = True
+
+
+class CountingEndpoint:
+    """Connects each factory's protocol to a new TCPLikeTransport, counting them."""
+
+    def __init__(self) -> None:
+        self.transports: list[TCPLikeTransport] = []
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        from twisted.internet.defer import succeed
+
+        proto = factory.buildProtocol(None)
+        t = TCPLikeTransport()
+        self.transports.append(t)
+        proto.makeConnection(t)
+        return succeed(proto)
+
+
+class DiscardingBody:
+    """
+    A body consumer that throws the body away on its first bytes the way
+    the relay does: by closing the upstream connection through the
+    response's transport, with C{close(transport)}.
+    """
+
+    def __init__(self, close: Any) -> None:
+        self._close = close
+        self.transport: Any = None
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._close is not None:
+            close, self._close = self._close, None
+            close(self.transport)
+
+    def connectionLost(self, reason: Any) -> None:
+        pass
+
+
+def abort_behind(proxy: Any) -> None:
+    """
+    Abort the connection behind a response's transport proxy (which has no
+    abortConnection of its own), as code holding the real transport would.
+    """
+    proxy._producer.abortConnection()
+
+
+HTML_200 = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 13\r\n\r\n<html></html>"
+
+
+class ClosedConnectionPoolingTests(SynchronousTestCase):
+    """
+    A connection the relay closed to throw a body away is never handed to
+    the next request, even when the whole body was in the same read (so
+    Twisted finished the response and called the connection quiescent).
+    """
+
+    def one_exchange(self, close: Any) -> tuple[UpstreamClient, CountingEndpoint]:
+        """
+        One request on the client's pool whose whole response arrives in
+        one read, the body consumer closing the connection with C{close}
+        (or not, for C{None}); then a second connection is asked for.
+        """
+        from twisted.web._newclient import Request
+
+        client = UpstreamClient(MemoryReactorClock())
+        ep = CountingEndpoint()
+        proto = self.successResultOf(client.pool.getConnection(("http", b"up.test", 80), ep))
+        d = proto.request(Request(b"POST", b"/v1/x", Headers({b"host": [b"up.test"]}), None, persistent=True))
+        body = DiscardingBody(close)
+        d.addCallback(lambda r: r.deliverBody(body))
+        proto.dataReceived(HTML_200)
+        self.successResultOf(d)
+        self.idle_after_first = sum(len(c) for c in client.pool._connections.values())
+        self.successResultOf(client.pool.getConnection(("http", b"up.test", 80), ep))
+        return client, ep
+
+    def test_open_connection_is_reused(self) -> None:
+        """A response read to the end on an open connection leaves it pooled and reused."""
+        _, ep = self.one_exchange(None)
+        self.assertEqual(self.idle_after_first, 1)
+        self.assertEqual(len(ep.transports), 1)
+
+    def test_connection_stopped_by_the_relay_is_not_reused(self) -> None:
+        """
+        stopProducing on the body transport (the relay discarding an HTML
+        answer to a stream request) keeps the connection out of the pool:
+        the next request gets a new connection.
+        """
+        _, ep = self.one_exchange(lambda t: t.stopProducing())
+        self.assertEqual(len(ep.transports), 2)
+        self.assertTrue(ep.transports[0].disconnecting)
+        self.assertFalse(ep.transports[1].disconnecting)
+
+    def test_aborted_connection_is_not_reused(self) -> None:
+        """
+        abortConnection, which on TCP does not set C{disconnecting}, keeps
+        the connection out of the pool as well.
+        """
+        _, ep = self.one_exchange(abort_behind)
+        self.assertEqual(len(ep.transports), 2)
+        self.assertTrue(ep.transports[0]._aborting)
+
+    def test_closing_connection_is_not_cached(self) -> None:
+        """The pool holds no idle connection after the closed one finished."""
+        self.one_exchange(lambda t: t.stopProducing())
+        self.assertEqual(self.idle_after_first, 0)
+
+    def test_real_tcp_close_and_abort_are_seen(self) -> None:
+        """
+        A real TCP transport (over a socketpair, nothing sent) counts as
+        closing after stopProducing and after abortConnection, which leaves
+        its C{disconnecting} false: the flags TCPLikeTransport imitates are
+        the ones Twisted's TCP transport sets.
+        """
+        import socket
+
+        from twisted.internet import tcp
+
+        from llmgate.relay.client import _closing
+
+        for close in (lambda c: c.stopProducing(), lambda c: c.abortConnection()):
+            a, b = socket.socketpair()
+            self.addCleanup(a.close)
+            self.addCleanup(b.close)
+            conn = tcp.Connection(a, None, MemoryReactorClock())
+            conn.connected = True
+            self.assertFalse(_closing(conn))
+            close(conn)
+            self.assertTrue(_closing(conn))
