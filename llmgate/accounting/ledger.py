@@ -39,6 +39,7 @@ file would mark the first one's open rows interrupted.
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 from collections import deque
 from dataclasses import dataclass, fields
@@ -89,6 +90,11 @@ class UsageRecord:
         C{None} when there are no token counts at all.
     @ivar cost_usd: C{None} when the price is unknown; never 0 for unknown,
         so sums can tell "free" from "we don't know".
+    @ivar model: the model the client asked for; C{upstream_model} is the
+        name sent upstream (after the config's mapping).
+    @ivar served_model: the model the provider's response named (a router
+        deployment or a fallback list may serve another model than the one
+        asked for), or C{None} if the response named none.
     """
 
     request_id: str
@@ -114,6 +120,7 @@ class UsageRecord:
     duration_ms: float
     bytes_in: int
     bytes_out: int
+    served_model: Optional[str] = None
 
 
 COLUMNS = tuple(f.name for f in fields(UsageRecord))
@@ -143,12 +150,42 @@ CREATE TABLE IF NOT EXISTS usage (
     ttft_ms REAL,
     duration_ms REAL NOT NULL,
     bytes_in INTEGER NOT NULL,
-    bytes_out INTEGER NOT NULL
+    bytes_out INTEGER NOT NULL,
+    served_model TEXT
 );
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
 -- Only open rows, so finding them at start-up costs nothing on a big file.
 CREATE INDEX IF NOT EXISTS usage_open ON usage (request_id) WHERE outcome = 'open';
 """
+
+# Each column's declaration in _SCHEMA, for adding the ones a ledger file
+# written by an older version lacks (L{add_missing_columns}).
+_DECLARED = dict(
+    re.findall(r"^    (\w+) ([^,\n]+),?$", _SCHEMA.split("CREATE TABLE IF NOT EXISTS usage (", 1)[1].split(");", 1)[0], re.M)
+)
+
+
+def add_missing_columns(conn: sqlite3.Connection) -> List[str]:
+    """
+    Add to the C{usage} table of C{conn} every column of L{COLUMNS} it lacks
+    (a file written by an older version), as declared in the schema; a
+    C{NOT NULL} without a default is dropped, since the existing rows have
+    no value for it.  Cheap when nothing is missing: one C{PRAGMA}.
+
+    @return: the names of the columns added.
+    """
+    have = {row[1] for row in conn.execute("PRAGMA table_info(usage)")}
+    added = []
+    for name in COLUMNS:
+        if name in have:
+            continue
+        decl = _DECLARED[name]
+        if "NOT NULL" in decl.upper() and "DEFAULT" not in decl.upper():
+            decl = re.sub(r"(?i)\s*NOT NULL", "", decl)
+        conn.execute("ALTER TABLE usage ADD COLUMN {} {}".format(name, decl))
+        added.append(name)
+    return added
+
 
 _VALUES = "({}) VALUES ({})".format(", ".join(COLUMNS), ", ".join("?" * len(COLUMNS)))
 # An open row never overwrites anything (its final record may be there
@@ -180,6 +217,7 @@ class Progress:
     ttft_ms: Optional[float]
     duration_ms: float
     bytes_out: int
+    served_model: Optional[str] = None
 
 
 _PROGRESS_COLUMNS = tuple(f.name for f in fields(Progress))[1:]
@@ -214,6 +252,8 @@ class _SQLiteWriter:
         # Open rows left by a previous run are marked once, before this
         # run writes any row of its own.
         self._recovered = False
+        # Columns this writer added to an older file (for the log and tests).
+        self.added_columns: List[str] = []
 
     def _open(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -229,10 +269,14 @@ class _SQLiteWriter:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.executescript(_SCHEMA)
+                # In this (the worker) thread, before any row is written.
+                added = add_missing_columns(conn)
             except BaseException:
                 conn.close()
                 raise
             self._conn = conn
+            if added:
+                self.added_columns.extend(added)
         return self._conn
 
     def recover(self) -> int:
@@ -483,6 +527,15 @@ class Ledger(Service):
             # already wrote are in the file too, and counted only once
             # because that attempt was counted as a failure.
             self.flushed += len(batch)
+            added = self._writer.added_columns
+            if added:
+                self.log.info(
+                    "usage ledger {path}: added the columns {columns} to a file "
+                    "written by an older version (its rows read them as null)",
+                    path=self.path,
+                    columns=", ".join(added),
+                )
+                self._writer.added_columns = []
             if recovered:
                 self.recovered += recovered
                 self.log.warn(
@@ -576,14 +629,16 @@ def read_records(path: str) -> List[dict[str, Any]]:
     """
     conn = connect_readonly(path)
     try:
-        try:
-            cursor = conn.execute(
-                "SELECT {} FROM usage ORDER BY ts, rowid".format(", ".join(COLUMNS))
+        # A file an older version wrote (and no daemon has migrated yet)
+        # lacks the newer columns: they read as NULL.
+        have = {row[1] for row in conn.execute("PRAGMA table_info(usage)")}
+        if not have:
+            return []
+        cursor = conn.execute(
+            "SELECT {} FROM usage ORDER BY ts, rowid".format(
+                ", ".join(c if c in have else "NULL" for c in COLUMNS)
             )
-        except sqlite3.OperationalError as e:
-            if "no such table" in str(e):
-                return []
-            raise
+        )
         out = []
         for row in cursor:
             d = dict(zip(COLUMNS, row))
@@ -604,6 +659,7 @@ __all__ = [
     "PHASES",
     "SOURCES",
     "UsageRecord",
+    "add_missing_columns",
     "connect_readonly",
     "read_records",
 ]

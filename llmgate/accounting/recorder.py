@@ -13,10 +13,21 @@ after the request has ended.  A non-streaming body is kept whole up to
 1 MiB; past that only its first and last 64 KiB, where its top-level
 C{usage} is (L{llmgate.accounting.bigbody}): bounded memory per request,
 and the reported usage of a body of any size.
+
+The served model: a router deployment (Azure's C{model-router}) or a
+fallback list (OpenRouter's C{models}) serves another model than the one
+asked for, and the response names it (C{model} of a body or of the first
+chunks, Anthropic's C{message_start}, Responses' C{response.created}).  It
+is found with a byte search and one regex on the first events only, and
+the request is priced by it (L{Accounting.cost}).
+
+Usage the gateway asked for (it injected C{stream_options.include_usage})
+is taken back out before the client sees it (L{strip_usage_chunks}).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -31,7 +42,7 @@ from llmgate.accounting.ledger import OPEN, Progress, UsageRecord
 from llmgate.accounting.prices import PriceTable
 from llmgate.relay.stream import Exchange
 from llmgate.dialects.sse import EventStreamParser, EventTooLarge
-from llmgate.accounting.usage import Usage, has_nonnull_usage, is_usage_only_chunk, make_accumulator
+from llmgate.accounting.usage import Usage, has_nonnull_usage, make_accumulator
 
 log = Logger(namespace="llmgate.access")
 
@@ -48,11 +59,61 @@ _BYTES_PER_TOKEN = 4
 
 _EVENT_SPLIT = re.compile(rb"((?:\r\n|\r|\n)(?:\r\n|\r|\n))")
 
+# The (still JSON-escaped) string value of a "model" key.  Outside a JSON
+# string every quote is structural and inside one every quote is escaped,
+# so this matches only a real "model" key with a string value.
+_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
+# Events searched for the served model before giving up: it is in the first
+# (chat chunk, message_start, response.created) or, on Azure, the second
+# (after a prompt_filter_results chunk with an empty model).
+_SEEK_EVENTS = 8
+# A served model name longer than this is cut: it is a label, not a payload.
+_MAX_MODEL = 200
+# The events after which a stream is whole, whatever the connection does.
+_TERMINAL_NAMES = frozenset([b"message_stop", b"response.completed", b"response.incomplete"])
+
+
+def _model_name(raw: bytes) -> Optional[str]:
+    """A served model's name from its raw JSON string value; None if empty."""
+    if not raw:
+        return None
+    if b"\\" in raw:
+        try:
+            name = json.loads(b'"' + raw + b'"')
+        except ValueError:
+            name = raw.decode("utf-8", "replace")
+    else:
+        name = raw.decode("utf-8", "replace")
+    return name[:_MAX_MODEL] or None
+
+
+def _without_usage(payload: bytes) -> Optional[bytes]:
+    """
+    A chat chunk's payload with its (non-null) C{usage} removed: C{b""} if
+    the chunk is a usage-only one (C{"choices": []}) to drop whole, the
+    chunk re-serialized without C{usage} if usage rides on a content or
+    finish chunk, None to keep it as it is.
+    """
+    try:
+        obj = json.loads(payload)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or obj.get("usage") is None:
+        return None
+    if obj.get("choices") == [] and isinstance(obj.get("usage"), dict):
+        return b""
+    del obj["usage"]
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
 
 def strip_usage_chunks(data: bytes) -> bytes:
     """
-    Remove OpenAI usage-only chunks (C{"choices": []} with usage) from
-    whole events, leaving every other byte as it was.
+    Take the usage the gateway asked for back out of whole chat events: drop
+    the usage-only chunks (C{"choices": []} with usage), and remove the
+    C{usage} member of a chunk that carries it with its choices (some
+    providers put it on the finish chunk).  Only events with a non-null
+    C{usage} are parsed (and only those are re-serialized); every other byte
+    is left as it was.
     """
     parts = _EVENT_SPLIT.split(data)
     out = []
@@ -61,8 +122,12 @@ def strip_usage_chunks(data: bytes) -> bytes:
         event = parts[i]
         sep = parts[i + 1] if i + 1 < len(parts) else b""
         payload = event[5:].lstrip(b" ") if event.startswith(b"data:") else b""
-        if payload and is_usage_only_chunk(payload):
-            continue
+        if payload and has_nonnull_usage(payload):
+            rest = _without_usage(payload)
+            if rest == b"":
+                continue
+            if rest is not None:
+                event = b"data: " + rest
         out.append(event)
         out.append(sep)
     return b"".join(out)
@@ -74,7 +139,10 @@ class RequestCounter:
     reported and keeps what an estimate needs.
     """
 
-    __slots__ = ("api", "acc", "sse", "_parser", "_body", "_body_len", "_ends", "_strip", "unparsed")
+    __slots__ = (
+        "api", "acc", "sse", "_parser", "_body", "_body_len", "_ends", "_strip", "unparsed",
+        "served", "terminal", "_seek",
+    )
 
     def __init__(self, api: str, strip_usage: bool) -> None:
         self.api = api
@@ -86,6 +154,12 @@ class RequestCounter:
         self._ends: Optional[HeadTail] = None
         self._strip = strip_usage
         self.unparsed = False
+        # The model the stream's first events named (see _seek_model).
+        self.served: Optional[str] = None
+        self._seek = _SEEK_EVENTS
+        # The stream's terminal event ([DONE], message_stop,
+        # response.completed or .incomplete) was fed.
+        self.terminal = False
 
     def feed(self, data: bytes) -> None:
         if self.sse:
@@ -94,9 +168,19 @@ class RequestCounter:
             except EventTooLarge:
                 self.unparsed = True
                 return
-            on_event = self.acc.on_event
+            acc = self.acc
+            on_event = acc.on_event
             for name, payload in events:
                 on_event(name, payload)
+            if self._seek > 0 and events:
+                self._seek_model(events)
+            # Looked for only once the accumulator saw the stream complete
+            # (on these same events, or the usage chunk before [DONE]).
+            if acc.complete and not self.terminal:
+                for name, payload in events:
+                    if name in _TERMINAL_NAMES or payload[:6] == b"[DONE]":
+                        self.terminal = True
+                        break
         elif self._ends is not None:
             self._ends.feed(data)
         else:
@@ -107,6 +191,36 @@ class RequestCounter:
                 for piece in self._body:
                     ends.feed(piece)
                 self._body = []
+
+    def _seek_model(self, events: list[tuple[Optional[bytes], bytes]]) -> None:
+        """
+        The served model from the first of the first L{_SEEK_EVENTS} events
+        that names a non-empty one: a byte search per event, a regex on the
+        ones that have a C{"model"} key.  Nothing after that.
+        """
+        for _, payload in events:
+            self._seek -= 1
+            if b'"model"' in payload:
+                m = _MODEL.search(payload)
+                name = _model_name(m.group(1)) if m is not None else None
+                if name is not None:
+                    self.served = name
+                    self._seek = 0
+                    return
+            if self._seek <= 0:
+                return
+
+    def served_model(self) -> Optional[str]:
+        """
+        The model the response named: from the first events of a stream,
+        or the C{model} of a body (once counted).
+        """
+        if self.served is not None:
+            return self.served
+        model = self.acc.model
+        if isinstance(model, str) and model:
+            return model[:_MAX_MODEL]
+        return None
 
     def strip(self, data: bytes) -> bytes:
         if self._strip and has_nonnull_usage(data):
@@ -250,7 +364,7 @@ class Accounting:
     def _progress(self, ex: Exchange, now: float) -> Progress:
         upstream_id = ex.upstream_request_id
         est = Usage(source="estimated")
-        source = cost = None
+        source = cost = served = None
         counter = ex.counter
         # A JSON body is parsed only once whole: no text to go by before.
         if isinstance(counter, RequestCounter) and counter.sse:
@@ -265,12 +379,11 @@ class Accounting:
                 est.cache_creation_tokens = reported.cache_creation_tokens
                 est.output_tokens = max(est.output_tokens, reported.output_tokens or 0)
             source = "estimated"
+            served = counter.served_model()
             if est.input_tokens is not None:
                 # Priced only with both counts: a cost without the prompt
                 # would look like a (too small) real one.
-                cost = self.prices.cost(ex.upstream_model, est)
-                if cost is None and ex.model != ex.upstream_model:
-                    cost = self.prices.cost(ex.model, est)
+                cost = self.cost(ex, served, est)
         ttft = ex.ttft
         return Progress(
             request_id=ex.request_id,
@@ -285,14 +398,40 @@ class Accounting:
             ttft_ms=None if ttft is None else ttft * 1000.0,
             duration_ms=(now - ex.started) * 1000.0,
             bytes_out=ex.bytes_out,
+            served_model=served,
         )
+
+    def cost(self, ex: Exchange, served: Optional[str], usage: Usage) -> Optional[float]:
+        """
+        The cost of C{usage}, priced by the model that served it.
+
+        When the response named a served model other than the upstream one,
+        only its price counts (or, for an OpenRouter-style C{vendor/model}
+        name, the price of C{model}): pricing a router's or a fallback's
+        tokens at the rate of the model asked for would be a made-up number
+        that looks like a real cost, so an unpriced served model leaves the
+        cost unknown (C{None}, counted as unpriced by C{llmgate usage};
+        C{--by served_model} shows which names need a price).  When the
+        response named no model, or the one sent upstream, the upstream
+        model's price is used, then the price of the name the client asked
+        for.
+        """
+        prices = self.prices
+        if served is not None and served != ex.upstream_model:
+            cost = prices.cost(served, usage)
+            if cost is None and "/" in served:
+                cost = prices.cost(served.rsplit("/", 1)[1], usage)
+            return cost
+        cost = prices.cost(ex.upstream_model, usage)
+        if cost is None and ex.model != ex.upstream_model:
+            cost = prices.cost(ex.model, usage)
+        return cost
 
     def finished(self, ex: Exchange) -> None:
         self.finished_count += 1
         self._open.pop(ex.request_id, None)
         if self.metrics is not None:
             self.metrics.active.dec()
-        self._access_log(ex)
         counter = ex.counter
         if counter is None:
             self._record(ex, None)
@@ -360,12 +499,16 @@ class Accounting:
         outcome = ex.outcome
         if outcome == "completed" and counter is not None and counter.acc.error:
             outcome = "upstream_error"
+        served = None
+        if isinstance(counter, RequestCounter):
+            served = counter.served_model()
         cost = None
         if usage is not None:
-            cost = self.prices.cost(ex.upstream_model, usage)
-            if cost is None and ex.model != ex.upstream_model:
-                cost = self.prices.cost(ex.model, usage)
-        self._sink(self._make_record(ex, usage, outcome, upstream_id, cost))
+            cost = self.cost(ex, served, usage)
+        # Logged here, once counted: a body's served model is known only
+        # after it was parsed (maybe in a thread).
+        self._access_log(ex, outcome, served)
+        self._sink(self._make_record(ex, usage, outcome, upstream_id, cost, served))
 
     def _make_record(
         self,
@@ -374,6 +517,7 @@ class Accounting:
         outcome: str,
         upstream_id: Optional[str] = None,
         cost: Optional[float] = None,
+        served: Optional[str] = None,
     ) -> UsageRecord:
         ttft = ex.ttft
         return UsageRecord(
@@ -400,6 +544,7 @@ class Accounting:
             duration_ms=ex.duration * 1000.0,
             bytes_in=ex.bytes_in,
             bytes_out=ex.bytes_out,
+            served_model=served,
         )
 
     def _sink(self, rec: UsageRecord) -> None:
@@ -453,7 +598,7 @@ class Accounting:
             )
         )
 
-    def _access_log(self, ex: Exchange) -> None:
+    def _access_log(self, ex: Exchange, outcome: str, served: Optional[str]) -> None:
         # One pre-built line and a single format field: twisted.logger's
         # PEP 3101 formatting of a dozen fields cost ~5% of the CPU per
         # request at a thousand requests a second.
@@ -462,7 +607,7 @@ class Accounting:
             "{line}",
             line=(
                 f"POST {ex.endpoint.path.decode()} model={ex.model} provider={ex.provider.name} "
-                f"key={ex.key_name} status={ex.status} outcome={ex.outcome}"
+                f"served={served or '-'} key={ex.key_name} status={ex.status} outcome={outcome}"
                 f"{'/' + ex.phase if ex.phase else ''} stream={int(ex.streamed)} "
                 f"ttft_ms={'-' if ttft is None else f'{ttft * 1000:.1f}'} ms={ex.duration * 1000:.1f} "
                 f"bytes_out={ex.bytes_out} id={ex.request_id}"

@@ -14,6 +14,12 @@ rows are requests a gateway was relaying when it died (C{kill -9}, power
 loss), found open when it started again; their tokens are what was known
 then, estimated.  (Open rows of a gateway that died and has not started
 again still show as C{in_flight}.)
+
+C{--by served_model} groups by the model the provider's response named
+(a router or fallback list may serve another model than the one asked
+for); requests whose response named none (rejected ones, rows written
+before the ledger had the column) form a group of their own (C{null} in
+JSON, C{-} in the table).
 """
 
 from __future__ import annotations
@@ -39,7 +45,11 @@ GROUPS: Dict[str, tuple[str, str]] = {
     "provider": ("provider", "provider"),
     "route": ("route", "route"),
     "outcome": ("outcome", "outcome"),
+    "served_model": ("served_model", "served_model"),
 }
+# Groups on a column a ledger file written by an older version may lack
+# (no daemon of this version has opened it yet): read as NULL there.
+_NEWER_COLUMNS = {"served_model"}
 
 # Output column -> SQL aggregate.  Token sums skip NULLs (requests with no
 # usage at all, e.g. rejected ones); cost is NULL when no cost was known.
@@ -149,7 +159,14 @@ def query(
     then there is one row with the grand total (none if no requests).
     """
     groupCols = [GROUPS[b][0] for b in by]
-    select = ["%s AS %s" % (GROUPS[b][1], GROUPS[b][0]) for b in by]
+    missing: set[str] = set()
+    if _NEWER_COLUMNS.intersection(by):
+        have = {row[1] for row in conn.execute("PRAGMA table_info(usage)")}
+        if have:
+            missing = _NEWER_COLUMNS - have
+    select = [
+        "%s AS %s" % ("NULL" if b in missing else GROUPS[b][1], GROUPS[b][0]) for b in by
+    ]
     select += ["%s AS %s" % (expr, name) for name, expr in SUMS]
     where, params = [], []
     if since is not None:
@@ -211,7 +228,7 @@ def write_table(
     header = groupCols + [_TEXT_HEADERS.get(name, name) for name, _ in SUMS]
     body = []
     for r in rows:
-        line = [str(r[c]) for c in groupCols]
+        line = ["-" if r[c] is None else str(r[c]) for c in groupCols]
         line += [
             _fmtCost(r[n]) if n == "cost_usd" else str(r[n]) for n, _ in SUMS
         ]

@@ -138,6 +138,12 @@ class _Call:
     @ivar n: content tokens to generate (C{x-mock-tokens}).
     @ivar delay: seconds between tokens (C{x-mock-delay-ms}).
     @ivar ttft: seconds before the first piece (C{x-mock-ttft-ms}).
+    @ivar linger: seconds between the last piece and the end of the body
+        (C{x-mock-linger-ms}): the end of body arrives after the terminal
+        event, as from a provider whose close lags its last event.
+    @ivar served: the model the response names (C{x-mock-served-model}),
+        as a router or fallback list that serves another model than the
+        one asked for; by default the one asked for.
     """
 
     def __init__(self, headers: dict[str, str], path: str, body: bytes, seq: int, now: int):
@@ -150,6 +156,8 @@ class _Call:
         self.n = self._number("x-mock-tokens", 16, int)
         self.delay = self._number("x-mock-delay-ms", 0.0, float) / 1000.0
         self.ttft = self._number("x-mock-ttft-ms", 0.0, float) / 1000.0
+        self.linger = self._number("x-mock-linger-ms", 0.0, float) / 1000.0
+        self.served = headers.get("x-mock-served-model")
         self.fault_after = self._number("x-mock-fault-after", -1, int)
         self.bytes = self._number("x-mock-bytes", -1, int)
         self.fault = headers.get("x-mock-fault")
@@ -180,7 +188,7 @@ class _Call:
 
     @property
     def model(self) -> str:
-        return str(self.json.get("model") or "mock-model")
+        return self.served or str(self.json.get("model") or "mock-model")
 
     @property
     def stream(self) -> bool:
@@ -471,7 +479,8 @@ class _Stream:
     """
 
     def __init__(self, provider: MockProvider, request: Request, pieces: list[Piece] | _Sized,
-                 counted: bool, ttft: float, fault: str | None, fault_after: int):
+                 counted: bool, ttft: float, fault: str | None, fault_after: int,
+                 linger: float = 0.0):
         self._provider = provider
         self._request = request
         self._pieces = iter(pieces)
@@ -481,6 +490,7 @@ class _Stream:
         self._sent = 0
         self._next: bytes | None = None  # the piece whose delay is being waited out
         self._ttft = ttft  # added to the first piece's delay
+        self._linger = linger  # waited after the last piece, before the end
         self._timer: IDelayedCall | None = None
         self._paused = False
         self.state = "running"
@@ -499,6 +509,10 @@ class _Stream:
             if self._next is None:
                 piece = next(self._pieces, None)
                 if piece is None:
+                    if self._linger > 0:
+                        self._timer = self._provider.reactor.callLater(self._linger, self._fire)
+                        self._linger = 0.0
+                        return
                     return self._finish()
                 delay, self._next = piece
                 delay, self._ttft = delay + self._ttft, 0.0
@@ -628,7 +642,7 @@ class MockProvider:
             fault_after = -1
         elif fault_after < 0:
             fault_after = 3 if call.fault == "stall-mid" else max(1, len(pieces) // 2)
-        stream = _Stream(self, request, pieces, counted, call.ttft, call.fault, fault_after)
+        stream = _Stream(self, request, pieces, counted, call.ttft, call.fault, fault_after, call.linger)
         finished.addErrback(stream.clientGone)
         stream.start()
         return NOT_DONE_YET

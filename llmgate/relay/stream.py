@@ -139,10 +139,13 @@ class Counter(TypingProtocol):
     """
     What the relay feeds while it relays (L{llmgate.accounting.recorder.RequestCounter}):
     every chunk of whole events (or body bytes) it is about to write, and
-    C{strip} to drop what the client did not ask for.
+    C{strip} to drop what the client did not ask for. C{terminal}: the
+    stream's terminal event (C{[DONE]}, C{message_stop},
+    C{response.completed}) was fed.
     """
 
     sse: bool
+    terminal: bool
 
     def feed(self, data: bytes) -> None: ...
 
@@ -724,7 +727,7 @@ class Relay:
         # The client went away before we finished: stop paying for it.
         self._client_gone = True
         ex = self.exchange
-        if not self._finished:
+        if not self._finished and not self._terminal_relayed():
             ex.outcome = "client_cancelled"
             ex.phase = (
                 "body"
@@ -735,6 +738,17 @@ class Relay:
             d, self._pending_d = self._pending_d, None
             d.cancel()
         self._abort_upstream()
+
+    def _terminal_relayed(self) -> bool:
+        """
+        Whether the stream's terminal event was written to the client: then
+        it is complete even if the client closes before the upstream's end
+        of body reaches us (the openai SDK closes as soon as it reads
+        C{[DONE]}). Everything fed to the counter is written once the
+        coalesced output is empty.
+        """
+        counter = self.exchange.counter
+        return counter is not None and getattr(counter, "terminal", False) and not self._out
 
     def _abort_upstream(self) -> None:
         up = self._upstream

@@ -557,6 +557,112 @@ class OpenRowTests(SynchronousTestCase):
         self.assertEqual(second.recovered, 1)
 
 
+def oldLedgerFile(path: str, drop: tuple[str, ...] = ("served_model",)) -> UsageRecord:
+    """
+    Write at C{path} a ledger file as an older version made it: its table
+    lacks the columns C{drop}; holds one record, returned.
+    """
+    from llmgate.accounting import ledger as ledgermod
+
+    schema = "\n".join(
+        line for line in ledgermod._SCHEMA.splitlines()
+        if not any(line.strip().startswith(c + " ") for c in drop)
+    ).replace("bytes_in INTEGER NOT NULL,\n);", "bytes_in INTEGER NOT NULL\n);")
+    schema = schema.replace("bytes_out INTEGER NOT NULL,\n);", "bytes_out INTEGER NOT NULL\n);")
+    conn = sqlite3.connect(path)
+    conn.executescript(schema)
+    rec = makeRecord(0)
+    cols = [c for c in ledgermod.COLUMNS if c not in drop]
+    conn.execute(
+        "INSERT INTO usage ({}) VALUES ({})".format(", ".join(cols), ", ".join("?" * len(cols))),
+        [getattr(rec, c) for c in cols],
+    )
+    conn.commit()
+    conn.close()
+    return rec
+
+
+class MigrationTests(SynchronousTestCase):
+    """
+    A ledger file written by an older version (fewer columns) gets the
+    missing columns when the ledger opens it, in its worker.
+    """
+
+    def setUp(self) -> None:
+        d = self.mktemp()
+        os.makedirs(d)
+        self.path = os.path.join(d, "usage.db")
+        self.clock = Clock()
+
+    def test_missingColumnAddedAtOpen(self) -> None:
+        """
+        An old file without C{served_model} is migrated by the worker's
+        first operation: the old row reads it as None, new rows keep it.
+        """
+        old = oldLedgerFile(self.path)
+        calls: list[str] = []
+
+        def runner(f: Callable[..., Any], *a: Any) -> defer.Deferred[Any]:
+            calls.append(f.__name__)
+            return defer.maybeDeferred(f, *a)
+
+        ledger = Ledger(self.path, self.clock, run_in_thread=runner)
+        with capturedLogs() as events:
+            ledger.startService()
+        # Added by the worker's first operation, and said in the log.
+        self.assertEqual(calls, ["recover"])
+        [logged] = [e for e in events if "added the columns" in e["log_format"]]
+        self.assertEqual(logged["columns"], "served_model")
+        new = makeRecord(1, served_model="gpt-4o-mini-2024-07-18")
+        ledger.record(new)
+        self.successResultOf(ledger.stopService())
+        rows = read_records(self.path)
+        self.assertEqual([UsageRecord(**r) for r in rows], [old, new])
+        self.assertIsNone(rows[0]["served_model"])
+
+    def test_notNullColumnAddedNullable(self) -> None:
+        """
+        A missing C{NOT NULL} column without a default is added nullable
+        (the old rows have no value for it); a second open adds nothing.
+        """
+        oldLedgerFile(self.path, drop=("served_model", "bytes_out"))
+        ledger = Ledger(self.path, self.clock, run_in_thread=syncRunner)
+        with capturedLogs() as events:
+            ledger.startService()
+        [logged] = [e for e in events if "added the columns" in e["log_format"]]
+        self.assertEqual(logged["columns"], "bytes_out, served_model")
+        ledger.record(makeRecord(1))
+        self.successResultOf(ledger.stopService())
+        self.assertEqual([r["bytes_out"] for r in read_records(self.path)], [None, 400])
+        again = Ledger(self.path, self.clock, run_in_thread=syncRunner)
+        with capturedLogs() as events:
+            again.startService()
+        self.successResultOf(again.stopService())
+        self.assertEqual([e for e in events if "added the columns" in e["log_format"]], [])
+
+    def test_readOldFileUnmigrated(self) -> None:
+        """
+        read_records reads a file no daemon of this version opened yet:
+        the missing column reads as None.
+        """
+        old = oldLedgerFile(self.path)
+        [row] = read_records(self.path)
+        self.assertEqual(UsageRecord(**row), old)
+
+    def test_progressSetsServedModel(self) -> None:
+        """The progress of an open request fills its row's served model."""
+        ledger = Ledger(self.path, self.clock, run_in_thread=syncRunner)
+        ledger.startService()
+        running = openRecord(0)
+        ledger.open(running)
+        ledger.progress_source = lambda: [progressOf(running, served_model="gpt-4o-mini-2024-07-18")]
+        for _ in range(5):
+            self.clock.advance(ledger.batch_interval)
+        [row] = read_records(self.path)
+        self.assertEqual((row["outcome"], row["served_model"]), ("open", "gpt-4o-mini-2024-07-18"))
+        self.successResultOf(ledger.stopService())
+
+
 class ThreadedLedgerTests(TestCase):
     """
     The default one-thread pool, on the real reactor (the handoff itself

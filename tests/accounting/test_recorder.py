@@ -176,7 +176,14 @@ class FixtureAccountingTests(SynchronousTestCase):
         """A priced model gets a cost; an unpriced one gets null, never 0."""
         gw, _ = self.replay("openai_chat.json", "/v1/chat/completions", {"model": "gpt-4o"}, 1000, {b"content-type": [b"application/json"]})
         self.assertGreater(gw.ledger.records[0].cost_usd, 0)
-        gw, _ = self.replay("openai_chat.json", "/v1/chat/completions", {"model": "my-own-model"}, 1000, {b"content-type": [b"application/json"]})
+        # The fixture's body names the (priced) model that served it; this
+        # one names an unpriced one.
+        gw = AccountingGateway()
+        gw.post("/v1/chat/completions", {"model": "my-own-model"})
+        r = FakeResponse(200, {b"content-type": [b"application/json"]})
+        gw.http.calls[0]["deferred"].callback(r)
+        r.send(fixture("openai_chat.json").replace(b"o4-mini-2025-04-16", b"my-own-model"))
+        r.end()
         self.assertIsNone(gw.ledger.records[0].cost_usd)
 
 
@@ -203,6 +210,47 @@ class StripTests(SynchronousTestCase):
         self.assertEqual(got, data.replace(usage_event[0] + b"\n\n", b""))
         self.assertEqual(buckets(gw.ledger.records[0]), (24, 17, 0, 0, 0))
 
+    def test_usage_on_finish_chunk_is_removed(self) -> None:
+        """
+        A provider that puts the usage the gateway asked for on the finish
+        chunk (no usage-only chunk): the client gets that chunk without
+        its C{usage} member, every other event byte for byte, and the
+        record has the usage.
+        """
+        gw = AccountingGateway()
+        _, transport = gw.post("/v1/chat/completions", {"model": "gpt-4o", "stream": True})
+        r = FakeResponse(200, SSE_HEADERS)
+        gw.http.calls[0]["deferred"].callback(r)
+        first = chat_chunk("gpt-4o", "Hello")
+        finish = chat_chunk("gpt-4o", finish="stop", usage=USAGE_24_17)
+        data = first + finish + b"data: [DONE]\n\n"
+        for i in range(0, len(data), 5):
+            r.send(data[i:i + 5])
+        r.end()
+        got = parse_response(transport.value())[2]
+        events = got.split(b"\n\n")
+        self.assertEqual(events[0] + b"\n\n", first)
+        self.assertEqual(events[2:], [b"data: [DONE]", b""])
+        sent = json.loads(events[1][len(b"data: "):])
+        self.assertNotIn("usage", sent)
+        self.assertEqual(sent["choices"][0]["finish_reason"], "stop")
+        self.assertEqual(sent["id"], "chatcmpl-s1")
+        self.assertEqual(buckets(gw.ledger.records[0]), (24, 17, 0, 0, 0))
+
+    def test_client_asked_usage_is_kept(self) -> None:
+        """
+        Usage the client asked for itself is relayed untouched, on the
+        finish chunk as elsewhere.
+        """
+        gw = AccountingGateway()
+        _, transport = gw.post("/v1/chat/completions", {"model": "gpt-4o", "stream": True, "stream_options": {"include_usage": True}})
+        r = FakeResponse(200, SSE_HEADERS)
+        gw.http.calls[0]["deferred"].callback(r)
+        data = chat_chunk("gpt-4o", "Hello") + chat_chunk("gpt-4o", finish="stop", usage=USAGE_24_17) + b"data: [DONE]\n\n"
+        r.send(data)
+        r.end()
+        self.assertEqual(parse_response(transport.value())[2], data)
+
     def test_strip_keeps_crlf_framing(self) -> None:
         """Stripping works on CRLF streams and leaves other bytes alone."""
         data = fixture("openai_chat_stream_crlf.sse")
@@ -210,6 +258,203 @@ class StripTests(SynchronousTestCase):
         # The fixture's 18 data lines (its README) less the usage chunk.
         self.assertEqual(out.count(b"data:"), 17)
         self.assertTrue(out.endswith(b"data: [DONE]\r\n\r\n"))
+
+
+def chat_chunk(model: str, content: str | None = None, finish: str | None = None, usage: Any = None) -> bytes:
+    """One chat stream event (as the fixtures write them)."""
+    choices: list[Any] = []
+    if content is not None or finish is not None:
+        delta = {} if content is None else {"content": content}
+        choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+    obj = {"id": "chatcmpl-s1", "object": "chat.completion.chunk", "created": 1, "model": model,
+           "system_fingerprint": None, "choices": choices, "usage": usage}
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+# Azure's first chunk: prompt filter results, an empty id and model.
+AZURE_FILTER = (
+    b'data: {"choices":[],"created":0,"id":"","model":"","object":"","prompt_filter_results":'
+    b'[{"prompt_index":0,"content_filter_results":{"hate":{"filtered":false,"severity":"safe"}}}]}\n\n'
+)
+USAGE_24_17 = {"prompt_tokens": 24, "completion_tokens": 17, "total_tokens": 41}
+
+
+class ServedModelTests(SynchronousTestCase):
+    """
+    The model a response names (a router's or fallback's choice) is
+    recorded next to the one asked for, and the request priced by it.
+    """
+
+    def stream(self, route: str, body: dict[str, Any], data: bytes, headers: Any = SSE_HEADERS) -> Any:
+        gw = AccountingGateway()
+        gw.post(route, body)
+        r = FakeResponse(200, headers)
+        gw.http.calls[0]["deferred"].callback(r)
+        for i in range(0, len(data), 7):
+            r.send(data[i:i + 7])
+        r.end()
+        gw.clock.advance(0)
+        [rec] = gw.ledger.records
+        return rec
+
+    def test_router_stream_priced_by_served_model(self) -> None:
+        """
+        A chat stream from a router deployment (Azure's empty-model filter
+        chunk first) records the requested model and the served one, and
+        is priced at the served model's rates (gpt-4o-mini: $0.15 in,
+        $0.60 out per 1M), not at the requested gpt-4o's.
+        """
+        data = (
+            AZURE_FILTER
+            + chat_chunk("gpt-4o-mini-2024-07-18", "Hi")
+            + chat_chunk("gpt-4o-mini-2024-07-18", finish="stop")
+            + chat_chunk("gpt-4o-mini-2024-07-18", usage=USAGE_24_17)
+            + b"data: [DONE]\n\n"
+        )
+        rec = self.stream("/v1/chat/completions", {"model": "gpt-4o", "stream": True}, data)
+        self.assertEqual((rec.model, rec.upstream_model, rec.served_model), ("gpt-4o", "gpt-4o", "gpt-4o-mini-2024-07-18"))
+        self.assertEqual((rec.input_tokens, rec.output_tokens, rec.outcome), (24, 17, "completed"))
+        self.assertAlmostEqual(rec.cost_usd, (24 * 0.15 + 17 * 0.60) / 1e6)
+
+    def test_fixtures_name_their_served_model(self) -> None:
+        """
+        Each fixture's served model is found: the chunks' C{model},
+        Anthropic's C{message_start.message.model}, the Responses
+        C{response.model}, a body's C{model}.
+        """
+        cases = [
+            ("openai_chat_stream.sse", "/v1/chat/completions", {"model": "x", "stream": True}, SSE_HEADERS, "gpt-4o-mini-2024-07-18"),
+            ("openai_chat_stream_tools.sse", "/v1/chat/completions", {"model": "x", "stream": True}, SSE_HEADERS, "gpt-4.1-2025-04-14"),
+            ("openai_responses_stream.sse", "/v1/responses", {"model": "x", "stream": True}, SSE_HEADERS, "gpt-4.1-mini-2025-04-14"),
+            ("anthropic_messages_stream.sse", "/v1/messages", {"model": "x", "stream": True}, SSE_HEADERS, "claude-sonnet-4-5-20250929"),
+            ("openai_chat.json", "/v1/chat/completions", {"model": "x"}, {b"content-type": [b"application/json"]}, "o4-mini-2025-04-16"),
+            ("anthropic_messages.json", "/v1/messages", {"model": "x"}, {b"content-type": [b"application/json"]}, "claude-sonnet-4-5-20250929"),
+            ("openai_embeddings.json", "/v1/embeddings", {"model": "x"}, {b"content-type": [b"application/json"]}, "text-embedding-3-small"),
+        ]
+        for name, route, body, headers, want in cases:
+            rec = self.stream(route, body, fixture(name), headers)
+            self.assertEqual((rec.model, rec.served_model), ("x", want), name)
+            # "x" has no price; the served model has one.
+            self.assertIsNotNone(rec.cost_usd, name)
+
+    def test_unpriced_served_model_has_no_cost(self) -> None:
+        """
+        A served model without a price leaves the cost unknown, even
+        though the requested model has one: its tokens are not charged at
+        another model's rate.
+        """
+        data = chat_chunk("acme-llm-9", "Hi") + chat_chunk("acme-llm-9", usage=USAGE_24_17) + b"data: [DONE]\n\n"
+        rec = self.stream("/v1/chat/completions", {"model": "gpt-4o", "stream": True}, data)
+        self.assertEqual((rec.served_model, rec.input_tokens, rec.cost_usd), ("acme-llm-9", 24, None))
+
+    def test_vendor_prefixed_served_model(self) -> None:
+        """
+        An OpenRouter-style C{vendor/model} name is priced by its model
+        (gpt-4o-mini), when the table has no entry for the whole name.
+        """
+        data = chat_chunk("openai/gpt-4o-mini", "Hi") + chat_chunk("openai/gpt-4o-mini", usage=USAGE_24_17) + b"data: [DONE]\n\n"
+        rec = self.stream("/v1/chat/completions", {"model": "anthropic/claude-sonnet-4.5", "stream": True}, data)
+        self.assertEqual(rec.served_model, "openai/gpt-4o-mini")
+        self.assertAlmostEqual(rec.cost_usd, (24 * 0.15 + 17 * 0.60) / 1e6)
+
+    def test_no_served_model_priced_by_upstream(self) -> None:
+        """
+        A response that names no model records none and is priced by the
+        model sent upstream (gpt-4o: $2.50 in, $10 out per 1M).
+        """
+        chunk = b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"Hi"}}],"usage":null}\n\n'
+        usage = b'data: {"id":"c1","choices":[],"usage":{"prompt_tokens":24,"completion_tokens":17}}\n\n'
+        rec = self.stream("/v1/chat/completions", {"model": "gpt-4o", "stream": True}, chunk + usage + b"data: [DONE]\n\n")
+        self.assertIsNone(rec.served_model)
+        self.assertAlmostEqual(rec.cost_usd, (24 * 2.5 + 17 * 10.0) / 1e6)
+
+    def test_access_log_names_served_model(self) -> None:
+        """The access-log line shows the requested and the served model."""
+        from twisted.logger import capturedLogs
+
+        with capturedLogs() as events:
+            self.stream("/v1/chat/completions", {"model": "gpt-4o", "stream": True}, fixture("openai_chat_stream.sse"))
+        lines = [e["line"] for e in events if e.get("log_namespace") == "llmgate.access"]
+        self.assertEqual(len(lines), 1)
+        self.assertIn("model=gpt-4o ", lines[0])
+        self.assertIn("served=gpt-4o-mini-2024-07-18 ", lines[0])
+        self.assertIn("outcome=completed ", lines[0])
+
+    def test_open_row_progress_names_served_model(self) -> None:
+        """
+        The progress of an open stream carries its served model once the
+        first chunk named it.
+        """
+        gw = Gateway()
+        acc = gw.resource.accounting = Accounting(gw.clock, ledger=OpenListLedger())
+        gw.post("/v1/chat/completions", {"model": "gpt-4o", "stream": True})
+        r = FakeResponse(200, SSE_HEADERS)
+        gw.http.calls[0]["deferred"].callback(r)
+        r.send(AZURE_FILTER)
+        gw.clock.advance(0)
+        [p] = acc.progress()
+        self.assertIsNone(p.served_model)
+        r.send(chat_chunk("gpt-4o-mini-2024-07-18", "Hi"))
+        gw.clock.advance(0)
+        [p] = acc.progress()
+        self.assertEqual(p.served_model, "gpt-4o-mini-2024-07-18")
+
+
+class TerminalEventTests(SynchronousTestCase):
+    """
+    A client that closes once it read the terminal event (the openai SDK
+    closes on [DONE]) before the upstream's end of body reached the
+    gateway got the whole stream: recorded completed, with its usage.
+    """
+
+    def start(self, route: str, body: dict[str, Any]) -> tuple[AccountingGateway, Any, FakeResponse]:
+        gw = AccountingGateway()
+        channel, _ = gw.post(route, body)
+        r = FakeResponse(200, SSE_HEADERS)
+        gw.http.calls[0]["deferred"].callback(r)
+        return gw, channel, r
+
+    def test_close_after_terminal_event_is_completed(self) -> None:
+        """
+        Each stream fixture, written whole to the client, then the client
+        closes before the upstream ends its body: completed, reported usage.
+        """
+        for name, route, body, want in STREAMS:
+            gw, channel, r = self.start(route, body)
+            r.send(fixture(name))
+            gw.clock.advance(0)  # the coalesced write reaches the client
+            channel.connectionLost(Failure(ConnectionDone()))
+            self.assertTrue(r.transport.stopped)
+            gw.clock.advance(0)  # the upstream's connectionLost, a turn later
+            [rec] = gw.ledger.records
+            self.assertEqual((rec.outcome, rec.phase, rec.source), ("completed", None, "reported"), name)
+            self.assertEqual(buckets(rec), want, name)
+
+    def test_close_before_terminal_written_is_cancelled(self) -> None:
+        """
+        A client that closes while the terminal event is still held for the
+        end of the reactor turn (not written to it) cancelled the stream.
+        """
+        gw, channel, r = self.start("/v1/chat/completions", STREAMS[0][2])
+        r.send(fixture("openai_chat_stream.sse"))
+        channel.connectionLost(Failure(ConnectionDone()))
+        gw.clock.advance(0)
+        [rec] = gw.ledger.records
+        self.assertEqual((rec.outcome, rec.phase), ("client_cancelled", "body"))
+
+    def test_close_after_usage_before_done_is_cancelled(self) -> None:
+        """
+        The usage chunk is not the terminal event: a client that closes
+        after it and before [DONE] is still recorded as cancelling.
+        """
+        gw, channel, r = self.start("/v1/chat/completions", STREAMS[0][2])
+        data = fixture("openai_chat_stream.sse")
+        r.send(data[: data.index(b"data: [DONE]")])
+        gw.clock.advance(0)
+        channel.connectionLost(Failure(ConnectionDone()))
+        gw.clock.advance(0)
+        [rec] = gw.ledger.records
+        self.assertEqual((rec.outcome, rec.phase), ("client_cancelled", "body"))
 
 
 class RejectedTests(SynchronousTestCase):

@@ -260,6 +260,55 @@ class ReportTests(SynchronousTestCase):
         self.assertEqual(json.loads(out)["rows"], [])
 
 
+class ServedModelReportTests(SynchronousTestCase):
+    """
+    C{--by served_model}: the model the responses named, next to the one
+    asked for.
+    """
+
+    def setUp(self) -> None:
+        d = self.mktemp()
+        os.makedirs(d)
+        self.path = os.path.join(d, "usage.db")
+
+    def run_usage(self, *argv: str) -> Tuple[int, str, str]:
+        return ReportTests.run_usage(self, *argv)  # type: ignore[arg-type]
+
+    def test_byServedModel(self) -> None:
+        """
+        Requests to one router model group by the model that served each;
+        a request whose response named none is its own group (null).
+        """
+        ledger = Ledger(self.path, Clock(), run_in_thread=syncRunner)
+        ledger.startService()
+        for served, cost in [("gpt-4o-mini-2024-07-18", 0.25), ("gpt-4.1-2025-04-14", 1.0),
+                             ("gpt-4o-mini-2024-07-18", 0.5), (None, None)]:
+            ledger.record(makeRecord(ts=at(1), model="model-router", served_model=served, cost_usd=cost))
+        self.successResultOf(ledger.stopService())
+        code, out, err = self.run_usage("--json", "--by", "model,served_model")
+        self.assertEqual((code, err), (0, ""))
+        rows = json.loads(out)["rows"]
+        self.assertEqual(
+            [(r["model"], r["served_model"], r["requests"], r["cost_usd"]) for r in rows],
+            [("model-router", None, 1, None), ("model-router", "gpt-4.1-2025-04-14", 1, 1.0),
+             ("model-router", "gpt-4o-mini-2024-07-18", 2, 0.75)],
+        )
+        code, out, _ = self.run_usage("--by", "served_model")
+        self.assertEqual(out.splitlines()[2].split()[:2], ["-", "1"])
+
+    def test_oldLedgerFile(self) -> None:
+        """
+        A file written before the column existed (not migrated: no daemon
+        of this version opened it) groups all its rows under null.
+        """
+        from tests.accounting.test_ledger import oldLedgerFile
+
+        oldLedgerFile(self.path)
+        code, out, err = self.run_usage("--json", "--by", "served_model")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual([(r["served_model"], r["requests"]) for r in json.loads(out)["rows"]], [(None, 1)])
+
+
 class OpenAndInterruptedTests(SynchronousTestCase):
     """
     The report over a ledger with open, finalised and interrupted rows.

@@ -456,6 +456,41 @@ class TimingTests(MockTestCase):
         self.assertEqual(self.mock.stats["streams_cancelled"], 0)
 
 
+    def test_linger_delays_end_of_body(self) -> None:
+        """
+        x-mock-linger-ms holds the end of the body (the last chunk of the
+        chunked encoding) after the last event, [DONE] already written;
+        a client leaving meanwhile counts as a cancelled stream.
+        """
+        channel, transport = self.send("/v1/chat/completions", {"stream": True},
+                                       x_mock_tokens="2", x_mock_linger_ms="250")
+        self.clock.advance(0)
+        r = Response(transport.value())
+        self.assertEqual(r.data()[-1], "[DONE]")
+        self.assertFalse(r.complete)
+        self.clock.advance(0.249)
+        self.assertFalse(Response(transport.value()).complete)
+        self.clock.advance(0.001)
+        self.assertTrue(Response(transport.value()).complete)
+        self.assertEqual(self.mock.stats["streams_completed"], 1)
+        channel, transport = self.send("/v1/chat/completions", {"stream": True},
+                                       x_mock_tokens="2", x_mock_linger_ms="250")
+        self.clock.advance(0.1)
+        self.gone(channel)
+        self.assertEqual(self.mock.stats["streams_cancelled"], 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_served_model(self) -> None:
+        """
+        x-mock-served-model names another model than the one asked for in
+        every chunk and in a body, as a router would.
+        """
+        r = self.get("/v1/chat/completions", {"model": "router", "stream": True}, x_mock_served_model="gpt-4o-mini")
+        self.assertEqual({c["model"] for c in r.data()[:-1]}, {"gpt-4o-mini"})
+        r = self.get("/v1/messages", {"model": "router"}, x_mock_served_model="claude-haiku-4-5")
+        self.assertEqual(r.json()["model"], "claude-haiku-4-5")
+
+
 class FaultTests(MockTestCase):
     def test_reset_mid(self) -> None:
         """
