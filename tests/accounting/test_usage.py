@@ -337,19 +337,19 @@ class RuleTests(SynchronousTestCase):
     def test_sampleCap(self):
         """
         Past the sample cap, text is no longer kept but its bytes are still
-        counted (approximately: escapes count as written, "\\"" as 2).
+        counted, as decoded text (the escape "\\"" is the one byte it stands for).
         """
         acc = make_accumulator("openai.chat", sample_cap=4)
         acc.on_event(None, b'{"id":"c","choices":[{"delta":{"content":"abcdef"}}],"usage":null}')
         acc.on_event(None, b'{"id":"c","choices":[{"delta":{"content":"gh\\"i"}}],"usage":null}')
         acc.on_event(None, b'{"id":"c","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}')
         self.assertEqual(acc.sample_text(), "abcd")
-        self.assertEqual(acc.text_bytes, 6 + 5)
+        self.assertEqual(acc.text_bytes, 6 + 4)
         self.assertEqual(acc.usage.output_tokens, 2)
         acc = make_accumulator("anthropic.messages", sample_cap=1)
         acc.on_event(b"content_block_delta", b'{"delta":{"type":"text_delta","text":"xy"}}')
         acc.on_event(b"content_block_delta", b'{"delta":{"type":"text_delta","text":"\\\\"}}')
-        self.assertEqual((acc.sample_text(), acc.text_bytes), ("x", 2 + 2))
+        self.assertEqual((acc.sample_text(), acc.text_bytes), ("x", 2 + 1))
 
     def test_usageDetails(self):
         """
