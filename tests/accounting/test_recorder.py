@@ -66,7 +66,7 @@ STREAMS = [
 ]
 # Streams that end in an in-band error but carry the usage the provider bills.
 ERROR_STREAMS = [
-    ("openrouter_chat_stream_error.sse", "/v1/chat/completions", {"model": "gpt-4o", "stream": True, "stream_options": {"include_usage": True}}, (42, 12, 0, 0, 0)),
+    ("openrouter_chat_stream_error.sse", "/v1/chat/completions", {"model": "gpt-4o", "stream": True, "stream_options": {"include_usage": True}}, (42, 31, 0, 0, 19)),
 ]
 BODIES = [
     ("openai_chat.json", "/v1/chat/completions", {"model": "o3"}, (1432, 312, 1280, 0, 256)),
@@ -204,6 +204,7 @@ class FixtureAccountingTests(SynchronousTestCase):
             ("groq_chat_stream_x_groq.sse", "/v1/chat/completions", "gpt-4o", "o200k_base"),
             ("deepseek_chat_stream_tools.sse", "/v1/chat/completions", "gpt-4o", "o200k_base"),
             ("mistral_chat_stream_thinking.sse", "/v1/chat/completions", "gpt-4o", "o200k_base"),
+            ("openrouter_chat_stream_error.sse", "/v1/chat/completions", "gpt-4o", "o200k_base"),
             ("openai_chat_stream_tools.sse", "/v1/chat/completions", "gpt-4o", "o200k_base"),
             ("openrouter_responses_stream.sse", "/v1/responses", "gpt-4o", "o200k_base"),
             ("anthropic_messages_stream_tools.sse", "/v1/messages", "claude-sonnet-4", "cl100k_base"),

@@ -148,11 +148,12 @@ STREAMS = {
     ),
     "openrouter_chat_stream_error.sse": (
         "openai.chat",
-        Usage(input_tokens=42, output_tokens=12),
+        Usage(input_tokens=42, output_tokens=31, reasoning_tokens=19),
         True,
         True,
         "gen-",
-        'The "Kessler syndrome" is a cascade of collisions:\neach',
+        # Each reasoning delta once, though reasoning_details repeats it.
+        'The user asks about "Kessler syndrome"; define it, then give\nthe mechanism.The "Kessler syndrome"',
     ),
 }
 
