@@ -284,8 +284,9 @@ class UsageAccumulator:
     @ivar complete: the API's terminal event (or a whole body) was seen.
     @ivar error: an in-band error event (or an error body) was seen.
     @ivar error_detail: the parsed error object, if any.
-    @ivar text_bytes: UTF-8 bytes of generated text/arguments/thinking seen
-        (exact while under the sample cap, approximate past it).
+    @ivar text_bytes: UTF-8 bytes of the generated text seen (content,
+        reasoning, arguments, thinking), decoded from JSON, also past the
+        sample cap.
     @ivar upstream_id: the provider's id (chatcmpl-..., msg_..., resp_...).
     @ivar error_usage: the usage came on the error event itself (OpenRouter's
         mid-stream error chunk): it is the provider's final, billed count.
@@ -486,6 +487,8 @@ class OpenAIChatAccumulator(UsageAccumulator):
         if b'"content":[' in data or b'"content": [' in data:
             # Content as a list of parts (Mistral's thinking and text parts):
             # the regex sees only string values, so read this one parsed.
+            # (Chunks with logprobs, {"content":[...]}, land here too: slower,
+            # and counted the same.)
             obj = _loads(data)
             if isinstance(obj, dict):
                 self._choices(obj.get("choices"))

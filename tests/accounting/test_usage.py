@@ -397,6 +397,19 @@ class RuleTests(SynchronousTestCase):
         acc.on_body(b'{"id":"c","choices":[],"x_groq":{"id":"r","usage":{"prompt_tokens":1,"completion_tokens":2}}}')
         self.assertEqual(acc.usage, Usage(input_tokens=1, output_tokens=2))
 
+    def test_chatContentPartsAndLogprobs(self):
+        """
+        Content sent as a list of parts (Mistral's thinking and text parts)
+        is counted; a chunk whose logprobs hold a "content" list still
+        counts its delta text once, and its tokens not at all.
+        """
+        acc = make_accumulator("openai.chat")
+        acc.on_event(None, b'{"id":"m","choices":[{"delta":{"role":"assistant","content":[{"type":"thinking","thinking":[{"type":"text","text":"Think \\"a\\"."}]}]}}]}')
+        acc.on_event(None, b'{"id":"m","choices":[{"delta":{"content":[{"type":"text","text":" Answer"}]}}]}')
+        acc.on_event(None, b'{"id":"m","choices":[{"delta":{"content":" tail"},"logprobs":{"content":[{"token":" tail","logprob":-0.1}]}}]}')
+        self.assertEqual(acc.sample_text(), 'Think "a". Answer tail')
+        self.assertEqual(acc.text_bytes, len('Think "a". Answer tail'))
+
     def test_anthropicIterationsSummed(self):
         """
         With usage.iterations, every field is the sum over the iterations
