@@ -249,10 +249,16 @@ def _on_ends(acc: Any, ends: HeadTail) -> None:
 
 
 def _reported(counter: RequestCounter) -> Optional[Usage]:
-    """The provider's usage, if it reported a complete one."""
+    """
+    The provider's usage, if it reported a complete one: at the end of a
+    stream that ended well, or on the error event itself (OpenRouter bills
+    the usage its mid-stream error chunk carries).
+    """
     acc = counter.acc
     usage = acc.usage
-    if usage is not None and acc.complete and not acc.error and usage.output_tokens is not None:
+    if usage is None or usage.output_tokens is None:
+        return None
+    if (acc.complete and not acc.error) or acc.error_usage:
         return usage
     return None
 

@@ -10,6 +10,7 @@ import json
 import os
 from typing import Any
 
+import tiktoken
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
@@ -54,12 +55,92 @@ STREAMS = [
     ("openai_responses_stream.sse", "/v1/responses", {"model": "gpt-4o", "stream": True}, (38, 21, 0, 0, 0)),
     ("anthropic_messages_stream.sse", "/v1/messages", {"model": "claude-sonnet-4", "stream": True}, (1573, 48, 0, 1536, 0)),
     ("anthropic_messages_stream_tools.sse", "/v1/messages", {"model": "claude-sonnet-4", "stream": True}, (4751, 91, 4096, 0, 0)),
+    # Real provider shapes (fixtures/README.md, "Shapes from other providers").
+    ("anthropic_messages_stream_compaction.sse", "/v1/messages", {"model": "claude-sonnet-4", "stream": True}, (60997, 3341, 0, 0, 0)),
+    ("openrouter_responses_stream.sse", "/v1/responses", {"model": "gpt-4o", "stream": True}, (31, 17, 0, 0, 0)),
+    ("groq_chat_stream_x_groq.sse", "/v1/chat/completions", {"model": "gpt-4o", "stream": True, "stream_options": {"include_usage": True}}, (18, 439, 0, 0, 0)),
+    ("groq_chat_stream_reasoning.sse", "/v1/chat/completions", {"model": "gpt-4o", "stream": True, "stream_options": {"include_usage": True}}, (17, 1107, 0, 0, 963)),
+    ("deepseek_chat_stream_tools.sse", "/v1/chat/completions", {"model": "gpt-4o", "stream": True, "stream_options": {"include_usage": True}}, (339, 83, 320, 0, 39)),
+    ("mistral_chat_stream_thinking.sse", "/v1/chat/completions", {"model": "gpt-4o", "stream": True, "stream_options": {"include_usage": True}}, (10, 46, 0, 0, 0)),
+    ("huggingface_chat_stream.sse", "/v1/chat/completions", {"model": "gpt-4o", "stream": True, "stream_options": {"include_usage": True}}, (44, 8, 0, 0, 0)),
+]
+# Streams that end in an in-band error but carry the usage the provider bills.
+ERROR_STREAMS = [
+    ("openrouter_chat_stream_error.sse", "/v1/chat/completions", {"model": "gpt-4o", "stream": True, "stream_options": {"include_usage": True}}, (42, 31, 0, 0, 19)),
 ]
 BODIES = [
     ("openai_chat.json", "/v1/chat/completions", {"model": "o3"}, (1432, 312, 1280, 0, 256)),
     ("openai_embeddings.json", "/v1/embeddings", {"model": "text-embedding-3-small"}, (11, 0, 0, 0, 0)),
     ("anthropic_messages.json", "/v1/messages", {"model": "claude-sonnet-4"}, (3286, 96, 3072, 0, 0)),
 ]
+
+
+def reference_encoding(name: str) -> Any:
+    """
+    tiktoken's own encoding C{name}, loaded the offline way tiktoken
+    documents (its cache directory holding the BPE file under the sha1 of
+    its URL; tiktoken checks the file's hash), not through llmgate.
+    """
+    import hashlib
+    import shutil
+    import tempfile
+
+    url = f"https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"
+    cache = os.path.join(tempfile.gettempdir(), "llmgate-test-tiktoken")
+    os.makedirs(cache, exist_ok=True)
+    shutil.copyfile(
+        os.path.join(os.path.dirname(tokens.__file__), "encodings", name + ".tiktoken"),
+        os.path.join(cache, hashlib.sha1(url.encode()).hexdigest()),
+    )
+    old = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = cache
+    try:
+        return tiktoken.get_encoding(name)
+    finally:
+        if old is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = old
+
+
+def relayed_text(data: bytes) -> str:
+    """
+    The generated text in the complete events of C{data}, decoded with
+    json (independently of llmgate's accumulators): content and content
+    parts, reasoning of every spelling, refusals, tool-call arguments;
+    Anthropic text, thinking, input_json_delta and compaction deltas;
+    Responses text/arguments/reasoning deltas.
+    """
+    out: list[str] = []
+
+    def parts(value: Any) -> None:
+        if isinstance(value, str):
+            out.append(value)
+        elif isinstance(value, list):
+            for p in value:
+                if isinstance(p, dict):
+                    parts(p.get("text"))
+                    parts(p.get("thinking"))
+
+    for event in data.replace(b"\r\n", b"\n").split(b"\n\n")[:-1]:
+        for line in event.split(b"\n"):
+            if not line.startswith(b"data: {"):
+                continue
+            obj = json.loads(line[6:])
+            kind = obj.get("type", "")
+            if kind == "content_block_delta":
+                delta = obj["delta"]
+                for key in ("text", "thinking", "partial_json", "content"):
+                    parts(delta.get(key))
+            elif kind.startswith("response.") and kind.endswith(".delta"):
+                parts(obj.get("delta"))
+            for choice in obj.get("choices") or []:
+                delta = choice.get("delta") or {}
+                for key in ("content", "reasoning", "reasoning_content", "refusal"):
+                    parts(delta.get(key))
+                for call in delta.get("tool_calls") or []:
+                    parts((call.get("function") or {}).get("arguments"))
+    return "".join(out)
 
 
 def buckets(rec: Any) -> tuple[int, ...]:
@@ -93,6 +174,61 @@ class FixtureAccountingTests(SynchronousTestCase):
                 self.assertEqual(buckets(rec), want, (name, size))
                 self.assertEqual((rec.source, rec.outcome), ("reported", "completed"), (name, size))
                 self.assertIsNotNone(rec.upstream_id)
+
+    def test_error_streams_keep_the_billed_usage(self) -> None:
+        """
+        A stream whose final chunk carries both an error and the usage the
+        provider bills (OpenRouter), fed whole and in 1..7-byte slices, is
+        relayed byte for byte and recorded as an upstream error with that
+        usage, reported, not an estimate.
+        """
+        for name, route, body, want in ERROR_STREAMS:
+            for size in (1 << 20, 1, 2, 3, 5, 7):
+                gw, transport = self.replay(name, route, body, size, SSE_HEADERS)
+                gw.clock.advance(0)
+                self.assertEqual(parse_response(transport.value())[2], fixture(name), (name, size))
+                [rec] = gw.ledger.records
+                self.assertEqual(buckets(rec), want, (name, size))
+                self.assertEqual((rec.source, rec.outcome), ("reported", "upstream_error"), (name, size))
+
+    def test_cancelled_halfway_estimates_every_kind_of_text(self) -> None:
+        """
+        Each fixture, its client gone after half the stream: the estimate
+        is within 5% of tiktoken on the decoded text relayed -- content,
+        reasoning (reasoning, reasoning_content, Mistral thinking parts,
+        Anthropic thinking), tool-call arguments and input_json_delta,
+        compaction summaries -- not on its JSON-escaped bytes.
+        """
+        cases = [
+            ("groq_chat_stream_reasoning.sse", "/v1/chat/completions", "gpt-4o", "o200k_base"),
+            ("groq_chat_stream_x_groq.sse", "/v1/chat/completions", "gpt-4o", "o200k_base"),
+            ("deepseek_chat_stream_tools.sse", "/v1/chat/completions", "gpt-4o", "o200k_base"),
+            ("mistral_chat_stream_thinking.sse", "/v1/chat/completions", "gpt-4o", "o200k_base"),
+            ("openrouter_chat_stream_error.sse", "/v1/chat/completions", "gpt-4o", "o200k_base"),
+            ("openai_chat_stream_tools.sse", "/v1/chat/completions", "gpt-4o", "o200k_base"),
+            ("openrouter_responses_stream.sse", "/v1/responses", "gpt-4o", "o200k_base"),
+            ("anthropic_messages_stream_tools.sse", "/v1/messages", "claude-sonnet-4", "cl100k_base"),
+            ("anthropic_messages_stream_compaction.sse", "/v1/messages", "claude-sonnet-4", "cl100k_base"),
+        ]
+        for name, route, model, encoding in cases:
+            data = fixture(name)
+            cut = data.index(b"\n\n", len(data) // 2) + 2
+            text = relayed_text(data[:cut])
+            self.assertTrue(text, name)
+            want = len(reference_encoding(encoding).encode_ordinary(text))
+            gw = AccountingGateway()
+            channel, transport = gw.post(route, {"model": model, "stream": True, "messages": [], "stream_options": {"include_usage": True}})
+            r = FakeResponse(200, SSE_HEADERS)
+            gw.http.calls[0]["deferred"].callback(r)
+            for i in range(0, cut, 7):
+                r.send(data[i:min(i + 7, cut)])
+            gw.clock.advance(0)
+            channel.connectionLost(Failure(ConnectionDone()))
+            gw.clock.advance(0)
+            gw.clock.advance(0)
+            [rec] = gw.ledger.records
+            self.assertEqual((rec.outcome, rec.source), ("client_cancelled", "estimated"), name)
+            self.assertLessEqual(abs(rec.output_tokens - want), 0.05 * want, (name, rec.output_tokens, want))
 
     def test_bodies(self) -> None:
         """Non-streaming fixtures leave their declared usage."""

@@ -4,6 +4,8 @@ Tests for L{llmgate.accounting.usage}: every fixture, fed through the SSE parser
 and in 1..7-byte slices, yields the numbers declared in fixtures/README.md.
 """
 
+import json
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmgate.dialects.sse import EventStreamParser
@@ -87,6 +89,72 @@ STREAMS = {
         "msg_",
         "Sourdough starters need feeding roughly every",
     ),
+    # Provider shapes (fixtures/README.md, "Shapes from other providers").
+    "anthropic_messages_stream_compaction.sse": (
+        "anthropic.messages",
+        Usage(input_tokens=60997, output_tokens=3341),
+        True,
+        False,
+        "msg_",
+        "## Summary of Conversation\n\n### Task Context\nThe user shared",
+    ),
+    "openrouter_responses_stream.sse": (
+        "openai.responses",
+        Usage(input_tokens=31, output_tokens=17),
+        True,
+        False,
+        "gen-",
+        'Use `json.loads` to parse the "payload" field, then\ncheck',
+    ),
+    "groq_chat_stream_x_groq.sse": (
+        "openai.chat",
+        Usage(input_tokens=18, output_tokens=439),
+        True,
+        False,
+        "chatcmpl-",
+        '{"value":"Sparkle Day"}',
+    ),
+    "groq_chat_stream_reasoning.sse": (
+        "openai.chat",
+        Usage(input_tokens=17, output_tokens=1107, reasoning_tokens=963),
+        True,
+        False,
+        "chatcmpl-",
+        "Okay, let me try to figure out how many times the letter 'r' appears",
+    ),
+    "deepseek_chat_stream_tools.sse": (
+        "openai.chat",
+        Usage(input_tokens=339, output_tokens=83, cached_input_tokens=320, reasoning_tokens=39),
+        True,
+        False,
+        "cca85624-",
+        "The",
+    ),
+    "mistral_chat_stream_thinking.sse": (
+        "openai.chat",
+        Usage(input_tokens=10, output_tokens=46),
+        True,
+        False,
+        "a4e29c5b",
+        "The user is asking for 2+2. This is basic arithmetic. 2+2=4.2 + 2 = 4",
+    ),
+    "huggingface_chat_stream.sse": (
+        "openai.chat",
+        Usage(input_tokens=44, output_tokens=8),
+        True,
+        False,
+        "chatcmpl-",
+        "Paris is the capital of France.",
+    ),
+    "openrouter_chat_stream_error.sse": (
+        "openai.chat",
+        Usage(input_tokens=42, output_tokens=31, reasoning_tokens=19),
+        True,
+        True,
+        "gen-",
+        # Each reasoning delta once, though reasoning_details repeats it.
+        'The user asks about "Kessler syndrome"; define it, then give\nthe mechanism.The "Kessler syndrome"',
+    ),
 }
 
 BODIES = {
@@ -134,9 +202,8 @@ class FixtureStreamTests(SynchronousTestCase):
                 self.assertEqual(acc.error, error, where)
                 self.assertTrue(acc.upstream_id.startswith(id_prefix), where)
                 self.assertTrue(acc.sample_text().startswith(text), (where, acc.sample_text()))
-                # Raw JSON-escaped length: exact without escapes, else larger.
-                self.assertGreaterEqual(acc.text_bytes, len(acc.sample_text().encode()), where)
-                self.assertLess(acc.text_bytes, len(acc.sample_text().encode()) * 1.2, where)
+                # The decoded text's length, escapes counted as what they stand for.
+                self.assertEqual(acc.text_bytes, len(acc.sample_text().encode()), where)
 
     def test_anthropicErrorKeepsMessageStart(self):
         """
@@ -302,6 +369,85 @@ class RuleTests(SynchronousTestCase):
         self.assertEqual(acc.error_detail["type"], "server_error")
         self.assertFalse(acc.complete)
 
+    def test_chatErrorChunkWithUsage(self):
+        """
+        A chunk with both an error and a usage (OpenRouter's mid-stream
+        error) keeps the usage as the provider's final count; an error
+        without one does not claim any.
+        """
+        acc = make_accumulator("openai.chat")
+        acc.on_event(None, b'{"id":"gen-1","choices":[{"delta":{"content":"a"}}]}')
+        acc.on_event(None, b'{"id":"gen-1","error":{"code":502,"message":"x"},"choices":[{"delta":{"content":""},"finish_reason":"error"}],"usage":{"prompt_tokens":5,"completion_tokens":2}}')
+        self.assertEqual((acc.error, acc.error_usage, acc.usage), (True, True, Usage(input_tokens=5, output_tokens=2)))
+        acc = make_accumulator("openai.chat")
+        acc.on_event(None, b'{"id":"gen-1","error":{"code":502,"message":"x"},"choices":[]}')
+        self.assertEqual((acc.error, acc.error_usage, acc.usage), (True, False, None))
+
+    def test_groqUsageOnlyInXGroq(self):
+        """
+        Usage found only in x_groq.usage is read, in a stream and in a body;
+        an x_groq without usage (the first chunk's id and seed) is not usage.
+        """
+        acc = make_accumulator("openai.chat")
+        acc.on_event(None, b'{"id":"c","choices":[{"delta":{"content":"a"}}],"x_groq":{"id":"req_1","seed":7}}')
+        self.assertIsNone(acc.usage)
+        acc.on_event(None, b'{"id":"c","choices":[{"delta":{},"finish_reason":"stop"}],"x_groq":{"id":"req_1","usage":{"prompt_tokens":3,"completion_tokens":4}}}')
+        self.assertEqual(acc.usage, Usage(input_tokens=3, output_tokens=4))
+        acc = make_accumulator("openai.chat")
+        acc.on_body(b'{"id":"c","choices":[],"x_groq":{"id":"r","usage":{"prompt_tokens":1,"completion_tokens":2}}}')
+        self.assertEqual(acc.usage, Usage(input_tokens=1, output_tokens=2))
+
+    def test_chatContentPartsAndLogprobs(self):
+        """
+        Content sent as a list of parts (Mistral's thinking and text parts)
+        is counted; a chunk whose logprobs hold a "content" list still
+        counts its delta text once, and its tokens not at all.
+        """
+        acc = make_accumulator("openai.chat")
+        acc.on_event(None, b'{"id":"m","choices":[{"delta":{"role":"assistant","content":[{"type":"thinking","thinking":[{"type":"text","text":"Think \\"a\\"."}]}]}}]}')
+        acc.on_event(None, b'{"id":"m","choices":[{"delta":{"content":[{"type":"text","text":" Answer"}]}}]}')
+        acc.on_event(None, b'{"id":"m","choices":[{"delta":{"content":" tail"},"logprobs":{"content":[{"token":" tail","logprob":-0.1}]}}]}')
+        self.assertEqual(acc.sample_text(), 'Think "a". Answer tail')
+        self.assertEqual(acc.text_bytes, len('Think "a". Answer tail'))
+
+    def test_anthropicIterationsSummed(self):
+        """
+        With usage.iterations, every field is the sum over the iterations
+        (the top-level fields are the last iteration's): in a body, in
+        usage_from_anthropic, and in a stream even if a later
+        message_delta has no iterations.
+        """
+        u = {
+            "input_tokens": 10, "cache_creation_input_tokens": 1, "cache_read_input_tokens": 2, "output_tokens": 20,
+            "iterations": [
+                {"type": "compaction", "input_tokens": 1000, "output_tokens": 200, "cache_read_input_tokens": 3, "cache_creation_input_tokens": 4},
+                {"type": "message", "input_tokens": 10, "output_tokens": 20, "cache_read_input_tokens": 2, "cache_creation_input_tokens": 1},
+            ],
+        }
+        want = Usage(input_tokens=1010 + 5 + 5, output_tokens=220, cached_input_tokens=5, cache_creation_tokens=5)
+        self.assertEqual(usage_from_anthropic(u), want)
+        acc = make_accumulator("anthropic.messages")
+        acc.on_body(json.dumps({"id": "msg_1", "content": [{"type": "compaction", "content": "sum"}, {"type": "text", "text": "ok"}], "usage": u}).encode())
+        self.assertEqual((acc.usage, acc.sample_text()), (want, "sumok"))
+        acc = make_accumulator("anthropic.messages")
+        acc.on_event(b"message_start", b'{"type":"message_start","message":{"id":"msg_1","usage":{"input_tokens":1000,"output_tokens":1}}}')
+        acc.on_event(b"message_delta", json.dumps({"type": "message_delta", "usage": u}).encode())
+        acc.on_event(b"message_delta", b'{"type":"message_delta","usage":{"output_tokens":20}}')
+        self.assertEqual(acc.usage, want)
+
+    def test_responsesWithoutEventLines(self):
+        """
+        Data-only Responses events are told apart by their JSON type, also
+        when "type" is not the first member; [DONE] is ignored.
+        """
+        acc = make_accumulator("openai.responses")
+        acc.on_event(None, b'{"type":"response.created","response":{"id":"gen-1","usage":null}}')
+        acc.on_event(None, b'{"delta":"Hi \\"x\\"","type":"response.output_text.delta"}')
+        acc.on_event(None, b'{"sequence_number":3,"type":"response.completed","response":{"id":"gen-1","usage":{"input_tokens":4,"output_tokens":2}}}')
+        acc.on_event(None, b"[DONE]")
+        self.assertEqual((acc.upstream_id, acc.usage, acc.complete), ("gen-1", Usage(input_tokens=4, output_tokens=2), True))
+        self.assertEqual(acc.sample_text(), 'Hi "x"')
+
     def test_responsesTerminalEvents(self):
         """
         response.incomplete completes with its partial usage;
@@ -337,19 +483,19 @@ class RuleTests(SynchronousTestCase):
     def test_sampleCap(self):
         """
         Past the sample cap, text is no longer kept but its bytes are still
-        counted (approximately: escapes count as written, "\\"" as 2).
+        counted, as decoded text (the escape "\\"" is the one byte it stands for).
         """
         acc = make_accumulator("openai.chat", sample_cap=4)
         acc.on_event(None, b'{"id":"c","choices":[{"delta":{"content":"abcdef"}}],"usage":null}')
         acc.on_event(None, b'{"id":"c","choices":[{"delta":{"content":"gh\\"i"}}],"usage":null}')
         acc.on_event(None, b'{"id":"c","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}')
         self.assertEqual(acc.sample_text(), "abcd")
-        self.assertEqual(acc.text_bytes, 6 + 5)
+        self.assertEqual(acc.text_bytes, 6 + 4)
         self.assertEqual(acc.usage.output_tokens, 2)
         acc = make_accumulator("anthropic.messages", sample_cap=1)
         acc.on_event(b"content_block_delta", b'{"delta":{"type":"text_delta","text":"xy"}}')
         acc.on_event(b"content_block_delta", b'{"delta":{"type":"text_delta","text":"\\\\"}}')
-        self.assertEqual((acc.sample_text(), acc.text_bytes), ("x", 2 + 2))
+        self.assertEqual((acc.sample_text(), acc.text_bytes), ("x", 2 + 1))
 
     def test_usageDetails(self):
         """

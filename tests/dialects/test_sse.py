@@ -29,10 +29,10 @@ def parse_sliced(data: bytes, size: int, parser=None) -> list:
 class FixtureTests(SynchronousTestCase):
     def test_fixturesPresent(self):
         """
-        All eight stream fixtures are found (guards the loops below against
-        silently testing nothing).
+        All sixteen stream fixtures are found, the eight provider shapes
+        included (guards the loops below against silently testing nothing).
         """
-        self.assertEqual(len(SSE_FIXTURES), 8)
+        self.assertEqual(len(SSE_FIXTURES), 16)
 
     def test_slicedEqualsWhole(self):
         """

@@ -255,13 +255,17 @@ class ProcessTests(SynchronousTestCase):
         """
         Every provider fixture, replayed by the mock in small random slices
         through the real gateway, reaches the client byte for byte (streams)
-        and leaves the usage its README declares in the ledger.
+        and leaves the usage its README declares in the ledger, reported:
+        completed, or an upstream error for a stream whose error chunk
+        carries the billed usage.
         """
-        from tests.accounting.test_recorder import BODIES, STREAMS, fixture
+        from tests.accounting.test_recorder import BODIES, ERROR_STREAMS, STREAMS, fixture
 
         gw, ledger = self.stack_with_ledger()
         expected = {}
-        for name, route, body, want in STREAMS + BODIES:
+        outcomes = {}
+        for name, route, body, want in STREAMS + ERROR_STREAMS + BODIES:
+            outcomes[want] = "upstream_error" if (name, route, body, want) in ERROR_STREAMS else "completed"
             data = json.dumps(body).encode()
             s = socket.create_connection(("127.0.0.1", gw.port))
             s.sendall(
@@ -297,4 +301,8 @@ class ProcessTests(SynchronousTestCase):
             for r in recs
         )
         self.assertEqual(got, sorted(expected.values()))
-        self.assertTrue(all(r["source"] == "reported" and r["outcome"] == "completed" for r in recs))
+        got_outcomes = sorted(
+            (r["input_tokens"], r["output_tokens"], r["cached_input_tokens"], r["cache_creation_tokens"], r["reasoning_tokens"], r["source"], r["outcome"])
+            for r in recs
+        )
+        self.assertEqual(got_outcomes, sorted(want + ("reported", outcomes[want]) for want in expected.values()))
