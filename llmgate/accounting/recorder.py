@@ -70,7 +70,9 @@ _SEEK_EVENTS = 8
 # A served model name longer than this is cut: it is a label, not a payload.
 _MAX_MODEL = 200
 # The events after which a stream is whole, whatever the connection does.
-_TERMINAL_NAMES = frozenset([b"message_stop", b"response.completed", b"response.incomplete"])
+# Chat and completions streams complete on their usage chunk, which comes
+# before the terminal [DONE]; the other streaming APIs complete on theirs.
+_USAGE_BEFORE_TERMINAL = frozenset(["openai.chat", "openai.completions"])
 
 
 def _model_name(raw: bytes) -> Optional[str]:
@@ -177,10 +179,16 @@ class RequestCounter:
             # Looked for only once the accumulator saw the stream complete
             # (on these same events, or the usage chunk before [DONE]).
             if acc.complete and not self.terminal:
-                for name, payload in events:
-                    if name in _TERMINAL_NAMES or payload[:6] == b"[DONE]":
-                        self.terminal = True
-                        break
+                if self.api not in _USAGE_BEFORE_TERMINAL:
+                    # Anthropic and Responses accumulators complete on the
+                    # terminal event itself, however it was named (OpenRouter
+                    # sends Responses events as data-only lines).
+                    self.terminal = True
+                else:
+                    for name, payload in events:
+                        if payload[:6] == b"[DONE]":
+                            self.terminal = True
+                            break
         elif self._ends is not None:
             self._ends.feed(data)
         else:
