@@ -14,7 +14,6 @@ from typing import Any, Optional
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
@@ -26,6 +25,8 @@ from llmgate.accounting.ledger import Ledger
 from llmgate.ops.metrics import Metrics, MetricsResource
 from llmgate.accounting.prices import PriceTable
 from llmgate.ops.drain import Drain
+from llmgate.ops.executors import BoundedExecutor
+from llmgate.ops.memory import Trimmer
 from llmgate.service import OrderedMultiService
 from llmgate.edge.site import GatewaySite
 from llmgate.api.resource import GatewayResource
@@ -53,6 +54,16 @@ def _with_backlog(desc: str) -> str:
     if desc.split(":", 1)[0] in ("tcp", "tcp6") and "backlog=" not in desc:
         return desc + ":backlog=4096"
     return desc
+
+
+# Threads and queue bounds of the parse pool (bodies over 64 kB): past
+# either bound a big body is answered 503 with Retry-After.
+PARSE_THREADS = 2
+PARSE_MAX_JOBS = 64
+PARSE_MAX_BYTES = 256 * 1024 * 1024
+# Token estimates (tiktoken) run after a request ends and must never be
+# refused (the record would lose its tokens): a thread, no bound.
+ESTIMATE_THREADS = 1
 
 
 class Options(usage.Options):
@@ -112,19 +123,24 @@ def build(cfg: configmod.Config, reactor: Any, ports: list[str]) -> service.Mult
     accounting sinks and one listener per endpoint string.
     """
     top = OrderedMultiService()
-
-    def in_thread(f: Any, *a: Any) -> Any:
-        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
-
     ledger = None
     if cfg.ledger_enabled:
         # First child, so it stops last: records of requests cut off by the
         # shutdown still reach the file.
         ledger = Ledger(cfg.ledger_path, reactor, batch_interval=cfg.ledger_batch_interval)
         ledger.setServiceParent(top)
+    # DNS keeps the reactor's pool; big-body parses and token estimates get
+    # their own (stopped after the drain, which waits for the estimates).
+    parse_pool = BoundedExecutor(reactor, "llmgate-parse", PARSE_THREADS, PARSE_MAX_JOBS, PARSE_MAX_BYTES)
+    parse_pool.setServiceParent(top)
+    estimate_pool = BoundedExecutor(reactor, "llmgate-estimate", ESTIMATE_THREADS)
+    estimate_pool.setServiceParent(top)
+    trimmer = Trimmer(reactor, estimate_pool)
     upstream = UpstreamClient(reactor, connect_timeout=cfg.timeouts.connect)
     upstream.setServiceParent(top)
-    metrics = Metrics()
+    metrics = Metrics(models=cfg.models)
+    metrics.watch_executor(parse_pool)
+    metrics.watch_executor(estimate_pool)
     if ledger is not None:
         metrics.watch_ledger(ledger)
     accounting = Accounting(
@@ -133,11 +149,12 @@ def build(cfg: configmod.Config, reactor: Any, ports: list[str]) -> service.Mult
         metrics=metrics,
         enabled=cfg.accounting_enabled,
         prices=PriceTable.from_config(dict(cfg.prices)),
-        in_thread=in_thread,
+        in_thread=estimate_pool,
     )
 
     root = GatewayResource(
-        cfg, upstream.http, reactor, accounting, parse_in_thread=in_thread, coalesce=True
+        cfg, upstream.http, reactor, accounting, parse_in_thread=parse_pool.submit, coalesce=True,
+        on_big_body_done=trimmer.freed,
     )
     root.watchdog.setServiceParent(top)
     site = GatewaySite(root, reactor, cfg.max_body_bytes)

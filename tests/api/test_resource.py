@@ -179,3 +179,14 @@ class ExecutorTests(SynchronousTestCase):
         self.assertEqual((status, json.loads(body)["error"]["type"]), (503, "overloaded_error"))
         self.assertEqual([(r.status, r.outcome) for r in self.ledger.records], [(503, "rejected")] * 2)
         self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_big_body_done_reported(self) -> None:
+        """When a request with a big body is over, its size is reported (to trim the heap)."""
+        freed: list[int] = []
+        self.gw.resource._on_big_body_done = freed.append
+        raw = big_chat()
+        channel, _ = self.gw.post("/v1/chat/completions", None, raw=raw)
+        self.gw.post("/v1/chat/completions", {"model": "gpt-4o"})
+        self.assertEqual(freed, [])
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(freed, [len(raw)])

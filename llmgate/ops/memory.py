@@ -1,0 +1,93 @@
+# -*- test-case-name: tests.ops.test_memory -*-
+"""
+Giving the memory of big request bodies back to the system.
+
+A 30 MB body is freed by Python into glibc's heap, not to the kernel:
+glibc raises its mmap threshold after freeing large blocks (up to 32 MB),
+so the next big bodies come from the heap of whichever thread parsed them,
+and its arenas keep their pages. The process stays at its peak size. After
+large frees we ask glibc to return what it can with C{malloc_trim(0)}: off
+the reactor thread (it walks every arena) and at most every few seconds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from typing import Any, Callable, Optional
+
+from twisted.logger import Logger
+
+log = Logger(namespace="llmgate.ops.memory")
+
+
+def _libc_trim() -> Optional[Callable[[int], int]]:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None  # not glibc (musl, macOS): nothing to do
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+def malloc_trim() -> bool:
+    """C{malloc_trim(0)}; False where there is no such call."""
+    trim = _libc_trim()
+    return bool(trim(0)) if trim is not None else False
+
+
+class Trimmer:
+    """
+    Trims the C heap once at least C{threshold} bytes of big bodies were
+    freed, C{delay} seconds after the last such request ended (their
+    references go as its callbacks unwind), and never more often than
+    every C{min_interval} seconds.
+
+    @param clock: C{IReactorTime}.
+    @param in_thread: C{f() -> Deferred} running C{f} off the reactor thread.
+    """
+
+    def __init__(
+        self,
+        clock: Any,
+        in_thread: Callable[..., Any],
+        threshold: int = 64 * 1024 * 1024,
+        min_interval: float = 10.0,
+        delay: float = 1.0,
+        trim: Callable[[], Any] = malloc_trim,
+    ) -> None:
+        self.clock = clock
+        self.in_thread = in_thread
+        self.threshold = threshold
+        self.min_interval = min_interval
+        self.delay = delay
+        self.trim = trim
+        self.trims = 0
+        self._freed = 0
+        self._last: Optional[float] = None
+        self._call: Any = None
+
+    def freed(self, nbytes: int) -> None:
+        """A request holding a body of C{nbytes} is over."""
+        self._freed += nbytes
+        if self._freed < self.threshold or self._call is not None:
+            return
+        wait = self.delay
+        if self._last is not None:
+            wait = max(wait, self._last + self.min_interval - self.clock.seconds())
+        self._call = self.clock.callLater(wait, self._run)
+
+    def _run(self) -> None:
+        self._call = None
+        self._freed = 0
+        self._last = self.clock.seconds()
+        self.trims += 1
+        d = self.in_thread(self.trim)
+        d.addErrback(lambda f: log.failure("malloc_trim failed", f))
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
