@@ -26,7 +26,7 @@ from llmgate.ops.metrics import Metrics, MetricsResource
 from llmgate.accounting.prices import PriceTable
 from llmgate.ops.drain import Drain
 from llmgate.ops.executors import BoundedExecutor
-from llmgate.ops.memory import Trimmer
+from llmgate.ops.memory import Trimmer, tune_malloc
 from llmgate.service import OrderedMultiService
 from llmgate.edge.site import GatewaySite
 from llmgate.api.resource import GatewayResource
@@ -136,6 +136,7 @@ def build(cfg: configmod.Config, reactor: Any, ports: list[str]) -> service.Mult
     estimate_pool = BoundedExecutor(reactor, "llmgate-estimate", ESTIMATE_THREADS)
     estimate_pool.setServiceParent(top)
     trimmer = Trimmer(reactor, estimate_pool)
+    parse_pool.on_release = trimmer.freed
     upstream = UpstreamClient(reactor, connect_timeout=cfg.timeouts.connect)
     upstream.setServiceParent(top)
     metrics = Metrics(models=cfg.models)
@@ -202,6 +203,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
         )
     build(cfg, reactor, options["ports"]).setServiceParent(top)
     _tune_gc()
+    tune_malloc()
     return top
 
 

@@ -52,6 +52,9 @@ class BoundedExecutor(service.Service):
     @param max_jobs: queued and running jobs past which L{submit} refuses;
         L{None} for no limit (work that must not be refused).
     @param max_bytes: as C{max_jobs}, for the sum of the jobs' C{size}.
+    @param on_release: called with a job's C{size} once nothing of this
+        executor holds its arguments any more (it ran, was skipped or was
+        cancelled while queued); see L{llmgate.ops.memory.Trimmer}.
     @param pool: a C{ThreadPool}-like object (tests pass a synchronous
         one); by default a C{ThreadPool} started and stopped with this
         service.
@@ -65,12 +68,14 @@ class BoundedExecutor(service.Service):
         max_jobs: Optional[int] = None,
         max_bytes: Optional[int] = None,
         pool: Any = None,
+        on_release: Optional[Callable[[int], Any]] = None,
     ) -> None:
         self.reactor = reactor
         self.name = name
         self.threads = threads
         self.max_jobs = max_jobs
         self.max_bytes = max_bytes
+        self.on_release = on_release
         self._own_pool = pool is None
         self.pool = pool if pool is not None else ThreadPool(0, threads, name=name)
         self._queue: deque[_Job] = deque()
@@ -141,6 +146,8 @@ class BoundedExecutor(service.Service):
         self.jobs -= 1
         self.bytes -= job.size
         job.f = job.args = job.alive = None  # type: ignore[assignment]
+        if self.on_release is not None and job.size:
+            self.on_release(job.size)
 
     def _pump(self) -> None:
         while self._running < self.threads and self._queue:

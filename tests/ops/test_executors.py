@@ -157,3 +157,24 @@ class ExecutorTests(SynchronousTestCase):
         d = ex.submit(lambda: 2)
         ex.stopService()
         self.failureResultOf(d, CancelledError)
+
+    def test_on_release(self) -> None:
+        """
+        on_release hears a job's size once its arguments are let go: when
+        it ran (even if cancelled meanwhile), was skipped, or was
+        cancelled in the queue.
+        """
+        released: list[int] = []
+        ex, pool = make(on_release=released.append)
+        running = ex.submit(lambda: 1, size=10)
+        queued = ex.submit(lambda: 2, size=20)
+        skipped = ex.submit(lambda: 3, size=30, alive=lambda: False)
+        queued.cancel()
+        self.failureResultOf(queued, CancelledError)
+        self.assertEqual(released, [20])
+        running.cancel()
+        self.failureResultOf(running, CancelledError)
+        self.assertEqual(released, [20])  # its thread still holds it
+        pool.run_one()
+        self.assertEqual(released, [20, 10, 30])
+        self.failureResultOf(skipped, CancelledError)

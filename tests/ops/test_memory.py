@@ -61,3 +61,9 @@ class TrimmerTests(SynchronousTestCase):
     def test_malloc_trim_callable(self) -> None:
         """malloc_trim() runs on this libc (or reports there is none) without raising."""
         self.assertIn(malloc_trim(), (True, False))
+
+    def test_tune_malloc_callable(self) -> None:
+        """tune_malloc() sets the threshold on glibc (or reports it cannot) without raising."""
+        from llmgate.ops.memory import tune_malloc
+
+        self.assertIn(tune_malloc(), (True, False))
