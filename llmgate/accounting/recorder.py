@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from llmgate.accounting import tokens
+from llmgate.accounting.clip import clip, clip_record
 from llmgate.accounting.ledger import UsageRecord
 from llmgate.accounting.prices import PriceTable
 from llmgate.relay.stream import Exchange
@@ -285,6 +286,7 @@ class Accounting:
         self._sink(rec)
 
     def _sink(self, rec: UsageRecord) -> None:
+        rec = clip_record(rec)
         if self.metrics is not None:
             self.metrics.observe(rec)
         if self.ledger is not None:
@@ -299,6 +301,7 @@ class Accounting:
         request gets its one record, with no tokens.
         """
         now = time.time()
+        route, model = clip(route), clip(model)
         log.info(
             "POST {route} model={model} key={key} status={status} outcome={outcome}",
             route=route,
@@ -343,7 +346,7 @@ class Accounting:
         log.info(
             "{line}",
             line=(
-                f"POST {ex.endpoint.path.decode()} model={ex.model} provider={ex.provider.name} "
+                f"POST {ex.endpoint.path.decode()} model={clip(ex.model)} provider={ex.provider.name} "
                 f"key={ex.key_name} status={ex.status} outcome={ex.outcome}"
                 f"{'/' + ex.phase if ex.phase else ''} stream={int(ex.streamed)} "
                 f"ttft_ms={'-' if ttft is None else f'{ttft * 1000:.1f}'} ms={ex.duration * 1000:.1f} "
