@@ -1,8 +1,8 @@
 """
 Big bodies from clients that hang up, against a real gateway.
 
-Starts C{twistd -n llmgate --demo} on 127.0.0.1 (the built-in mock
-provider), then: N clients each send a ~30 MB chat request and close the
+Starts C{twistd -n llmgate-mock} and C{twistd -n llmgate} in front of it,
+each its own process on 127.0.0.1, then: N clients each send a ~30 MB chat request and close the
 connection as soon as the last byte is out, for R rounds, while one probe
 client keeps opening small streams and timing their first body byte.
 Prints the gateway's RSS (before, peak, after settling) and the probe's
@@ -44,16 +44,15 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-class Gateway:
-    def __init__(self, src: str) -> None:
-        self.dir = tempfile.mkdtemp(prefix="llmgate-bench-")
+class Daemon:
+    """C{twistd -n PLUGIN ARGS} with C{src} first on the path, stopped by pid."""
+
+    def __init__(self, src: str, workdir: str, plugin: str, args: list[str], listening: str) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-        cmd = [
-            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "-n", "--pidfile=", "llmgate", "--demo", "--port", "tcp:0:interface=127.0.0.1",
-        ]
-        self.proc = subprocess.Popen(cmd, cwd=self.dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        env["BENCH_UPSTREAM_KEY"] = "sk-bench"
+        cmd = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", plugin, *args]
+        self.proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.lines: list[str] = []
         self.port = 0
         got = threading.Event()
@@ -63,15 +62,15 @@ class Gateway:
             for raw in self.proc.stdout:
                 line = raw.decode("utf-8", "replace")
                 self.lines.append(line)
-                m = re.search(r"GatewaySite starting on (\d+)", line)
-                if m:
+                m = re.search(listening, line)
+                if m and not got.is_set():
                     self.port = int(m.group(1))
                     got.set()
 
         threading.Thread(target=read, daemon=True).start()
         if not got.wait(30):
             self.stop()
-            raise SystemExit("gateway did not start:\n" + "".join(self.lines))
+            raise SystemExit(f"{plugin} did not start:\n" + "".join(self.lines))
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -81,6 +80,27 @@ class Gateway:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def start(src: str) -> tuple[Daemon, Daemon]:
+    """The mock provider and a gateway in front of it, each its own process."""
+    workdir = tempfile.mkdtemp(prefix="llmgate-bench-")
+    mock = Daemon(src, workdir, "llmgate-mock", ["--port", "tcp:0:interface=127.0.0.1"], r"Site starting on (\d+)")
+    conf = os.path.join(workdir, "llmgate.toml")
+    with open(conf, "w") as f:
+        f.write(
+            "[providers.mock]\n"
+            'kind = "openai"\n'
+            f'base_url = "http://127.0.0.1:{mock.port}/v1"\n'
+            'api_key_env = "BENCH_UPSTREAM_KEY"\n'
+            "default = true\n"
+        )
+    try:
+        gw = Daemon(src, workdir, "llmgate", ["--config", conf, "--port", "tcp:0:interface=127.0.0.1"], r"GatewaySite starting on (\d+)")
+    except BaseException:
+        mock.stop()
+        raise
+    return mock, gw
 
 
 class Probe(threading.Thread):
@@ -148,7 +168,7 @@ def main() -> None:
     if not (1 <= a.clients <= 100 and 0 < a.mb <= 32 and 1 <= a.rounds <= 10 and 0 <= a.settle <= 120):
         raise SystemExit("bounds: clients 1..100, mb <= 32, rounds 1..10, settle <= 120")
 
-    gw = Gateway(a.src)
+    mock, gw = start(a.src)
     try:
         pid = gw.proc.pid
         content = "x" * int(a.mb * 1024 * 1024 - 200)
@@ -217,6 +237,7 @@ def main() -> None:
         print(f"gateway records (status/outcome: count): {outcomes}")
     finally:
         gw.stop()
+        mock.stop()
 
 
 if __name__ == "__main__":
