@@ -82,31 +82,41 @@ class Daemon:
                 self.proc.wait()
 
 
-def start(src: str) -> tuple[Daemon, Daemon]:
-    """The mock provider and a gateway in front of it, each its own process."""
+def start(src: str) -> list[Daemon]:
+    """
+    Two mock providers and a gateway in front of them, each its own
+    process: the probe's model is served by a mock of its own, so that its
+    first-byte times measure the gateway, not a mock busy parsing the big
+    bodies relayed to the other.
+    """
     workdir = tempfile.mkdtemp(prefix="llmgate-bench-")
-    mock = Daemon(src, workdir, "llmgate-mock", ["--port", "tcp:0:interface=127.0.0.1"], r"Site starting on (\d+)")
-    conf = os.path.join(workdir, "llmgate.toml")
-    with open(conf, "w") as f:
-        f.write(
-            "[providers.mock]\n"
-            'kind = "openai"\n'
-            f'base_url = "http://127.0.0.1:{mock.port}/v1"\n'
-            'api_key_env = "BENCH_UPSTREAM_KEY"\n'
-            "default = true\n"
-        )
+    procs: list[Daemon] = []
     try:
-        gw = Daemon(src, workdir, "llmgate", ["--config", conf, "--port", "tcp:0:interface=127.0.0.1"], r"GatewaySite starting on (\d+)")
+        for _ in range(2):
+            procs.append(Daemon(src, workdir, "llmgate-mock", ["--port", "tcp:0:interface=127.0.0.1"], r"Site starting on (\d+)"))
+        conf = os.path.join(workdir, "llmgate.toml")
+        with open(conf, "w") as f:
+            for name, mock, default in (("bulk", procs[0], "true"), ("probe", procs[1], "false")):
+                f.write(
+                    f"[providers.{name}]\n"
+                    'kind = "openai"\n'
+                    f'base_url = "http://127.0.0.1:{mock.port}/v1"\n'
+                    'api_key_env = "BENCH_UPSTREAM_KEY"\n'
+                    f"default = {default}\n"
+                )
+            f.write('[models."probe-model"]\nprovider = "probe"\nupstream_model = "gpt-4o-mini"\n')
+        procs.append(Daemon(src, workdir, "llmgate", ["--config", conf, "--port", "tcp:0:interface=127.0.0.1"], r"GatewaySite starting on (\d+)"))
     except BaseException:
-        mock.stop()
+        for p in procs:
+            p.stop()
         raise
-    return mock, gw
+    return procs
 
 
 class Probe(threading.Thread):
     """Small streams one after another; (start, ttft or None) for each."""
 
-    BODY = json.dumps({"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    BODY = json.dumps({"model": "probe-model", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
 
     def __init__(self, port: int) -> None:
         super().__init__(daemon=True)
@@ -168,7 +178,8 @@ def main() -> None:
     if not (1 <= a.clients <= 100 and 0 < a.mb <= 32 and 1 <= a.rounds <= 10 and 0 <= a.settle <= 120):
         raise SystemExit("bounds: clients 1..100, mb <= 32, rounds 1..10, settle <= 120")
 
-    mock, gw = start(a.src)
+    procs = start(a.src)
+    gw = procs[-1]
     try:
         pid = gw.proc.pid
         content = "x" * int(a.mb * 1024 * 1024 - 200)
@@ -236,8 +247,8 @@ def main() -> None:
                 outcomes[f"{m.group(1)}/{m.group(2)}"] = outcomes.get(f"{m.group(1)}/{m.group(2)}", 0) + 1
         print(f"gateway records (status/outcome: count): {outcomes}")
     finally:
-        gw.stop()
-        mock.stop()
+        for p in reversed(procs):
+            p.stop()
 
 
 if __name__ == "__main__":
