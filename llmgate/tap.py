@@ -26,11 +26,23 @@ from llmgate.accounting.ledger import Ledger
 from llmgate.ops.metrics import Metrics, MetricsResource
 from llmgate.accounting.prices import PriceTable
 from llmgate.ops.drain import Drain
+from llmgate.ops.executors import BoundedExecutor
+from llmgate.ops.memory import Trimmer, tune_malloc
 from llmgate.reload import Reloader
 from llmgate.service import Listener, OrderedMultiService
 from llmgate.edge.site import GatewaySite
 from llmgate.api.resource import GatewayResource
 from llmgate.relay.client import UpstreamClient
+
+
+# Threads and queue bounds of the parse pool (bodies over 64 kB): past
+# either bound a big body is answered 503 with Retry-After.
+PARSE_THREADS = 2
+PARSE_MAX_JOBS = 64
+PARSE_MAX_BYTES = 256 * 1024 * 1024
+# Token estimates (tiktoken) run after a request ends and must never be
+# refused (the record would lose its tokens): a thread, no bound.
+ESTIMATE_THREADS = 1
 
 
 class Options(usage.Options):
@@ -130,9 +142,19 @@ def build(
         # off by the shutdown still reach the file.
         ledger = Ledger(cfg.ledger_path, reactor, batch_interval=cfg.ledger_batch_interval)
         ledger.setServiceParent(top)
+    # DNS keeps the reactor's pool; big-body parses and token estimates get
+    # their own (stopped after the drain, which waits for the estimates).
+    parse_pool = BoundedExecutor(reactor, "llmgate-parse", PARSE_THREADS, PARSE_MAX_JOBS, PARSE_MAX_BYTES)
+    parse_pool.setServiceParent(top)
+    estimate_pool = BoundedExecutor(reactor, "llmgate-estimate", ESTIMATE_THREADS)
+    estimate_pool.setServiceParent(top)
+    trimmer = Trimmer(reactor, estimate_pool)
+    parse_pool.on_release = trimmer.freed
     upstream = UpstreamClient(reactor, connect_timeout=cfg.timeouts.connect)
     upstream.setServiceParent(top)
-    metrics = Metrics()
+    metrics = Metrics(models=cfg.models)
+    metrics.watch_executor(parse_pool)
+    metrics.watch_executor(estimate_pool)
     if ledger is not None:
         metrics.watch_ledger(ledger)
     accounting = Accounting(
@@ -141,11 +163,12 @@ def build(
         metrics=metrics,
         enabled=cfg.accounting_enabled,
         prices=PriceTable.from_config(dict(cfg.prices)),
-        in_thread=in_thread,
+        in_thread=estimate_pool,
     )
 
     root = GatewayResource(
-        cfg, upstream.http, reactor, accounting, parse_in_thread=in_thread, coalesce=True
+        cfg, upstream.http, reactor, accounting, parse_in_thread=parse_pool.submit, coalesce=True,
+        on_big_body_done=trimmer.freed,
     )
     root.watchdog.setServiceParent(top)
     site = GatewaySite(root, reactor, cfg.max_body_bytes, cfg.max_buffered_body_bytes)
@@ -214,6 +237,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
         cfg, reactor, options["ports"], config_path=options["config"], bare_public=options["bare_public"]
     ).setServiceParent(top)
     _tune_gc()
+    tune_malloc()
     return top
 
 

@@ -89,6 +89,28 @@ class ServiceTests(SynchronousTestCase):
         [listener] = [s for s in top if isinstance(s, Listener)]
         self.assertIsInstance(listener.factory.resource._coalescer, Coalescer)
 
+    def test_executors_of_their_own(self) -> None:
+        """
+        Big-body parses and token estimates run on bounded pools of their
+        own, not the reactor's (which DNS lookups use), and stop after the
+        drain that waits for the estimates.
+        """
+        from llmgate import config
+        from llmgate.ops.drain import Drain
+        from llmgate.ops.executors import BoundedExecutor
+
+        cfg = config.parse({"providers": {"p": {"kind": "openai", "base_url": "http://x/v1", "default": True}}}, {})
+        top = tap.build(cfg, MemoryReactorClock(), ["tcp:1"])
+        services = list(top)
+        pools = {s.name: s for s in services if isinstance(s, BoundedExecutor)}
+        self.assertEqual(set(pools), {"llmgate-parse", "llmgate-estimate"})
+        self.assertEqual((pools["llmgate-parse"].max_jobs, pools["llmgate-parse"].max_bytes), (64, 256 * 1024 * 1024))
+        drain = next(i for i, s in enumerate(services) if isinstance(s, Drain))
+        self.assertTrue(all(services.index(p) < drain for p in pools.values()))
+        root = next(s for s in services if isinstance(s, Listener)).factory.resource
+        self.assertEqual(root._parse_in_thread, pools["llmgate-parse"].submit)
+        self.assertIs(root.accounting._in_thread, pools["llmgate-estimate"])
+
 
 class WarningTests(SynchronousTestCase):
     def test_no_providers_warns(self) -> None:

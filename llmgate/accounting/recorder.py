@@ -38,6 +38,7 @@ from twisted.logger import Logger
 
 from llmgate.accounting import tokens
 from llmgate.accounting.bigbody import HeadTail
+from llmgate.accounting.clip import clip, clip_record
 from llmgate.accounting.ledger import OPEN, Progress, UsageRecord
 from llmgate.accounting.prices import PriceTable
 from llmgate.relay.stream import Exchange
@@ -562,6 +563,7 @@ class Accounting:
         )
 
     def _sink(self, rec: UsageRecord) -> None:
+        rec = clip_record(rec)
         if self.metrics is not None:
             self.metrics.observe(rec)
         if self.ledger is not None:
@@ -576,6 +578,7 @@ class Accounting:
         request gets its one record, with no tokens.
         """
         now = time.time()
+        route, model = clip(route), clip(model)
         log.info(
             "POST {route} model={model} key={key} status={status} outcome={outcome}",
             route=route,
@@ -620,8 +623,8 @@ class Accounting:
         log.info(
             "{line}",
             line=(
-                f"POST {ex.endpoint.path.decode()} model={ex.model} provider={ex.provider.name} "
-                f"served={served or '-'} key={ex.key_name} status={ex.status} outcome={outcome}"
+                f"POST {ex.endpoint.path.decode()} model={clip(ex.model)} provider={ex.provider.name} "
+                f"served={clip(served) if served else '-'} key={ex.key_name} status={ex.status} outcome={outcome}"
                 f"{'/' + ex.phase if ex.phase else ''} stream={int(ex.streamed)} "
                 f"ttft_ms={'-' if ttft is None else f'{ttft * 1000:.1f}'} ms={ex.duration * 1000:.1f} "
                 f"bytes_out={ex.bytes_out} id={ex.request_id}"

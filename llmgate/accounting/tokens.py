@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import threading
+from typing import Any
 
 import tiktoken
 
@@ -163,7 +164,39 @@ def count_text(model: str, text: str) -> int:
     """
     if not text:
         return 0
-    return len(get_encoding(encoding_name_for_model(model)).encode_ordinary(text))
+    return _count(get_encoding(encoding_name_for_model(model)), [text])
+
+
+# tiktoken's BPE is quadratic in the length of one pre-token "piece", and a
+# piece has no length bound: a 30 MB prompt of one repeated letter is one
+# piece, hours of CPU and GiBs of memory in one estimate. Text is counted in
+# slices of this many characters (one token may be split at each cut: about
+# 0.1% more tokens on prose)...
+_SLICE = 4096
+# ...and only up to this many characters per estimate (about 0.2 s of CPU
+# at worst); the rest is scaled from the counted part's characters per token.
+_EXACT_CHARS = 1_000_000
+
+
+def _count(enc: Any, texts: list[str]) -> int:
+    """Tokens in C{texts}, bounded in time and memory (see L{_SLICE})."""
+    tokens = chars = rest = 0
+    encode = enc.encode_ordinary
+    for t in texts:
+        if not t:
+            continue
+        if len(t) <= _SLICE and chars + len(t) <= _EXACT_CHARS:
+            tokens += len(encode(t))
+            chars += len(t)
+            continue
+        take = max(0, min(len(t), _EXACT_CHARS - chars))
+        for i in range(0, take, _SLICE):
+            tokens += len(encode(t[i:min(i + _SLICE, take)]))
+        chars += take
+        rest += len(t) - take
+    if rest and chars:
+        tokens += round(rest * tokens / chars)
+    return tokens
 
 
 # Per OpenAI's cookbook ("How to count tokens with tiktoken"): every chat
@@ -266,4 +299,4 @@ def estimate_prompt_tokens(model: str, body: dict, api: str) -> int:
             if tools:
                 texts.append(json.dumps(tools, ensure_ascii=False, separators=(",", ":")))
     enc = get_encoding(encoding_name_for_model(model))
-    return overhead + ids + sum(len(enc.encode_ordinary(t)) for t in texts if t)
+    return overhead + ids + _count(enc, texts)

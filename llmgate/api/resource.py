@@ -12,23 +12,27 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from io import BytesIO
 from typing import Any, Callable, Optional
 
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import CancelledError, maybeDeferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from llmgate import dialects
+from llmgate.api.body import BodyError, parse_body
 from llmgate.config import Config, Provider
+from llmgate.ops.executors import Overloaded
 from llmgate.relay.headers import upstream_request_headers
 from llmgate.relay.stream import Coalescer, Exchange, Relay, Watchdog, new_exchange
 
 log = Logger(namespace="llmgate.api.resource")
 
 # Bodies above this are parsed off the reactor thread: a multi-megabyte
-# json.loads would stall every stream for tens of milliseconds.
-_THREAD_PARSE_BYTES = 256 * 1024
+# json.loads would stall every stream for tens of milliseconds. (A 64 kB
+# body of small objects takes up to ~4 ms to parse and depth-check.)
+_THREAD_PARSE_BYTES = 64 * 1024
 
 _GET_ROUTES = (b"/v1/models", b"/healthz")
 
@@ -45,12 +49,9 @@ class _BadRequest(Exception):
 
 def _parse_body(body: bytes) -> dict[str, Any]:
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise _BadRequest(400, "request body is not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise _BadRequest(400, "request body must be a JSON object")
-    return doc
+        return parse_body(body)
+    except BodyError as e:
+        raise _BadRequest(400, str(e), param=e.param) from None
 
 
 def _serialize(doc: dict[str, Any]) -> bytes:
@@ -75,8 +76,14 @@ class GatewayResource(Resource):
     @param clock: C{IReactorTime} for the relay's timers.
     @param accounting: makes a counter per request and takes each finished
         L{Exchange} (see L{llmgate.accounting.recorder.Accounting}).
-    @param parse_in_thread: runs a callable off the reactor thread and
-        returns a Deferred; used for large bodies.
+    @param parse_in_thread: C{f(*args, size=, alive=) -> Deferred}, runs
+        C{f} off the reactor thread (L{BoundedExecutor.submit
+        <llmgate.ops.executors.BoundedExecutor.submit>}); used for large
+        bodies. It may fail with L{Overloaded} (answered 503), and skips
+        the job if C{alive()} is false when its turn comes.
+    @param on_big_body_done: called with a large body's size once its
+        request is over (to give the memory back, see
+        L{llmgate.ops.memory.Trimmer}).
     """
 
     isLeaf = True
@@ -89,6 +96,7 @@ class GatewayResource(Resource):
         accounting: Any,
         parse_in_thread: Optional[Callable[..., Any]] = None,
         coalesce: bool = False,
+        on_big_body_done: Optional[Callable[[int], Any]] = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -96,6 +104,7 @@ class GatewayResource(Resource):
         self.clock = clock
         self.accounting = accounting
         self._parse_in_thread = parse_in_thread
+        self._on_big_body_done = on_big_body_done
         self.active: set[Relay] = set()
         self._coalescer = Coalescer(clock) if coalesce else None
         # Start it (it is a Service) to enforce the relays' timeouts.
@@ -209,31 +218,52 @@ class GatewayResource(Resource):
                 request, kind, 401, "invalid or missing gateway key", code="invalid_api_key"
             )
         body = request.content.getvalue()
+        # The request's buffer holds the same bytes: from here on only the
+        # parse (and then the relay) keeps them, so they go when it does.
+        request.content = BytesIO()
         if len(body) > _THREAD_PARSE_BYTES and self._parse_in_thread is not None:
-            d = self._parse_in_thread(_parse_body, body)
+            d = self._parse_in_thread(
+                _parse_body, body, size=len(body), alive=lambda: not request._disconnected
+            )
+            # A client that hangs up while its body waits for a thread takes
+            # the job (and its body) out of the queue.
+            request.notifyFinish().addErrback(lambda _: d.cancel())
+            if self._on_big_body_done is not None:
+                n = len(body)
+                request.notifyFinish().addBoth(lambda _: self._on_big_body_done(n))  # type: ignore[misc]
         else:
             d = maybeDeferred(_parse_body, body)
         d.addCallback(self._relay, request, endpoint, key_name, body)
+        del body
         d.addErrback(self._relay_failed, request, endpoint, key_name)
         return NOT_DONE_YET
 
-    def _rejected(self, request: Any, path: bytes, status: int, key_name: str = "", model: str = "") -> None:
+    def _rejected(self, request: Any, path: bytes, status: int, key_name: str = "", model: str = "", outcome: str = "rejected") -> None:
         self.accounting.rejected(
-            path.decode("latin-1"), status, key_name, model, request.received
+            path.decode("latin-1"), status, key_name, model, request.received, outcome=outcome
         )
 
     def _relay_failed(self, failure: Any, request: Any, endpoint: dialects.Endpoint, key_name: str) -> None:
         kind = endpoint.kind
+        headers = None
+        if failure.check(CancelledError):
+            # Its client left while the body waited for (or was in) a
+            # parse thread: still one record.
+            self._rejected(request, endpoint.path, 0, key_name, outcome="client_cancelled")
+            return
         if failure.check(_BadRequest):
             e = failure.value
             status, args = e.status, (e.message, e.code, e.param)
+        elif failure.check(Overloaded):
+            status, args = 503, ("the gateway is overloaded; retry shortly", None, None)
+            headers = {b"retry-after": b"1"}
         else:
             log.failure("failed to start relay", failure)
             status, args = 500, ("internal gateway error", None, None)
         self._rejected(request, endpoint.path, status, key_name, getattr(failure.value, "model", ""))
         if request._disconnected or request.finished:
             return
-        request.write(_write_error(request, kind, status, *args))
+        request.write(_write_error(request, kind, status, *args, headers=headers))
         request.finish()
 
     def _relay(self, doc: dict[str, Any], request: Any, endpoint: dialects.Endpoint, key_name: str, body: bytes) -> Any:
@@ -285,7 +315,9 @@ class GatewayResource(Resource):
             rewrite = False
         if rewrite:
             if len(body) > _THREAD_PARSE_BYTES and self._parse_in_thread is not None:
-                d = self._parse_in_thread(_serialize, doc)
+                d = self._parse_in_thread(
+                    _serialize, doc, size=len(body), alive=lambda: not request._disconnected
+                )
                 d.addCallback(
                     lambda new: self._start(request, endpoint, key_name, doc, new, model, provider, upstream_model, streamed, strip_usage)
                 )

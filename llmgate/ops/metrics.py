@@ -10,7 +10,7 @@ their labels carry names (route, model, provider, key name), never a secret.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -18,8 +18,10 @@ from twisted.web.resource import Resource
 
 from llmgate.dialects import ENDPOINTS
 
-# Model names come from clients; past this many distinct ones, further
-# names are counted as "other" so no client can grow the registry forever.
+# Model names come from clients. A name becomes a label value only if it is
+# configured, or an upstream answered 200 for it (a default provider serves
+# names we do not list), and only up to this many distinct names; anything
+# else is counted as "other", so no client can fill the registry with junk.
 MAX_MODELS = 256
 
 _ROUTES = frozenset(p.decode() for p in ENDPOINTS)
@@ -30,7 +32,7 @@ _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 class Metrics:
     """The gateway's metrics."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, models: Iterable[str] = ()) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -55,6 +57,16 @@ class Metrics:
         self.ledger_pending = Gauge("llmgate_ledger_pending", "Usage records not yet written.", registry=r)
         self.ledger_failures = Gauge("llmgate_ledger_write_failures", "Failed ledger writes since start.", registry=r)
         self.ledger_dropped = Gauge("llmgate_ledger_dropped", "Usage records dropped since start.", registry=r)
+        self.executor_jobs = Gauge(
+            "llmgate_executor_jobs", "Jobs queued or running on a gateway thread pool.", ["pool"], registry=r
+        )
+        self.executor_bytes = Gauge(
+            "llmgate_executor_bytes", "Body bytes held by the jobs of a thread pool.", ["pool"], registry=r
+        )
+        self.executor_rejected = Gauge(
+            "llmgate_executor_rejected", "Jobs refused by a full thread pool queue since start.", ["pool"], registry=r
+        )
+        self._configured = frozenset(models)
         self._models: set[str] = set()
         self._children: dict[tuple[Any, ...], Any] = {}
 
@@ -67,13 +79,21 @@ class Metrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    def _model(self, name: str) -> str:
-        if name in self._models:
+    def _model(self, rec: Any) -> str:
+        name = rec.model
+        if name in self._configured or name in self._models:
             return name
-        if len(self._models) < MAX_MODELS:
+        if rec.status == 200 and len(self._models) < MAX_MODELS:
             self._models.add(name)
             return name
         return "other"
+
+    def watch_executor(self, executor: Any) -> None:
+        """Report a L{BoundedExecutor}'s queue whenever metrics are scraped."""
+        name = executor.name
+        self.executor_jobs.labels(name).set_function(lambda: executor.jobs)
+        self.executor_bytes.labels(name).set_function(lambda: executor.bytes)
+        self.executor_rejected.labels(name).set_function(lambda: executor.rejected)
 
     def watch_ledger(self, ledger: Any) -> None:
         """Report the ledger's state whenever metrics are scraped."""
@@ -88,7 +108,7 @@ class Metrics:
         self._child(self.requests, route, str(rec.status), rec.outcome).inc()
         if rec.ttft_ms is not None:
             self._child(self.ttft, route).observe(rec.ttft_ms / 1000.0)
-        model = self._model(rec.model)
+        model = self._model(rec)
         if rec.source is not None:
             for bucket in ("input", "output", "cached_input", "cache_creation", "reasoning"):
                 n = getattr(rec, bucket + "_tokens")

@@ -187,3 +187,46 @@ class EstimateTests(SynchronousTestCase):
             tokens.estimate_prompt_tokens("gpt-4o", with_tools, "openai.chat"),
             tokens.estimate_prompt_tokens("gpt-4o", body, "openai.chat") + 5,
         )
+
+
+class BoundedCountTests(SynchronousTestCase):
+    """
+    tiktoken's BPE is quadratic in the length of one piece: a 30 MB prompt
+    of one letter took the estimate thread hours and GiBs. Counting is
+    bounded in slice length and in characters per estimate.
+    """
+
+    def fake_encoding(self) -> list[int]:
+        seen: list[int] = []
+
+        class Enc:
+            def encode_ordinary(self, text: str) -> list[int]:
+                seen.append(len(text))
+                return [0] * ((len(text) + 7) // 8)
+
+        self.patch(tokens, "get_encoding", lambda name: Enc())
+        return seen
+
+    def test_slices_and_budget(self) -> None:
+        """A 3M-character text is encoded in slices of at most 4096 characters, 1M in all, the rest scaled."""
+        seen = self.fake_encoding()
+        n = tokens.count_text("gpt-4o", "x" * 3_000_000)
+        self.assertLessEqual(max(seen), 4096)
+        self.assertEqual(sum(seen), 1_000_000)
+        self.assertEqual(n, 375_000)
+
+    def test_prompt_budget_across_messages(self) -> None:
+        """The budget holds for a whole prompt, however it is split into messages."""
+        seen = self.fake_encoding()
+        body = {"messages": [{"role": "user", "content": "y" * 400_000} for _ in range(5)]}
+        n = tokens.estimate_prompt_tokens("gpt-4o", body, "openai.chat")
+        self.assertLessEqual(max(seen), 4096)
+        self.assertEqual(sum(seen), 1_000_000)
+        self.assertEqual(n, 250_000 + 5 * 3 + 3)
+
+    def test_prose_close_to_exact(self) -> None:
+        """On real text the slicing changes the count by well under 1%."""
+        text = ("The quick brown fox jumps over the lazy dog; naïve café résumé 12345. " * 2000)
+        exact = len(tokens.get_encoding("o200k_base").encode_ordinary(text))
+        self.assertLess(abs(tokens.count_text("gpt-4o", text) / exact - 1.0), 0.01)
+        self.assertNotEqual(len(text) // 4096, 0)

@@ -79,3 +79,49 @@ class MetricsTests(SynchronousTestCase):
             gw.post(f"/v1/nothing-{i}", {"model": "m"})
         routes = {s.labels["route"] for fam in metrics.registry.collect() for s in fam.samples if "route" in s.labels}
         self.assertEqual(routes, {"other"})
+
+
+class ModelLabelTests(SynchronousTestCase):
+    def observe(self, metrics: Metrics, model: str, status: int) -> None:
+        class Rec:
+            route, outcome, ttft_ms, source, cost_usd, provider = "/v1/chat/completions", "client_cancelled", None, "estimated", 0.5, "p"
+            input_tokens, output_tokens, cached_input_tokens, cache_creation_tokens, reasoning_tokens = 3, 1, 0, 0, 0
+
+        rec = Rec()
+        rec.model, rec.status = model, status  # type: ignore[attr-defined]
+        metrics.observe(rec)
+
+    def models(self, metrics: Metrics) -> set[str]:
+        return {s.labels["model"] for fam in metrics.registry.collect() for s in fam.samples if "model" in s.labels}
+
+    def test_junk_names_are_other(self) -> None:
+        """
+        A name nobody configured and no upstream accepted (here: tokens
+        estimated for a cancelled or refused request) is labelled "other".
+        """
+        metrics = Metrics(models=["public-model"])
+        self.observe(metrics, "x" * 10_000, 0)
+        self.observe(metrics, "junk-1", 404)
+        self.assertEqual(self.models(metrics), {"other"})
+
+    def test_configured_and_accepted_names_are_kept(self) -> None:
+        """Configured names are labels whatever the status; others once an upstream answered 200."""
+        metrics = Metrics(models=["public-model"])
+        self.observe(metrics, "public-model", 0)
+        self.observe(metrics, "gpt-4o", 200)
+        self.observe(metrics, "gpt-4o", 0)
+        self.assertEqual(self.models(metrics), {"public-model", "gpt-4o"})
+
+    def test_executor_gauges(self) -> None:
+        """A watched executor's queue is reported by pool name."""
+        from tests.ops.test_executors import make
+
+        ex, _ = make(max_jobs=1)
+        metrics = Metrics()
+        metrics.watch_executor(ex)
+        ex.submit(lambda: 1, size=10)
+        self.failureResultOf(ex.submit(lambda: 2))
+        got = {(s.name, s.labels.get("pool")): s.value for fam in metrics.registry.collect() for s in fam.samples}
+        self.assertEqual(got[("llmgate_executor_jobs", "test")], 1)
+        self.assertEqual(got[("llmgate_executor_bytes", "test")], 10)
+        self.assertEqual(got[("llmgate_executor_rejected", "test")], 1)
