@@ -357,7 +357,7 @@ class Accounting:
         if opener is None:
             return
         self._open[ex.request_id] = [ex, 0]
-        opener(self._make_record(ex, None, OPEN))
+        opener(clip_record(self._make_record(ex, None, OPEN)))
 
     def progress(self) -> list[Progress]:
         """

@@ -695,6 +695,17 @@ class OpenRowTests(SynchronousTestCase):
         [final] = ledger.records
         self.assertEqual((final.request_id, final.outcome), (row.request_id, "completed"))
 
+    def test_open_row_clips_client_strings(self) -> None:
+        """
+        The open row written at admission caps a client's long model name
+        as the final record does: a 32 MB name never reaches the ledger.
+        """
+        gw, ledger, _ = self.gateway()
+        gw.resource.config.models.clear()  # the default provider passes any name upstream
+        gw.post("/v1/chat/completions", {"model": "m" * 5000, "stream": True, "messages": []})
+        [row] = ledger.opened
+        self.assertEqual(row.model, "m" * 256 + "...[4744 more chars]")
+
     def test_rejected_requests_open_no_row(self) -> None:
         """A request refused before the relay has only its rejected record."""
         gw, ledger, _ = self.gateway()
