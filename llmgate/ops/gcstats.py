@@ -41,14 +41,18 @@ BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 # instead (L{YoungCollections}): each collection walks only what the last
 # tenth of a second made, and the middle one what the two last made.
 # The count-based thresholds stay as a safety net for bursts, set high.
-# A full collection walks every tracked object of every open stream; with
-# no cyclic garbage per request it is made rare, and what start-up built
-# is frozen out of the collector's sight.
-YOUNG_INTERVAL = 0.05
+# A full collection walks every tracked object of every open stream (tens
+# to hundreds of ms at thousands of streams). Requests leave no cyclic
+# garbage, so it only has to catch the few cycles Twisted makes itself (a
+# thread-pool call's closure, a failed connect attempt) that lived long
+# enough to reach the old generation: once every FULL_INTERVAL seconds,
+# never from the allocation count; what start-up built stays frozen.
+YOUNG_INTERVAL = 0.025
 MIDDLE_EVERY = 2
+FULL_INTERVAL = 600.0
 THRESHOLD0 = 50_000
 THRESHOLD1 = 1_000
-THRESHOLD2 = 10_000
+THRESHOLD2 = 1_000_000_000
 
 
 class GCPauses(Service):
@@ -132,18 +136,27 @@ class YoungCollections(Service):
     """
     Collects the young generation every C{interval} seconds and the middle
     one instead every C{every}-th time, on the reactor, so each collection only
-    walks what was made since the previous one (see the note on the
-    settings above).
+    walks what was made since the previous one, and everything once every
+    C{full_interval} seconds (see the note on the settings above).
 
     @param clock: an C{IReactorTime}.
     @param collect: C{gc.collect} (injectable for tests).
     """
 
-    def __init__(self, clock: Any, interval: float = YOUNG_INTERVAL, every: int = MIDDLE_EVERY, collect: Callable[[int], Any] = gc.collect) -> None:
+    def __init__(
+        self,
+        clock: Any,
+        interval: float = YOUNG_INTERVAL,
+        every: int = MIDDLE_EVERY,
+        full_interval: float = FULL_INTERVAL,
+        collect: Callable[[int], Any] = gc.collect,
+    ) -> None:
         self._interval = interval
         self._every = every
+        self._full_every = max(1, round(full_interval / interval))
         self._collect = collect
         self._ticks = 0
+        self._since_full = 0
         self._loop = LoopingCall(self._tick)
         self._loop.clock = clock
 
@@ -158,7 +171,11 @@ class YoungCollections(Service):
 
     def _tick(self) -> None:
         self._ticks += 1
-        if self._ticks >= self._every:
+        self._since_full += 1
+        if self._since_full >= self._full_every:
+            self._since_full = self._ticks = 0
+            self._collect(2)
+        elif self._ticks >= self._every:
             self._ticks = 0
             self._collect(1)
         else:

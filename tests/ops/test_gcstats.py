@@ -103,7 +103,7 @@ class YoungCollectionTests(SynchronousTestCase):
 
         clock = Clock()
         calls: list[int] = []
-        svc = gcstats.YoungCollections(clock, interval=0.1, every=10, collect=calls.append)
+        svc = gcstats.YoungCollections(clock, interval=0.1, every=10, full_interval=3600, collect=calls.append)
         svc.startService()
         for _ in range(20):
             clock.advance(0.1)
@@ -111,3 +111,16 @@ class YoungCollectionTests(SynchronousTestCase):
         svc.stopService()
         clock.advance(1)
         self.assertEqual(len(calls), 20)
+
+    def test_full_collection_on_its_own_timer(self) -> None:
+        """A full collection runs once per full interval, and only then."""
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        calls: list[int] = []
+        svc = gcstats.YoungCollections(clock, interval=0.5, every=2, full_interval=5, collect=calls.append)
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        for _ in range(20):
+            clock.advance(0.5)
+        self.assertEqual(calls, ([0, 1] * 4 + [0, 2]) * 2)
