@@ -13,7 +13,6 @@ from typing import Any, Optional
 
 from twisted.application import service
 from twisted.internet import endpoints
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
@@ -26,6 +25,7 @@ from llmgate.ops.metrics import Metrics, MetricsResource
 from llmgate.accounting.prices import PriceTable
 from llmgate.ops.drain import Drain
 from llmgate.ops import gcstats
+from llmgate.ops.threads import ThreadRunner
 from llmgate.reload import Reloader
 from llmgate.service import Listener, OrderedMultiService
 from llmgate.edge.site import GatewaySite
@@ -106,9 +106,11 @@ def build(
         interface (it does when gateway keys were configured at start).
     """
     top = OrderedMultiService()
+    # Not Twisted's thread pool: it leaves a reference cycle per call.
+    work = ThreadRunner(reactor, name="llmgate-work")
 
     def in_thread(f: Any, *a: Any) -> Any:
-        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
+        return work(f, *a)
 
     def apply(new: configmod.Config) -> None:
         # Called only once the tree is running, when root and accounting
@@ -124,11 +126,17 @@ def build(
         config_path, cfg, apply, reactor, in_thread,
         check=lambda new: _reload_refusal(new, bare_public),
     ).setServiceParent(top)
+    # Stopped after everything that hands it work.
+    work.setServiceParent(top)
     ledger = None
     if cfg.ledger_enabled:
+        ledger_thread = ThreadRunner(reactor, workers=1, name="llmgate-ledger")
+        ledger_thread.setServiceParent(top)
         # Before the rest, so it stops after them: records of requests cut
         # off by the shutdown still reach the file.
-        ledger = Ledger(cfg.ledger_path, reactor, batch_interval=cfg.ledger_batch_interval)
+        ledger = Ledger(
+            cfg.ledger_path, reactor, batch_interval=cfg.ledger_batch_interval, run_in_thread=ledger_thread
+        )
         ledger.setServiceParent(top)
     upstream = UpstreamClient(reactor, connect_timeout=cfg.timeouts.connect)
     upstream.setServiceParent(top)

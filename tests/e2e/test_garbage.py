@@ -192,14 +192,11 @@ class LoopbackGarbageTests(TestCase):
 def _twisteds_own(o: Any) -> bool:
     """
     The roots of the cycles Twisted itself makes and the gateway cannot
-    break from outside: the closure C{ThreadPool.callInThreadWithCallback}
-    makes per call (it refers to itself), and a failed outgoing connection
-    attempt (the client transport's C{doWrite} bound to itself, the
-    connector and the endpoint's wrapping factory referring to each other).
+    break from outside: a failed outgoing connection attempt (the client
+    transport's C{doWrite} bound to itself, the connector and the endpoint's
+    wrapping factory referring to each other).
     """
     name = type(o).__qualname__
-    if name == "function":
-        return o.__qualname__ == "ThreadPool.callInThreadWithCallback.<locals>.inContext"
     if name == "Client":
         return getattr(getattr(o, "doWrite", None), "__func__", None) is getattr(type(o), "doConnect", 0)
     return name == "_WrappingFactory"
