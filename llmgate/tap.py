@@ -143,7 +143,8 @@ def build(
     metrics = Metrics()
     pauses = gcstats.GCPauses()
     pauses.setServiceParent(top)
-    gcstats.YoungCollections(reactor).setServiceParent(top)
+    # A full collection waits for a quiet moment (root is bound below).
+    gcstats.YoungCollections(reactor, load=lambda: len(root.active)).setServiceParent(top)
     metrics.registry.register(pauses)
     if ledger is not None:
         metrics.watch_ledger(ledger)

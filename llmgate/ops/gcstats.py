@@ -43,13 +43,18 @@ BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 # The count-based thresholds stay as a safety net for bursts, set high.
 # A full collection walks every tracked object of every open stream (tens
 # to hundreds of ms at thousands of streams). Requests leave no cyclic
-# garbage, so it only has to catch the few cycles Twisted makes itself (a
-# thread-pool call's closure, a failed connect attempt) that lived long
-# enough to reach the old generation: once every FULL_INTERVAL seconds,
-# never from the allocation count; what start-up built stays frozen.
+# garbage (a full collection after 45 s at 5,000 streams found nothing to
+# free), so it only has to catch what else might reach the old generation
+# (a failed connect attempt leaves a cycle of Twisted's): never from the
+# allocation count, but once every FULL_INTERVAL seconds, at a moment when
+# at most FULL_MAX_LOAD requests are open (it then takes a few ms), or
+# regardless once FULL_DEADLINE seconds have passed, so that nothing can
+# pile up forever. What start-up built stays frozen.
 YOUNG_INTERVAL = 0.025
 MIDDLE_EVERY = 2
 FULL_INTERVAL = 600.0
+FULL_MAX_LOAD = 50
+FULL_DEADLINE = 6 * 3600.0
 THRESHOLD0 = 50_000
 THRESHOLD1 = 1_000
 THRESHOLD2 = 1_000_000_000
@@ -137,7 +142,9 @@ class YoungCollections(Service):
     Collects the young generation every C{interval} seconds and the middle
     one instead every C{every}-th time, on the reactor, so each collection only
     walks what was made since the previous one, and everything once every
-    C{full_interval} seconds (see the note on the settings above).
+    C{full_interval} seconds when C{load()} (open requests) is at most
+    C{full_max_load}, or once C{full_deadline} seconds have passed (see the
+    note on the settings above).
 
     @param clock: an C{IReactorTime}.
     @param collect: C{gc.collect} (injectable for tests).
@@ -150,10 +157,16 @@ class YoungCollections(Service):
         every: int = MIDDLE_EVERY,
         full_interval: float = FULL_INTERVAL,
         collect: Callable[[int], Any] = gc.collect,
+        load: Callable[[], int] = lambda: 0,
+        full_max_load: int = FULL_MAX_LOAD,
+        full_deadline: float = FULL_DEADLINE,
     ) -> None:
         self._interval = interval
         self._every = every
         self._full_every = max(1, round(full_interval / interval))
+        self._full_overdue = max(1, round(full_deadline / interval))
+        self._load = load
+        self._full_max_load = full_max_load
         self._collect = collect
         self._ticks = 0
         self._since_full = 0
@@ -172,7 +185,9 @@ class YoungCollections(Service):
     def _tick(self) -> None:
         self._ticks += 1
         self._since_full += 1
-        if self._since_full >= self._full_every:
+        if self._since_full >= self._full_every and (
+            self._since_full >= self._full_overdue or self._load() <= self._full_max_load
+        ):
             self._since_full = self._ticks = 0
             self._collect(2)
         elif self._ticks >= self._every:

@@ -124,3 +124,37 @@ class YoungCollectionTests(SynchronousTestCase):
         for _ in range(20):
             clock.advance(0.5)
         self.assertEqual(calls, ([0, 1] * 4 + [0, 2]) * 2)
+
+    def test_full_collection_waits_for_a_quiet_moment(self) -> None:
+        """
+        A due full collection waits while more than the allowed number of
+        requests are open, runs as soon as they are few, and runs anyway
+        once its deadline has passed.
+        """
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        calls: list[int] = []
+        load = [500]
+        svc = gcstats.YoungCollections(
+            clock, interval=1, every=100, full_interval=5, full_max_load=50, full_deadline=20,
+            collect=calls.append, load=lambda: load[0],
+        )
+        svc.startService()
+        self.addCleanup(svc.stopService)
+
+        def seconds(n: int) -> None:
+            for _ in range(n):
+                clock.advance(1)
+
+        seconds(10)
+        self.assertNotIn(2, calls)
+        load[0] = 50
+        seconds(1)
+        self.assertEqual(calls[-1], 2)
+        self.assertEqual(calls.count(2), 1)
+        load[0] = 500
+        seconds(19)
+        self.assertEqual(calls.count(2), 1)
+        seconds(1)
+        self.assertEqual(calls.count(2), 2)
