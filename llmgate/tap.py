@@ -8,13 +8,11 @@ builds takes the reactor as an argument.
 
 from __future__ import annotations
 
-import gc
 import signal
 from typing import Any, Optional
 
 from twisted.application import service
 from twisted.internet import endpoints
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
@@ -26,8 +24,10 @@ from llmgate.accounting.ledger import Ledger
 from llmgate.ops.metrics import Metrics, MetricsResource
 from llmgate.accounting.prices import PriceTable
 from llmgate.ops.drain import Drain
+from llmgate.ops import gcstats
 from llmgate.ops.executors import BoundedExecutor
 from llmgate.ops.memory import Trimmer, tune_malloc
+from llmgate.ops.threads import ThreadRunner
 from llmgate.reload import Reloader
 from llmgate.service import Listener, OrderedMultiService
 from llmgate.edge.site import GatewaySite
@@ -118,9 +118,11 @@ def build(
         interface (it does when gateway keys were configured at start).
     """
     top = OrderedMultiService()
+    # Not Twisted's thread pool: it leaves a reference cycle per call.
+    work = ThreadRunner(reactor, name="llmgate-work")
 
     def in_thread(f: Any, *a: Any) -> Any:
-        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
+        return work(f, *a)
 
     def apply(new: configmod.Config) -> None:
         # Called only once the tree is running, when root and accounting
@@ -136,11 +138,17 @@ def build(
         config_path, cfg, apply, reactor, in_thread,
         check=lambda new: _reload_refusal(new, bare_public),
     ).setServiceParent(top)
+    # Stopped after everything that hands it work.
+    work.setServiceParent(top)
     ledger = None
     if cfg.ledger_enabled:
+        ledger_thread = ThreadRunner(reactor, workers=1, name="llmgate-ledger")
+        ledger_thread.setServiceParent(top)
         # Before the rest, so it stops after them: records of requests cut
         # off by the shutdown still reach the file.
-        ledger = Ledger(cfg.ledger_path, reactor, batch_interval=cfg.ledger_batch_interval)
+        ledger = Ledger(
+            cfg.ledger_path, reactor, batch_interval=cfg.ledger_batch_interval, run_in_thread=ledger_thread
+        )
         ledger.setServiceParent(top)
     # DNS keeps the reactor's pool; big-body parses and token estimates get
     # their own (stopped after the drain, which waits for the estimates).
@@ -155,6 +163,11 @@ def build(
     metrics = Metrics(models=cfg.models)
     metrics.watch_executor(parse_pool)
     metrics.watch_executor(estimate_pool)
+    pauses = gcstats.GCPauses()
+    pauses.setServiceParent(top)
+    # A full collection waits for a quiet moment (root is bound below).
+    gcstats.YoungCollections(reactor, load=lambda: len(root.active)).setServiceParent(top)
+    metrics.registry.register(pauses)
     if ledger is not None:
         metrics.watch_ledger(ledger)
     accounting = Accounting(
@@ -244,10 +257,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
 def _tune_gc() -> None:
     """
     The objects made at start-up live as long as the process: freeze them
-    out of the collector's sight, and collect the young generation less
-    often, so the cyclic GC stops rescanning them on a busy relay (it was
-    13% of the CPU at 200 streams x 100 events/s).
+    out of the collector's sight, and set thresholds that keep every
+    collection short (see L{llmgate.ops.gcstats.tune}).
     """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 50)
+    gcstats.tune()

@@ -52,7 +52,8 @@ class FakeBodyTransport:
         if self.stopped:
             return
         self.stopped = True
-        self.clock.callLater(0, self.response.lost, Failure(ResponseFailed([Failure(ConnectionDone())])))
+        if self.response is not None:
+            self.clock.callLater(0, self.response.lost, Failure(ResponseFailed([Failure(ConnectionDone())])))
 
 
 class FakeResponse:
@@ -78,6 +79,8 @@ class FakeResponse:
         if self.ended:
             return
         self.ended = True
+        # As treq's transport does, let go of the response once it ended.
+        self.transport.response = None
         self.protocol.connectionLost(reason)
 
     def end(self) -> None:

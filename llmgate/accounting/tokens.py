@@ -235,6 +235,21 @@ def _texts(value, out: list[str]) -> None:
             _texts(calls, out)
 
 
+def _prompt_like(value, texts: list[str]) -> int:
+    """
+    Collect the text of a prompt or embeddings input into C{texts}; the
+    number of pre-tokenised ids it holds. (Module level, not a closure: a
+    recursive closure is a reference cycle, garbage for the collector on
+    every request.)
+    """
+    if isinstance(value, list) and value and all(isinstance(x, int) for x in value):
+        return len(value)  # one pre-tokenised prompt
+    if isinstance(value, list):
+        return sum(_prompt_like(v, texts) for v in value)
+    _texts(value, texts)
+    return 0
+
+
 def estimate_prompt_tokens(model: str, body: dict, api: str) -> int:
     """
     Approximate prompt tokens for a request body, for use before the
@@ -253,21 +268,10 @@ def estimate_prompt_tokens(model: str, body: dict, api: str) -> int:
     texts: list[str] = []
     overhead = 0
     ids = 0
-
-    def prompt_like(value) -> None:
-        nonlocal ids
-        if isinstance(value, list) and value and all(isinstance(x, int) for x in value):
-            ids += len(value)  # one pre-tokenised prompt
-        elif isinstance(value, list):
-            for v in value:
-                prompt_like(v)
-        else:
-            _texts(value, texts)
-
     if api in ("openai.completions",):
-        prompt_like(body.get("prompt"))
+        ids += _prompt_like(body.get("prompt"), texts)
     elif api == "openai.embeddings":
-        prompt_like(body.get("input"))
+        ids += _prompt_like(body.get("input"), texts)
     else:
         messages = body.get("messages")
         if isinstance(messages, list):

@@ -462,6 +462,9 @@ class GatewayChannel(http.HTTPChannel):
         self._lost = True
         self._disarm()
         super().connectionLost(reason)
+        # A body decoder left mid-body (a refused upload) calls back into
+        # this channel: a reference cycle Twisted leaves for the collector.
+        self._transferDecoder = None
 
 
 class GatewaySite(server.Site):

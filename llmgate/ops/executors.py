@@ -16,13 +16,15 @@ full queue is refused up front so the caller can answer 503.
 from __future__ import annotations
 
 from collections import deque
+from functools import partial
 from typing import Any, Callable, Optional
 
 from twisted.application import service
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
+
+from llmgate.ops.threads import ThreadRunner
 
 
 class Overloaded(Exception):
@@ -56,7 +58,7 @@ class BoundedExecutor(service.Service):
         executor holds its arguments any more (it ran, was skipped or was
         cancelled while queued); see L{llmgate.ops.memory.Trimmer}.
     @param pool: a C{ThreadPool}-like object (tests pass a synchronous
-        one); by default a C{ThreadPool} started and stopped with this
+        one); by default a L{ThreadRunner} started and stopped with this
         service.
     """
 
@@ -77,7 +79,14 @@ class BoundedExecutor(service.Service):
         self.max_bytes = max_bytes
         self.on_release = on_release
         self._own_pool = pool is None
-        self.pool = pool if pool is not None else ThreadPool(0, threads, name=name)
+        if pool is None:
+            # Not Twisted's ThreadPool: its callInThreadWithCallback leaves a
+            # reference cycle per call (see llmgate.ops.threads).
+            self.pool = ThreadRunner(reactor, workers=threads, name=name)
+            self._run: Callable[..., Deferred[Any]] = self.pool
+        else:
+            self.pool = pool
+            self._run = partial(deferToThreadPool, reactor, pool)
         self._queue: deque[_Job] = deque()
         self._running = 0
         self.jobs = 0  # queued + running
@@ -90,15 +99,15 @@ class BoundedExecutor(service.Service):
     def startService(self) -> None:
         super().startService()
         if self._own_pool:
-            self.pool.start()
+            self.pool.startService()
 
     def stopService(self) -> Any:
         super().stopService()
         for job in list(self._queue):
             job.d.cancel()
         if self._own_pool:
-            # Joins the threads: at most the running jobs are waited for.
-            self.pool.stop()
+            # Lets the threads go once the running jobs end.
+            self.pool.stopService()
 
     # -- jobs ----------------------------------------------------------------
 
@@ -161,7 +170,7 @@ class BoundedExecutor(service.Service):
             self._running += 1
             f, args = job.f, job.args
             job.args = ()  # only the thread holds them now
-            d = deferToThreadPool(self.reactor, self.pool, f, *args)
+            d = self._run(f, *args)
             del f, args
             d.addBoth(self._done, job)
 

@@ -199,6 +199,16 @@ class _CappedParser(HTTPClientParser):
         # failed request.
         raise ResponseHeadersTooLarge(f"upstream response header line over {self.MAX_LENGTH} bytes")
 
+    def _finished(self, rest: bytes) -> None:
+        super()._finished(rest)
+        # The body decoder calls back into this parser: a reference cycle
+        # per response that only the collector would free.
+        self.bodyDecoder = None
+
+    def connectionLost(self, reason: Any = None) -> None:
+        super().connectionLost(reason)
+        self.bodyDecoder = None
+
     def allHeadersReceived(self) -> None:
         for value in self.connHeaders.getRawHeaders(b"connection", ()):
             for token in value.split(b","):
@@ -224,6 +234,30 @@ class _CappedClientProtocol(HTTP11ClientProtocol):
         if type(parser) is HTTPClientParser:
             parser.__class__ = _CappedParser
         return d
+
+    def connectionLost(self, reason: Any) -> None:
+        transport = self.transport
+        super().connectionLost(reason)
+        _release_connector(transport)
+
+
+def _release_connector(transport: Any) -> None:
+    """
+    Break the reference cycles Twisted leaves around every closed outgoing
+    TCP connection (transport and connector refer to each other, and so do
+    the connector and the endpoint's wrapping factory), so that an upstream
+    connection closing (a reset, a cancelled request) leaves no garbage for
+    the cyclic collector. Called from the protocol's C{connectionLost}: the
+    connector's own C{connectionLost}, which runs next, uses neither link.
+    """
+    connector = getattr(transport, "connector", None)
+    if connector is None:
+        return
+    if getattr(connector, "transport", None) is transport:
+        connector.transport = None
+    factory = getattr(connector, "factory", None)
+    if getattr(factory, "_connector", None) is connector:
+        factory._connector = None
 
 
 def _closing(transport: Any) -> bool:

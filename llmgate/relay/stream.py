@@ -209,7 +209,11 @@ class _BodyRelay(Protocol):
         self._relay.body_data(data)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self._relay.body_ended(reason)
+        # The body is over: nothing here is needed again, and the upstream
+        # transport may refer back to this protocol (a reference cycle).
+        relay, self._relay = self._relay, None
+        self.transport = None
+        relay.body_ended(reason)
 
 
 @implementer(IPushProducer)
@@ -590,12 +594,14 @@ class Relay:
     def body_ended(self, reason: Failure) -> None:
         self.flush()
         self._upstream = None
-        if self._producing and not self._client_gone:
+        if self._producing:
             self._producing = False
             try:
                 self.request.unregisterProducer()
             except AttributeError:
-                pass
+                # The channel is gone (the client left): Twisted's Request
+                # would keep the producer, a reference cycle back to us.
+                self.request.producer = None
         if self._client_gone:
             self._record()
             return
@@ -772,4 +778,6 @@ class Relay:
             return
         self._recorded = True
         self.exchange.ended = self.clock.seconds()
-        self._done(self.exchange)
+        # The callback usually refers back to this relay: let go of it.
+        done, self._done = self._done, None
+        done(self.exchange)

@@ -1,0 +1,160 @@
+"""The collector's pauses as a Prometheus histogram, and its settings."""
+
+from __future__ import annotations
+
+import gc
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.trial.unittest import SynchronousTestCase
+
+from llmgate.ops import gcstats
+from llmgate.ops.gcstats import GCPauses
+
+
+def scrape(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for fam in text_string_to_metric_families(generate_latest(registry).decode()):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class PauseTests(SynchronousTestCase):
+    def test_pause_histogram_by_generation(self) -> None:
+        """
+        Each collection's pause (start to stop) lands in the bucket of its
+        generation, with its sum, and the objects it freed are counted.
+        """
+        clock = FakeClock()
+        pauses = GCPauses(clock)
+        registry = CollectorRegistry()
+        registry.register(pauses)
+        pauses.callback("start", {"generation": 1})
+        clock.now += 0.003
+        pauses.callback("stop", {"generation": 1, "collected": 7, "uncollectable": 0})
+        pauses.callback("start", {"generation": 0})
+        clock.now += 0.0002
+        pauses.callback("stop", {"generation": 0, "collected": 0, "uncollectable": 0})
+        s = scrape(registry)
+        gen1 = (("generation", "1"),)
+        self.assertEqual(s[("llmgate_gc_pause_seconds_bucket", (("generation", "1"), ("le", "0.0025")))], 0)
+        self.assertEqual(s[("llmgate_gc_pause_seconds_bucket", (("generation", "1"), ("le", "0.005")))], 1)
+        self.assertEqual(s[("llmgate_gc_pause_seconds_bucket", (("generation", "1"), ("le", "+Inf")))], 1)
+        self.assertEqual(s[("llmgate_gc_pause_seconds_count", gen1)], 1)
+        self.assertAlmostEqual(s[("llmgate_gc_pause_seconds_sum", gen1)], 0.003)
+        self.assertEqual(s[("llmgate_gc_collected_objects_total", gen1)], 7)
+        self.assertEqual(s[("llmgate_gc_pause_seconds_bucket", (("generation", "0"), ("le", "0.00025")))], 1)
+        self.assertEqual(s[("llmgate_gc_pause_seconds_count", (("generation", "2"),))], 0)
+
+    def test_real_collections_observed_while_running(self) -> None:
+        """
+        While the service runs, real collections are timed; once it stops,
+        its callback is gone from C{gc.callbacks}.
+        """
+        pauses = GCPauses()
+        pauses.startService()
+        self.addCleanup(lambda: pauses.running and pauses.stopService())
+        gc.collect(0)
+        gc.collect(2)
+        self.assertGreaterEqual(sum(pauses.buckets[0]), 1)
+        self.assertGreaterEqual(sum(pauses.buckets[2]), 1)
+        self.assertGreater(pauses.sums[2], 0)
+        pauses.stopService()
+        self.assertNotIn(pauses.callback, gc.callbacks)
+        before = sum(pauses.buckets[2])
+        gc.collect(2)
+        self.assertEqual(sum(pauses.buckets[2]), before)
+
+
+class TuneTests(SynchronousTestCase):
+    def test_freezes_start_up_and_sets_thresholds(self) -> None:
+        """
+        After start-up, the objects made so far are frozen out of the
+        collector's sight and the chosen thresholds apply.
+        """
+        old = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *old)
+        self.addCleanup(gc.unfreeze)
+        gc.unfreeze()
+        gcstats.tune()
+        self.assertGreater(gc.get_freeze_count(), 1000)
+        self.assertEqual(
+            gc.get_threshold(), (gcstats.THRESHOLD0, gcstats.THRESHOLD1, gcstats.THRESHOLD2)
+        )
+
+
+class YoungCollectionTests(SynchronousTestCase):
+    def test_timer_collects_young_then_middle(self) -> None:
+        """
+        While running, the young generation is collected every interval and
+        the middle one every tenth time, whatever the allocation count
+        says; nothing after the service stops.
+        """
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        calls: list[int] = []
+        svc = gcstats.YoungCollections(clock, interval=0.1, every=10, full_interval=3600, collect=calls.append)
+        svc.startService()
+        for _ in range(20):
+            clock.advance(0.1)
+        self.assertEqual(calls, ([0] * 9 + [1]) * 2)
+        svc.stopService()
+        clock.advance(1)
+        self.assertEqual(len(calls), 20)
+
+    def test_full_collection_on_its_own_timer(self) -> None:
+        """A full collection runs once per full interval, and only then."""
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        calls: list[int] = []
+        svc = gcstats.YoungCollections(clock, interval=0.5, every=2, full_interval=5, collect=calls.append)
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        for _ in range(20):
+            clock.advance(0.5)
+        self.assertEqual(calls, ([0, 1] * 4 + [0, 2]) * 2)
+
+    def test_full_collection_waits_for_a_quiet_moment(self) -> None:
+        """
+        A due full collection waits while more than the allowed number of
+        requests are open, runs as soon as they are few, and runs anyway
+        once its deadline has passed.
+        """
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        calls: list[int] = []
+        load = [500]
+        svc = gcstats.YoungCollections(
+            clock, interval=1, every=100, full_interval=5, full_max_load=50, full_deadline=20,
+            collect=calls.append, load=lambda: load[0],
+        )
+        svc.startService()
+        self.addCleanup(svc.stopService)
+
+        def seconds(n: int) -> None:
+            for _ in range(n):
+                clock.advance(1)
+
+        seconds(10)
+        self.assertNotIn(2, calls)
+        load[0] = 50
+        seconds(1)
+        self.assertEqual(calls[-1], 2)
+        self.assertEqual(calls.count(2), 1)
+        load[0] = 500
+        seconds(19)
+        self.assertEqual(calls.count(2), 1)
+        seconds(1)
+        self.assertEqual(calls.count(2), 2)
