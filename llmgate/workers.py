@@ -206,7 +206,7 @@ class Supervisor(Service):
         self._argv = argv
         self._sockets = sockets
         self._env = env
-        self._spawn = spawn or reactor.spawnProcess
+        self._spawn = spawn
         self._in_thread = in_thread or (lambda f, *a: defer.maybeDeferred(f, *a))
         self.ledger_path = ledger_path
         if recover is None:
@@ -258,7 +258,8 @@ class Supervisor(Service):
             childFDs[FIRST_LISTEN_FD + i] = fd
         args = self._argv(slot.index)
         proto = _WorkerProtocol(self, slot)
-        transport = self._spawn(proto, args[0], args, env=self._env, childFDs=childFDs)
+        spawn = self._spawn or self._reactor.spawnProcess
+        transport = spawn(proto, args[0], args, env=self._env, childFDs=childFDs)
         slot.transport = transport
         slot.pid = transport.pid
         slot.started = self._reactor.seconds()

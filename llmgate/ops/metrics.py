@@ -201,16 +201,21 @@ class AggregateMetricsResource(Resource):
     def render_GET(self, request: Any) -> Any:
         d = self._in_thread(render_multiprocess, self.path)
 
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
         def done(body: bytes) -> None:
+            if gone:
+                return
             request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
             request.write(body)
             request.finish()
 
         def failed(f: Any) -> None:
             self._log.failure("reading the workers' metrics failed", f)
-            request.setResponseCode(500)
-            request.finish()
+            if not gone:
+                request.setResponseCode(500)
+                request.finish()
 
         d.addCallbacks(done, failed)
-        request.notifyFinish().addErrback(lambda _: None)
         return NOT_DONE_YET
