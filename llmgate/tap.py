@@ -269,9 +269,6 @@ def _supervisor(options: Options, reactor: Any) -> service.MultiService:
     workers serving them (L{llmgate.workers}).  The C{--demo} mock provider
     runs here, once, and every worker relays to it.
     """
-    import shutil
-    import tempfile
-
     from llmgate import workers
     from llmgate.ops.metrics import AggregateMetricsResource
 
@@ -281,10 +278,10 @@ def _supervisor(options: Options, reactor: Any) -> service.MultiService:
     if options["demo"]:
         demo_url = _mock_upstream(reactor, top)
         cfg = configmod.demo(demo_url)
-    metrics_dir = tempfile.mkdtemp(prefix="llmgate-metrics-")
     # First child: stops last, once every worker has exited.
-    _Cleanup(lambda: shutil.rmtree(metrics_dir, ignore_errors=True)).setServiceParent(top)
-    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=metrics_dir)
+    metrics_dir = _TempDir("llmgate-metrics-")
+    metrics_dir.setServiceParent(top)
+    env = dict(os.environ)
 
     def in_thread(f: Any, *a: Any) -> Any:
         return deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
@@ -306,7 +303,7 @@ def _supervisor(options: Options, reactor: Any) -> service.MultiService:
         env,
         in_thread=in_thread,
         ledger_path=cfg.ledger_path if cfg.ledger_enabled else None,
-        metrics_dir=metrics_dir,
+        metrics_dir=metrics_dir.get,
         kill_after=cfg.drain_seconds + 15,
     )
     workers.HupForwarder(sup, reactor).setServiceParent(top)
@@ -316,22 +313,39 @@ def _supervisor(options: Options, reactor: Any) -> service.MultiService:
     for h in held:
         h.setServiceParent(top)
     if cfg.metrics_port:
-        msite = Site(AggregateMetricsResource(metrics_dir, in_thread), reactor=reactor)
+        msite = Site(AggregateMetricsResource(metrics_dir.get, in_thread), reactor=reactor)
         msite.log = lambda request: None  # type: ignore[method-assign]
         ep = endpoints.serverFromString(reactor, cfg.metrics_port)
         Listener("[metrics] port", cfg.metrics_port, ep, msite, reactor).setServiceParent(top)
     return top
 
 
-class _Cleanup(service.Service):
-    """Runs a callable when the tree stops."""
+class _TempDir(service.Service):
+    """
+    A private directory made when the tree starts (so a failed bind
+    leaves none behind) and removed when it has stopped.
+    """
 
-    def __init__(self, f: Any) -> None:
-        self._f = f
+    def __init__(self, prefix: str) -> None:
+        self._prefix = prefix
+        self.path: Optional[str] = None
+
+    def get(self) -> str:
+        assert self.path is not None
+        return self.path
+
+    def startService(self) -> None:
+        import tempfile
+
+        super().startService()
+        self.path = tempfile.mkdtemp(prefix=self._prefix)
 
     def stopService(self) -> Any:
+        import shutil
+
         super().stopService()
-        self._f()
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def worker_service(opts: Any, sockets: list[tuple[int, int]], reactor: Any) -> service.MultiService:

@@ -177,8 +177,9 @@ class Supervisor(Service):
     @param ledger_path: the usage ledger, or L{None} if disabled.
     @param recover: C{recover(path, owner)} marks open rows interrupted
         (L{llmgate.accounting.ledger.recover_open_rows}).
-    @param metrics_dir: the multiprocess metrics directory, whose live
-        gauges of a dead worker are removed.
+    @param metrics_dir: returns the multiprocess metrics directory (made
+        when the tree starts): given to the workers in the environment;
+        a dead worker's live gauges there are removed.
     @param monotonic: the clock for "ran long enough", and C{reactor} for
         delays.
     """
@@ -194,7 +195,7 @@ class Supervisor(Service):
         in_thread: Optional[Callable[..., defer.Deferred[Any]]] = None,
         ledger_path: Optional[str] = None,
         recover: Optional[Callable[[str, Optional[str]], int]] = None,
-        metrics_dir: Optional[str] = None,
+        metrics_dir: Optional[Callable[[], str]] = None,
         mark_dead: Optional[Callable[[int, str], Any]] = None,
         stable_after: float = 10.0,
         first_backoff: float = 0.5,
@@ -259,7 +260,10 @@ class Supervisor(Service):
         args = self._argv(slot.index)
         proto = _WorkerProtocol(self, slot)
         spawn = self._spawn or self._reactor.spawnProcess
-        transport = spawn(proto, args[0], args, env=self._env, childFDs=childFDs)
+        env = dict(self._env)
+        if self.metrics_dir is not None:
+            env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir()
+        transport = spawn(proto, args[0], args, env=env, childFDs=childFDs)
         slot.transport = transport
         slot.pid = transport.pid
         slot.started = self._reactor.seconds()
@@ -301,7 +305,8 @@ class Supervisor(Service):
             return defer.succeed(None)
         d: defer.Deferred[Any] = defer.succeed(None)
         if self.metrics_dir is not None:
-            d.addCallback(lambda _: self._in_thread(self._mark_dead, pid, self.metrics_dir))
+            path = self.metrics_dir()
+            d.addCallback(lambda _: self._in_thread(self._mark_dead, pid, path))
             d.addErrback(lambda f: _log.failure("removing worker {pid}'s gauges failed", f, pid=pid))
         if self.ledger_path is not None:
             d.addCallback(lambda _: self._in_thread(self._recover, self.ledger_path, str(pid)))

@@ -86,12 +86,12 @@ class SupervisorTests(SynchronousTestCase):
             self.reactor,
             lambda i: ["/py", "-m", "llmgate.workers", "--index", str(i)],
             lambda: [(7, socket.AF_INET), (9, socket.AF_INET6)],
-            {"PROMETHEUS_MULTIPROC_DIR": "/m"},
+            {"HOME": "/h"},
             spawn=self.spawn,
             in_thread=self.in_thread,
             ledger_path=ledger,
             recover=self.recover,
-            metrics_dir="/m",
+            metrics_dir=lambda: "/m",
             mark_dead=lambda pid, path: self.dead.append((pid, path)),
             **kw,
         )
@@ -110,7 +110,7 @@ class SupervisorTests(SynchronousTestCase):
             self.assertEqual(call["childFDs"], {0: "w", 1: 1, 2: 2, 3: "r", 4: 7, 5: 9})
             self.assertEqual(call["args"][-1], str(i))
             self.assertEqual(call["exe"], "/py")
-            self.assertEqual(call["env"]["PROMETHEUS_MULTIPROC_DIR"], "/m")
+            self.assertEqual(call["env"], {"HOME": "/h", "PROMETHEUS_MULTIPROC_DIR": "/m"})
 
     def test_recoversAllOpenRowsBeforeAnyWorker(self) -> None:
         """
@@ -295,16 +295,17 @@ class OptionsTests(SynchronousTestCase):
         reactor = MemoryReactorClock()
         top = tap.makeService(o, reactor=reactor)
         kinds = [type(s).__name__ for s in top]
-        self.assertEqual(kinds, ["_ListeningPort", "_Cleanup", "HupForwarder", "Supervisor", "HeldListener"])
+        self.assertEqual(kinds, ["_ListeningPort", "_TempDir", "HupForwarder", "Supervisor", "HeldListener"])
         self.assertEqual(len(reactor.tcpServers), 1)  # the mock provider
         sup = [s for s in top if isinstance(s, workers.Supervisor)][0]
         self.assertEqual(sup.count, 2)
         self.assertEqual(sup.ledger_path, "llmgate-usage.db")
-        self.assertTrue(os.path.isdir(sup.metrics_dir or ""))
-        for s in reversed(list(top)):
-            if type(s).__name__ == "_Cleanup":
-                s.stopService()
-        self.assertFalse(os.path.exists(sup.metrics_dir or ""))
+        tmp = list(top)[1]
+        tmp.startService()
+        path = sup.metrics_dir() if sup.metrics_dir else ""
+        self.assertTrue(os.path.isdir(path))
+        tmp.stopService()
+        self.assertFalse(os.path.exists(path))
 
     def test_workerArgv(self) -> None:
         """

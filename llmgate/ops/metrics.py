@@ -21,7 +21,7 @@ worker's files are removed by the supervisor), C{sum} for "since start".
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -193,13 +193,17 @@ class AggregateMetricsResource(Resource):
     isLeaf = True
     _log = Logger(namespace="llmgate.metrics")
 
-    def __init__(self, path: str, in_thread: Any) -> None:
+    def __init__(self, path: Callable[[], str], in_thread: Any) -> None:
+        """
+        @param path: returns the directory (made when the tree starts).
+        @param in_thread: runs a blocking callable off the reactor.
+        """
         super().__init__()
         self.path = path
         self._in_thread = in_thread
 
     def render_GET(self, request: Any) -> Any:
-        d = self._in_thread(render_multiprocess, self.path)
+        d = self._in_thread(render_multiprocess, self.path())
 
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))

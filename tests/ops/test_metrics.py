@@ -142,7 +142,7 @@ class MultiprocessTests(SynchronousTestCase):
                 calls.append(args)
                 return defer.maybeDeferred(f, *args)
 
-            site = Site(AggregateMetricsResource(path, in_thread))
+            site = Site(AggregateMetricsResource(lambda: path, in_thread))
             channel = site.buildProtocol(None)
             t = StringTransport()
             channel.makeConnection(t)

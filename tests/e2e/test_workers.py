@@ -1,0 +1,220 @@
+# -*- test-case-name: tests.e2e.test_workers -*-
+"""
+End to end: C{twistd -n llmgate --workers 2} with real processes. Both
+workers serve; one killed with SIGKILL mid-stream loses only its own
+streams (marked interrupted by the supervisor, which starts a
+replacement) while the other keeps relaying; SIGTERM drains and stops
+everything; a port in use ends the supervisor with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import tempfile
+import time
+import urllib.request
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from llmgate.accounting.ledger import read_records
+from tests.e2e.procs import Daemon, gateway_config
+from tests.e2e.test_kill import GATEWAY_KEY, _open_stream, _wait_for_event
+
+
+def _complete(port: int) -> int:
+    """One non-streamed chat completion; its status."""
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=json.dumps({"model": "public-name", "messages": []}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {GATEWAY_KEY}"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=20) as r:
+        r.read()
+        return r.status
+
+
+def _owners(ledger: str) -> dict[str, tuple[str, str]]:
+    """request_id -> (outcome, owner) of every row."""
+    conn = sqlite3.connect(ledger, timeout=10)
+    try:
+        return {rid: (outcome, owner) for rid, outcome, owner in conn.execute("SELECT request_id, outcome, owner FROM usage")}
+    except sqlite3.OperationalError:
+        return {}
+    finally:
+        conn.close()
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _wait(predicate: Any, what: str, timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class WorkersTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="llmgate-e2e-")
+
+    def test_kill_one_worker_mid_stream(self) -> None:
+        """
+        Requests are served by both workers. SIGKILL on one while streams
+        relay: the other's streams keep relaying and new requests are
+        served, the supervisor marks exactly the killed worker's requests
+        interrupted (not the live one's) and starts a replacement; every
+        request has exactly one row; /metrics sums both workers; SIGTERM
+        drains and the supervisor exits as a single process does.
+        """
+        mock = Daemon("llmgate-mock", ["--port", "tcp:0:interface=127.0.0.1"], self.dir)
+        self.addCleanup(mock.stop)
+        ledger = os.path.join(self.dir, "usage.db")
+        conf = os.path.join(self.dir, "llmgate.toml")
+        mport = _free_port()
+        with open(conf, "w") as f:
+            f.write(gateway_config(
+                mock.port,
+                f'[ledger]\npath = "{ledger}"\n[keys.team-e2e]\napi_key_env = "E2E_GW_KEY"\n'
+                f'[metrics]\nport = "tcp:{mport}:interface=127.0.0.1"\n',
+            ))
+        env = {"E2E_UPSTREAM_KEY": "k", "E2E_GW_KEY": GATEWAY_KEY}
+        gw = Daemon(
+            "llmgate", ["--config", conf, "--workers", "2", "--port", "tcp:0:interface=127.0.0.1"], self.dir, env=env
+        )
+        self.addCleanup(gw.stop)
+        pids = {}
+        for i in (0, 1):
+            m = gw.wait_for(rf"worker {i} \(pid (\d+)\) is serving")
+            pids[m.group(1)] = i
+
+        # Streams until both workers relay some (the kernel picks who accepts).
+        socks = []
+        for _ in range(60):
+            s = _open_stream(gw.port)
+            self.addCleanup(s.close)
+            _wait_for_event(s)
+            socks.append(s)
+            rows = _wait(lambda: _owners(ledger) if len(_owners(ledger)) == len(socks) else None, "open rows")
+            if len({owner for _, owner in rows.values()}) == 2 and len(socks) >= 4:
+                break
+        rows = _owners(ledger)
+        self.assertEqual({owner for _, owner in rows.values()}, set(pids))
+        self.assertEqual({outcome for outcome, _ in rows.values()}, {"open"})
+        quick_before = [_complete(gw.port) for _ in range(10)]
+        self.assertEqual(quick_before, [200] * 10)
+        # A request that ended less than a batch interval before a SIGKILL
+        # may have no row (the ledger's documented bound): let them land.
+        _wait(
+            lambda: sum(1 for o, _ in _owners(ledger).values() if o == "completed") == 10,
+            "the quick requests' records",
+        )
+
+        # Which socket belongs to which worker: the open rows in order of ts.
+        conn = sqlite3.connect(ledger)
+        stream_owner = [o for (o,) in conn.execute("SELECT owner FROM usage WHERE outcome = 'open' ORDER BY ts, rowid")]
+        conn.close()
+        self.assertEqual(len(stream_owner), len(socks))
+        victim = stream_owner[0]
+        survivors = [s for s, o in zip(socks, stream_owner) if o != victim]
+        self.assertTrue(survivors)
+
+        os.kill(int(victim), signal.SIGKILL)
+        gw.wait_for(rf"worker {pids[victim]} \(pid {victim}\) exited \(signal 9\)")
+        gw.wait_for(rf"requests in flight on worker pid {victim} are marked interrupted")
+        new = gw.wait_for(rf"worker {pids[victim]} started \(pid (?!{victim}\))(\d+)\)").group(1)
+        gw.wait_for(rf"worker {pids[victim]} \(pid {new}\) is serving")
+
+        # The survivor's streams still relay.
+        for s in survivors:
+            s.settimeout(10)
+            self.assertIn(b"data:", s.recv(65536))
+        quick_after = [_complete(gw.port) for _ in range(10)]
+        self.assertEqual(quick_after, [200] * 10)
+
+        rows = _owners(ledger)
+        for rid, (outcome, owner) in rows.items():
+            if owner == victim:
+                self.assertIn(outcome, ("interrupted", "completed"))
+        victims = [rid for rid, (outcome, owner) in rows.items() if owner == victim and outcome != "completed"]
+        self.assertEqual(
+            len(victims), sum(1 for o in stream_owner if o == victim)
+        )
+        self.assertEqual({rows[r][0] for r in victims}, {"interrupted"})
+        live = [rid for rid, (outcome, owner) in rows.items() if owner != victim and outcome == "open"]
+        self.assertEqual(len(live), len(survivors))
+
+        # /metrics: the sum over the workers, the dead one's counters kept.
+        def completed() -> float:
+            with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as r:
+                text = r.read().decode()
+            m = re.search(
+                r'llmgate_requests_total\{outcome="completed",route="/v1/chat/completions",status="200"\} (\S+)', text
+            )
+            return float(m.group(1)) if m else 0.0
+
+        # Counted as each request's record is made, just after its response.
+        _wait(lambda: completed() == 20.0, "20 completed requests in /metrics")
+
+        for s in survivors:
+            s.close()
+        _wait(
+            lambda: all(_owners(ledger)[r][0] != "open" for r in live), "the cancelled streams' final records"
+        )
+        self.assertEqual(gw.stop(), -signal.SIGTERM)
+        self.assertIn("stopping 2 workers", gw.output())
+
+        final = read_records(ledger)
+        ids = [r["request_id"] for r in final]
+        self.assertEqual(len(ids), len(set(ids)))
+        self.assertEqual(len(final), len(socks) + 20, [(r["outcome"], r["request_id"][:6]) for r in final] + [len(victims), len(survivors)])
+        outcomes = sorted(r["outcome"] for r in final)
+        self.assertEqual(outcomes.count("completed"), 20)
+        self.assertEqual(outcomes.count("interrupted"), len(victims))
+        self.assertEqual(outcomes.count("client_cancelled"), len(survivors))
+        self.assertFalse(any(p for p in pids if os.path.exists(f"/proc/{p}") and _alive(int(p))))
+        self.assertNotIn(GATEWAY_KEY, gw.output())
+
+    def test_port_in_use_exits_1(self) -> None:
+        """
+        With workers too, a --port already bound ends twistd with status 1
+        and one line naming the endpoint, before any worker starts.
+        """
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        self.addCleanup(busy.close)
+        port = busy.getsockname()[1]
+        d = Daemon(
+            "llmgate", ["--demo", "--workers", "2", "--port", f"tcp:{port}:interface=127.0.0.1"], self.dir, wait=False
+        )
+        self.addCleanup(d.stop)
+        self.assertEqual(d.proc.wait(30), 1)
+        d.stop()
+        out = d.output()
+        self.assertIn(f"cannot listen on tcp:{port}:interface=127.0.0.1:backlog=4096 (--port): Address already in use", out)
+        self.assertNotIn("worker 0 started", out)
+        self.assertNotIn("Traceback", out)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
