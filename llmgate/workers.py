@@ -123,6 +123,9 @@ class HeldListener(Listener):
 
 
 class _HeldFactory(ServerFactory):
+    # Never started: no "Starting factory" line.
+    noisy = False
+
     def __init__(self, name: str) -> None:
         self._name = name
 
@@ -547,6 +550,23 @@ def worker_main(argv: Optional[list[str]] = None) -> None:
         except OSError:
             pass
 
+    def stop_once(signum: int, frame: Any) -> None:
+        # SIGTERM from the supervisor, and maybe from systemd (KillMode=
+        # control-group) or a terminal's SIGINT too: one drain, no error
+        # for the second "stop".
+        if not stopping:
+            stopping.append(signum)
+            _log.info("worker {index}: signal {signum}, draining", index=opts["index"], signum=signum)
+            reactor.callFromThread(reactor.stop)
+
+    stopping: list[int] = []
+
+    def handlers() -> None:
+        # After the reactor's own handlers, which these replace.
+        signal.signal(signal.SIGTERM, stop_once)
+        signal.signal(signal.SIGINT, stop_once)
+
+    reactor.callWhenRunning(handlers)
     reactor.callWhenRunning(ready)
     reactor.run()
 

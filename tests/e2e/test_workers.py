@@ -40,6 +40,18 @@ def _complete(port: int) -> int:
         return r.status
 
 
+def _finite_stream(port: int, tokens: int, delay_ms: int) -> socket.socket:
+    body = json.dumps({"model": "public-name", "stream": True, "messages": []}).encode()
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + GATEWAY_KEY.encode() + b"\r\nConnection: close\r\n"
+        b"x-mock-tokens: %d\r\nx-mock-delay-ms: %d\r\n" % (tokens, delay_ms)
+        + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )
+    return s
+
+
 def _owners(ledger: str) -> dict[str, tuple[str, str]]:
     """request_id -> (outcome, owner) of every row."""
     conn = sqlite3.connect(ledger, timeout=10)
@@ -176,15 +188,28 @@ class WorkersTests(SynchronousTestCase):
         _wait(
             lambda: all(_owners(ledger)[r][0] != "open" for r in live), "the cancelled streams' final records"
         )
+        # SIGTERM while a stream relays: the worker drains it to its end.
+        draining = _finite_stream(gw.port, tokens=30, delay_ms=50)
+        self.addCleanup(draining.close)
+        _wait_for_event(draining)
+        os.kill(gw.pid, signal.SIGTERM)
+        rest = b""
+        while True:
+            chunk = draining.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        self.assertIn(b"data: [DONE]", rest)
         self.assertEqual(gw.stop(), -signal.SIGTERM)
         self.assertIn("stopping 2 workers", gw.output())
+        self.assertNotIn("Traceback", gw.output())
 
         final = read_records(ledger)
         ids = [r["request_id"] for r in final]
         self.assertEqual(len(ids), len(set(ids)))
-        self.assertEqual(len(final), len(socks) + 20, [(r["outcome"], r["request_id"][:6]) for r in final] + [len(victims), len(survivors)])
+        self.assertEqual(len(final), len(socks) + 21)
         outcomes = sorted(r["outcome"] for r in final)
-        self.assertEqual(outcomes.count("completed"), 20)
+        self.assertEqual(outcomes.count("completed"), 21)
         self.assertEqual(outcomes.count("interrupted"), len(victims))
         self.assertEqual(outcomes.count("client_cancelled"), len(survivors))
         self.assertFalse(any(p for p in pids if os.path.exists(f"/proc/{p}") and _alive(int(p))))
