@@ -323,3 +323,38 @@ class OptionsTests(SynchronousTestCase):
             (opts["index"], opts["parent"], opts["sockets"], opts["demo-upstream"], opts["config"]),
             (1, os.getpid(), f"{int(socket.AF_INET)},{int(socket.AF_INET6)}", "http://127.0.0.1:5", None),
         )
+
+
+class WorkerTreeTests(SynchronousTestCase):
+    def test_workerTree(self) -> None:
+        """
+        A worker's tree serves the adopted sockets instead of binding, its
+        ledger writes its pid as owner and does not recover at start, it
+        pushes the ledger gauges on a timer, and it has no metrics listener
+        (the supervisor serves the sum).
+        """
+        from llmgate import config
+        from llmgate.accounting.ledger import Ledger
+        from llmgate.ops.metrics import _LedgerGauges
+        from llmgate.service import Listener
+
+        cfg = config.parse(
+            {"providers": {"p": {"kind": "openai", "base_url": "http://127.0.0.1:1/v1"}},
+             "metrics": {"port": "tcp:0:interface=127.0.0.1"},
+             "ledger": {"path": self.mktemp()}},
+            {},
+        )
+        reactor = MemoryReactorClock()
+        top = tap.build(cfg, reactor, ["tcp:0"], adopt=[(4, socket.AF_INET), (5, socket.AF_INET6)])
+        adopted = [s for s in top if isinstance(s, workers.AdoptedPort)]
+        self.assertEqual([(a.fd, a.family) for a in adopted], [(4, socket.AF_INET), (5, socket.AF_INET6)])
+        self.assertEqual([s for s in top if isinstance(s, Listener)], [])
+        (ledger,) = [s for s in top if isinstance(s, Ledger)]
+        self.assertEqual(ledger._writer.owner, str(os.getpid()))
+        self.assertTrue(ledger._writer._recovered)  # nothing left to recover
+        self.assertEqual(len([s for s in top if isinstance(s, _LedgerGauges)]), 1)
+
+        single = tap.build(cfg, reactor, ["tcp:0"])
+        (ledger,) = [s for s in single if isinstance(s, Ledger)]
+        self.assertEqual((ledger._writer.owner, ledger._writer._recovered), (None, False))
+        self.assertEqual(len([s for s in single if isinstance(s, Listener)]), 2)

@@ -17,6 +17,7 @@ import socket
 import sqlite3
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -27,17 +28,21 @@ from tests.e2e.procs import Daemon, gateway_config
 from tests.e2e.test_kill import GATEWAY_KEY, _open_stream, _wait_for_event
 
 
-def _complete(port: int) -> int:
+def _complete(port: int, key: str = GATEWAY_KEY) -> int:
     """One non-streamed chat completion; its status."""
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/chat/completions",
         data=json.dumps({"model": "public-name", "messages": []}).encode(),
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {GATEWAY_KEY}"},
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
         method="POST",
     )
-    with urllib.request.urlopen(req, timeout=20) as r:
-        r.read()
-        return r.status
+    try:
+        with urllib.request.urlopen(req, timeout=20) as r:
+            r.read()
+            return r.status
+    except urllib.error.HTTPError as e:
+        e.read()
+        return e.code
 
 
 def _finite_stream(port: int, tokens: int, delay_ms: int) -> socket.socket:
@@ -211,6 +216,34 @@ class WorkersTests(SynchronousTestCase):
         self.assertEqual(outcomes.count("client_cancelled"), len(survivors))
         self.assertFalse(any(p for p in pids if os.path.exists(f"/proc/{p}") and _alive(int(p))))
         self.assertNotIn(GATEWAY_KEY, gw.output())
+
+    def test_sighup_reloads_every_worker(self) -> None:
+        """
+        SIGHUP to the supervisor reaches every worker: each re-reads the
+        file (and logs it), and a gateway key added by the edit is
+        accepted whichever worker takes the request.
+        """
+        mock = Daemon("llmgate-mock", ["--port", "tcp:0:interface=127.0.0.1"], self.dir)
+        self.addCleanup(mock.stop)
+        conf = os.path.join(self.dir, "llmgate.toml")
+        base = gateway_config(mock.port, f'[ledger]\nenabled = false\n[keys.team-e2e]\napi_key_env = "E2E_GW_KEY"\n')
+        with open(conf, "w") as f:
+            f.write(base)
+        env = {"E2E_UPSTREAM_KEY": "k", "E2E_GW_KEY": GATEWAY_KEY, "E2E_GW_KEY2": "gw-second-key"}
+        gw = Daemon(
+            "llmgate", ["--config", conf, "--workers", "2", "--port", "tcp:0:interface=127.0.0.1"], self.dir, env=env
+        )
+        self.addCleanup(gw.stop)
+        for i in (0, 1):
+            gw.wait_for(rf"worker {i} \(pid \d+\) is serving")
+        self.assertEqual(_complete(gw.port, key="gw-second-key"), 401)
+        with open(conf, "w") as f:
+            f.write(base + '[keys.team-two]\napi_key_env = "E2E_GW_KEY2"\n')
+        os.kill(gw.pid, signal.SIGHUP)
+        for i in (0, 1):
+            gw.wait_for(rf"\[worker-{i} llmgate.reload#info\] config reloaded from")
+        self.assertEqual([_complete(gw.port, key="gw-second-key") for _ in range(8)], [200] * 8)
+        self.assertNotIn("Traceback", gw.output())
 
     def test_port_in_use_exits_1(self) -> None:
         """
