@@ -41,7 +41,9 @@ class Options(usage.Options):
         "from OPENAI_API_KEY/OPENAI_BASE_URL and ANTHROPIC_API_KEY/"
         "ANTHROPIC_BASE_URL; --demo serves a built-in mock provider instead. "
         "SIGHUP re-reads --config for new requests (an invalid file is logged "
-        "and the running config kept); a port that cannot be bound exits 1."
+        "and the running config kept); a port that cannot be bound exits 1. "
+        "--workers (default auto, one per CPU) runs that many worker processes "
+        "on the ports this process binds; SIGTERM and SIGHUP are passed on to them."
     )
     optParameters = [
         ["config", "c", None, "Path of a TOML config file."],
@@ -278,6 +280,11 @@ def _supervisor(options: Options, reactor: Any) -> service.MultiService:
     if options["demo"]:
         demo_url = _mock_upstream(reactor, top)
         cfg = configmod.demo(demo_url)
+    if not cfg.providers:
+        Logger(namespace="llmgate").warn(
+            "no providers configured: every request will get 404. Set OPENAI_API_KEY "
+            "or ANTHROPIC_API_KEY (and *_BASE_URL), pass --config, or try --demo."
+        )
     # First child: stops last, once every worker has exited.
     metrics_dir = _TempDir("llmgate-metrics-")
     metrics_dir.setServiceParent(top)

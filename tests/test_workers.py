@@ -307,6 +307,21 @@ class OptionsTests(SynchronousTestCase):
         tmp.stopService()
         self.assertFalse(os.path.exists(path))
 
+    def test_supervisorWarnsWithoutProviders(self) -> None:
+        """Started with no providers at all, the supervisor says so once."""
+        from twisted.logger import globalLogPublisher
+
+        from llmgate import config
+
+        events: list[dict] = []  # type: ignore[type-arg]
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        o = tap.Options()
+        o.update(loaded=config.parse({}, {}), demo=False, ports=["tcp:0"], worker_count=2, bare_public=False)
+        tap.makeService(o, reactor=MemoryReactorClock())
+        warned = [e for e in events if "no providers configured" in e.get("log_format", "")]
+        self.assertEqual(len(warned), 1)
+
     def test_workerArgv(self) -> None:
         """
         A worker's command line names its index, the supervisor's pid, the
