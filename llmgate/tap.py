@@ -312,6 +312,7 @@ def _supervisor(options: Options, reactor: Any) -> service.MultiService:
         ledger_path=cfg.ledger_path if cfg.ledger_enabled else None,
         metrics_dir=metrics_dir.get,
         kill_after=cfg.drain_seconds + 15,
+        relay_output=workers.stdout_discarded(),
     )
     workers.HupForwarder(sup, reactor).setServiceParent(top)
     sup.setServiceParent(top)

@@ -149,11 +149,27 @@ class _Slot:
     ended: list[defer.Deferred[None]] = field(default_factory=list)
 
 
+_relayed = Logger(namespace="llmgate.worker")
+
+
+def stdout_discarded() -> bool:
+    """
+    Whether this process's stdout is C{/dev/null}: a daemonized C{twistd}
+    (without C{-n}) logs to its file, so workers cannot just inherit fd 1.
+    """
+    try:
+        out, null = os.fstat(1), os.stat(os.devnull)
+    except OSError:
+        return True
+    return (out.st_dev, out.st_ino) == (null.st_dev, null.st_ino)
+
+
 class _WorkerProtocol(ProcessProtocol):
     def __init__(self, supervisor: "Supervisor", slot: _Slot) -> None:
         self._supervisor = supervisor
         self._slot = slot
         self._buf = b""
+        self._out = {1: b"", 2: b""}
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == STATUS_FD:
@@ -161,8 +177,21 @@ class _WorkerProtocol(ProcessProtocol):
             if READY in self._buf:
                 self._buf = b""
                 self._supervisor._ready(self._slot, self.transport)
+        elif childFD in self._out:
+            # Only when relaying (daemonized): the worker's log lines go
+            # into this process's log.
+            *lines, self._out[childFD] = (self._out[childFD] + data).split(b"\n")
+            for line in lines:
+                self._relay(line)
+
+    def _relay(self, line: bytes) -> None:
+        if line:
+            _relayed.info("{line}", line=line.decode("utf-8", "replace"))
 
     def processEnded(self, reason: Failure) -> None:
+        for fd, rest in self._out.items():
+            self._out[fd] = b""
+            self._relay(rest)
         self._supervisor._ended(self._slot, self.transport, reason)
 
 
@@ -183,8 +212,9 @@ class Supervisor(Service):
     @param metrics_dir: returns the multiprocess metrics directory (made
         when the tree starts): given to the workers in the environment;
         a dead worker's live gauges there are removed.
-    @param monotonic: the clock for "ran long enough", and C{reactor} for
-        delays.
+    @param relay_output: read the workers' stdout/stderr and log their
+        lines here (when this process's own stdout is discarded); else
+        they write to this process's stdout/stderr directly.
     """
 
     def __init__(
@@ -204,8 +234,10 @@ class Supervisor(Service):
         first_backoff: float = 0.5,
         max_backoff: float = 30.0,
         kill_after: float = 60.0,
+        relay_output: bool = False,
     ) -> None:
         self.count = count
+        self.relay_output = relay_output
         self._reactor = reactor
         self._argv = argv
         self._sockets = sockets
@@ -258,6 +290,8 @@ class Supervisor(Service):
         if self._stopping:
             return
         childFDs: dict[int, Any] = {0: "w", 1: 1, 2: 2, STATUS_FD: "r"}
+        if self.relay_output:
+            childFDs.update({1: "r", 2: "r"})
         for i, (fd, _family) in enumerate(self._fds):
             childFDs[FIRST_LISTEN_FD + i] = fd
         args = self._argv(slot.index)

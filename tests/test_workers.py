@@ -112,6 +112,26 @@ class SupervisorTests(SynchronousTestCase):
             self.assertEqual(call["exe"], "/py")
             self.assertEqual(call["env"], {"HOME": "/h", "PROMETHEUS_MULTIPROC_DIR": "/m"})
 
+    def test_relayedOutput(self) -> None:
+        """
+        When this process's stdout is discarded (a daemonized twistd logs
+        to a file), the workers' stdout and stderr are read and each line
+        logged here, a partial last line too when the worker ends.
+        """
+        from twisted.logger import capturedLogs
+
+        sup = self.make(1, ledger=None, relay_output=True)
+        sup.startService()
+        (call,) = self.spawn.calls
+        self.assertEqual((call["childFDs"][1], call["childFDs"][2]), ("r", "r"))
+        with capturedLogs() as events:
+            call["proto"].childDataReceived(1, b"first\nsec")
+            call["proto"].childDataReceived(2, b"err line\n")
+            call["proto"].childDataReceived(1, b"ond\nlast")
+            self.spawn.end(call)
+        lines = [e["line"] for e in events if e.get("log_namespace") == "llmgate.worker"]
+        self.assertEqual(lines, ["first", "err line", "second", "last"])
+
     def test_recoversAllOpenRowsBeforeAnyWorker(self) -> None:
         """
         Every open ledger row is marked interrupted (owner None) before the
