@@ -312,7 +312,8 @@ def _supervisor(options: Options, reactor: Any) -> service.MultiService:
         ledger_path=cfg.ledger_path if cfg.ledger_enabled else None,
         metrics_dir=metrics_dir.get,
         kill_after=cfg.drain_seconds + 15,
-        relay_output=workers.stdout_discarded(),
+        # Decided at start: a daemonizing twistd redirects stdout later.
+        relay_output=None,
     )
     workers.HupForwarder(sup, reactor).setServiceParent(top)
     sup.setServiceParent(top)

@@ -214,7 +214,8 @@ class Supervisor(Service):
         a dead worker's live gauges there are removed.
     @param relay_output: read the workers' stdout/stderr and log their
         lines here (when this process's own stdout is discarded); else
-        they write to this process's stdout/stderr directly.
+        they write to this process's stdout/stderr directly.  L{None}:
+        decide at start (L{stdout_discarded}), after twistd daemonized.
     """
 
     def __init__(
@@ -234,7 +235,7 @@ class Supervisor(Service):
         first_backoff: float = 0.5,
         max_backoff: float = 30.0,
         kill_after: float = 60.0,
-        relay_output: bool = False,
+        relay_output: Optional[bool] = False,
     ) -> None:
         self.count = count
         self.relay_output = relay_output
@@ -265,6 +266,8 @@ class Supervisor(Service):
 
     def startService(self) -> None:
         super().startService()
+        if self.relay_output is None:
+            self.relay_output = stdout_discarded()
         self._fds = list(self._sockets())
         d: defer.Deferred[Any] = defer.succeed(None)
         if self.ledger_path is not None:
@@ -290,8 +293,6 @@ class Supervisor(Service):
         if self._stopping:
             return
         childFDs: dict[int, Any] = {0: "w", 1: 1, 2: 2, STATUS_FD: "r"}
-        if self.relay_output:
-            childFDs.update({1: "r", 2: "r"})
         for i, (fd, _family) in enumerate(self._fds):
             childFDs[FIRST_LISTEN_FD + i] = fd
         args = self._argv(slot.index)
@@ -300,6 +301,9 @@ class Supervisor(Service):
         env = dict(self._env)
         if self.metrics_dir is not None:
             env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir()
+        if self.relay_output:
+            childFDs.update({1: "r", 2: "r"})
+            env["LLMGATE_WORKER_RELAYED"] = "1"
         transport = spawn(proto, args[0], args, env=env, childFDs=childFDs)
         slot.transport = transport
         slot.pid = transport.pid
@@ -535,7 +539,9 @@ def _die_with_parent(parent: int) -> None:
 def _logging(index: int) -> None:
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    observer = textFileLogObserver(sys.stdout)
+    # Relayed lines get the supervisor's timestamp: no second one.
+    relayed = os.environ.get("LLMGATE_WORKER_RELAYED") == "1"
+    observer = textFileLogObserver(sys.stdout, **({"timeFormat": None} if relayed else {}))
     prefix = f"worker-{index}"
 
     def tagged(event: dict[str, Any]) -> None:

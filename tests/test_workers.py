@@ -124,6 +124,7 @@ class SupervisorTests(SynchronousTestCase):
         sup.startService()
         (call,) = self.spawn.calls
         self.assertEqual((call["childFDs"][1], call["childFDs"][2]), ("r", "r"))
+        self.assertEqual(call["env"]["LLMGATE_WORKER_RELAYED"], "1")
         with capturedLogs() as events:
             call["proto"].childDataReceived(1, b"first\nsec")
             call["proto"].childDataReceived(2, b"err line\n")
