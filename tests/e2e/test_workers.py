@@ -45,6 +45,19 @@ def _complete(port: int, key: str = GATEWAY_KEY) -> int:
         return e.code
 
 
+def _complete_keyless(port: int) -> int:
+    """One non-streamed chat completion to a keyless (loopback) gateway."""
+    req = urllib.request.Request(
+        f"http://localhost:{port}/v1/chat/completions",
+        data=json.dumps({"model": "gpt-4o", "messages": []}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=20) as r:
+        r.read()
+        return r.status
+
+
 def _finite_stream(port: int, tokens: int, delay_ms: int) -> socket.socket:
     body = json.dumps({"model": "public-name", "stream": True, "messages": []}).encode()
     s = socket.create_connection(("127.0.0.1", port))
@@ -244,6 +257,51 @@ class WorkersTests(SynchronousTestCase):
             gw.wait_for(rf"\[worker-{i} llmgate.reload#info\] config reloaded from")
         self.assertEqual([_complete(gw.port, key="gw-second-key") for _ in range(8)], [200] * 8)
         self.assertNotIn("Traceback", gw.output())
+
+    def test_systemd_socket_shared_by_workers(self) -> None:
+        """
+        A socket passed by systemd (socket activation) is adopted by every
+        worker and served; after the gateway stops, the socket (still held by
+        "systemd", here the test) keeps accepting into its queue, and a
+        gateway started again serves what queued.
+        """
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        self.addCleanup(sock.close)
+        port = sock.getsockname()[1]
+
+        def start() -> Daemon:
+            gw = Daemon(
+                "llmgate",
+                ["--demo", "--workers", "2", "--port", "systemd:domain=INET:index=0"],
+                self.dir,
+                systemd_fd=sock.fileno(),
+            )
+            self.addCleanup(gw.stop)
+            for i in (0, 1):
+                gw.wait_for(rf"worker {i} \(pid \d+\) is serving")
+            return gw
+
+        gw = start()
+        self.assertEqual(gw.port, port)
+        for _ in range(8):
+            self.assertEqual(_complete_keyless(port), 200)
+        adopted = set(re.findall(rf"\[worker-(\d) -\] GatewaySite starting on {port}", gw.output()))
+        self.assertEqual(adopted, {"0", "1"})
+        self.assertEqual(gw.stop(), -signal.SIGTERM)
+
+        # Between runs the socket stays open: a client connects and waits.
+        early = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.addCleanup(early.close)
+        start()
+        body = json.dumps({"model": "gpt-4o", "messages": []}).encode()
+        early.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
+        early.settimeout(20)
+        self.assertTrue(early.recv(65536).startswith(b"HTTP/1.1 200"))
 
     def test_port_in_use_exits_1(self) -> None:
         """
