@@ -25,8 +25,9 @@ The supervisor:
     own); a worker not started yet gets it once it is;
   - serves C{[metrics] port} with the sum of the workers' metrics.
 
-A worker dies with its supervisor (C{PR_SET_PDEATHSIG}), so a killed
-supervisor never leaves workers serving that nobody restarts.
+A worker gets SIGTERM when its supervisor dies (C{PR_SET_PDEATHSIG}) and
+drains, so a killed supervisor never leaves workers behind that nobody
+would restart.
 
 This module's L{worker_main} is the worker process's entry point
 (C{python -m llmgate.workers}); like L{llmgate.tap} it is a process top
@@ -37,9 +38,7 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -462,8 +461,9 @@ class HupForwarder(Service):
         self._reactor.callFromThread(self._supervisor.hup)
 
     def stopService(self) -> None:
-        # Keep handling SIGHUP while the workers drain: the default
-        # action would kill the supervisor and orphan nothing but logs.
+        # The handler stays while the workers drain (this stops after the
+        # supervisor): SIGHUP's default action would kill the process
+        # before the workers are done.
         super().stopService()
 
 
