@@ -142,7 +142,9 @@ class MultiprocessTests(SynchronousTestCase):
                 calls.append(args)
                 return defer.maybeDeferred(f, *args)
 
-            site = Site(AggregateMetricsResource(lambda: path, in_thread))
+            from twisted.internet.testing import MemoryReactorClock
+
+            site = Site(AggregateMetricsResource(lambda: path, in_thread), reactor=MemoryReactorClock())
             channel = site.buildProtocol(None)
             t = StringTransport()
             channel.makeConnection(t)
