@@ -303,6 +303,19 @@ class WorkersTests(SynchronousTestCase):
         early.settimeout(20)
         self.assertTrue(early.recv(65536).startswith(b"HTTP/1.1 200"))
 
+    def test_workers_stop_when_supervisor_killed(self) -> None:
+        """
+        SIGKILL on the supervisor: its workers get SIGTERM from the kernel
+        (parent-death signal) and exit, instead of serving on unsupervised.
+        """
+        gw = Daemon("llmgate", ["--demo", "--workers", "2", "--port", "tcp:0:interface=127.0.0.1"], self.dir)
+        self.addCleanup(gw.stop)
+        pids = [int(gw.wait_for(rf"worker {i} \(pid (\d+)\) is serving").group(1)) for i in (0, 1)]
+        os.kill(gw.pid, signal.SIGKILL)
+        self.assertEqual(gw.proc.wait(10), -signal.SIGKILL)
+        _wait(lambda: not any(_alive(p) for p in pids), "the workers to exit")
+        gw.wait_for("worker 0: signal 15, draining")
+
     def test_port_in_use_exits_1(self) -> None:
         """
         With workers too, a --port already bound ends twistd with status 1
