@@ -151,8 +151,18 @@ def ensure_built(force=False):
 
 # --------------------------------------------------------------------------- /proc sampling
 
+def _children(pid):
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+            return [int(c) for c in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
 def proc_sample(pid):
-    """(rss_kb, peak_rss_kb, cpu_seconds) of a live process, or None."""
+    """(rss_kb, peak_rss_kb, cpu_seconds) of a live process and its descendants
+    (llmgate --workers N: the supervisor and its workers), or None.  CPU also
+    counts reaped children (cutime/cstime), e.g. a worker that was replaced."""
     try:
         with open("/proc/%d/stat" % pid) as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -160,9 +170,15 @@ def proc_sample(pid):
             status = dict(line.split(":", 1) for line in f if ":" in line)
     except (OSError, IndexError):
         return None
-    cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
+    # utime, stime, cutime, cstime (fields 14-17)
+    cpu = sum(int(x) for x in fields[11:15]) / CLK_TCK
     kb = lambda k: int(status.get(k, "0 kB").split()[0])
-    return kb("VmRSS"), kb("VmHWM"), cpu
+    rss, hwm = kb("VmRSS"), kb("VmHWM")
+    for child in _children(pid):
+        sub = proc_sample(child)
+        if sub:
+            rss, hwm, cpu = rss + sub[0], hwm + sub[1], cpu + sub[2]
+    return rss, hwm, cpu
 
 
 class Sampler(threading.Thread):
@@ -215,7 +231,7 @@ def llmgate_config(tmp, up_port, bare):
     return path
 
 
-def start_peer(name, up_port, workdir, backlog=None):
+def start_peer(name, up_port, workdir, backlog=None, workers=None):
     """Start a peer; return (process or None, chat completions URL, ledger path or None)."""
     ledger = None
     if name == "direct":
@@ -236,7 +252,8 @@ def start_peer(name, up_port, workdir, backlog=None):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
         proc = start([twistd, "-n", "--pidfile=", "llmgate", "--config", conf,
-                      "--port", "tcp:%d:interface=127.0.0.1%s" % (port, ":backlog=%d" % backlog if backlog else "")],
+                      "--port", "tcp:%d:interface=127.0.0.1%s" % (port, ":backlog=%d" % backlog if backlog else "")]
+                     + (["--workers", str(workers)] if workers else []),
                      log, cwd=tmp, env=env)
         timeout = 30
     else:
@@ -355,10 +372,10 @@ def summarize(lg, peer_samples, idle_rss, upstream_samples, upstream_stats):
     return m
 
 
-def run_case(name, sc, peer, up, up_port, workdir, keepalive, backlog=None):
+def run_case(name, sc, peer, up, up_port, workdir, keepalive, backlog=None, workers=None):
     """One peer through one scenario. Returns a metrics dict (or {'failed': reason})."""
     try:
-        proc, url, ledger = start_peer(peer, up_port, workdir, backlog)
+        proc, url, ledger = start_peer(peer, up_port, workdir, backlog, workers)
     except Exception as e:  # the peer could not start: record it, go on
         return {"failed": str(e)}
     try:
@@ -488,8 +505,9 @@ def machine_facts():
 def print_report(doc, path):
     mf, a = doc["machine"], doc["args"]
     print("# llmgate benchmark %s (%s, nproc=%s, %s)" % (doc["time"], mf["cpu_model"], mf["nproc"], mf["go"]))
-    print("scale=%s repeat=%d keepalive=%s llmgate-backlog=%s; JSON: %s" % (
-        a["scale"], a["repeat"], a["keepalive"], a.get("llmgate_backlog"), os.path.relpath(path, REPO)))
+    print("scale=%s repeat=%d keepalive=%s llmgate-backlog=%s llmgate-workers=%s; JSON: %s" % (
+        a["scale"], a["repeat"], a["keepalive"], a.get("llmgate_backlog"), a.get("llmgate_workers"),
+        os.path.relpath(path, REPO)))
     print(markdown(doc["results"], doc["scenarios"]))
 
 
@@ -515,6 +533,8 @@ def main():
     ap.add_argument("--keepalive", action="store_true", help="load generator reuses connections")
     ap.add_argument("--llmgate-backlog", type=int, help="listen backlog for llmgate's port "
                     "(Twisted's default is 50; Go's listener uses net.core.somaxconn)")
+    ap.add_argument("--llmgate-workers", help="llmgate's --workers (auto or N); default: not passed, "
+                    "so llmgate's own default (auto, one worker per CPU)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the Go parts")
     ap.add_argument("--out", help="JSON output path (default bench/out/run-<time>.json)")
     ap.add_argument("--report", metavar="JSON", help="only print the tables of an earlier run's JSON")
@@ -556,7 +576,7 @@ def main():
                 for p in peers:
                     print("[%5.0fs] repeat %d %s %s ..." % (time.time() - t0, rep + 1, n, p), file=sys.stderr, flush=True)
                     raw[n][p].append(run_case(n, scen[n], p, up, up_port, workdir, args.keepalive,
-                                                  args.llmgate_backlog))
+                                                  args.llmgate_backlog, args.llmgate_workers))
                     time.sleep(1 if not args.smoke else 0.1)  # let sockets drain
     finally:
         stop(up)

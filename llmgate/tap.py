@@ -8,6 +8,7 @@ builds takes the reactor as an argument.
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any, Optional
 
@@ -52,10 +53,15 @@ class Options(usage.Options):
         "from OPENAI_API_KEY/OPENAI_BASE_URL and ANTHROPIC_API_KEY/"
         "ANTHROPIC_BASE_URL; --demo serves a built-in mock provider instead. "
         "SIGHUP re-reads --config for new requests (an invalid file is logged "
-        "and the running config kept); a port that cannot be bound exits 1."
+        "and the running config kept); a port that cannot be bound exits 1. "
+        "--workers (default auto, one per CPU) runs that many worker processes "
+        "on the ports this process binds; SIGTERM and SIGHUP are passed on to them."
     )
     optParameters = [
         ["config", "c", None, "Path of a TOML config file."],
+        ["workers", "w", "auto",
+         "Worker processes serving the ports: auto (one per CPU) or a number; "
+         "1 serves in this process, as without workers."],
     ]
     optFlags = [
         ["demo", None, "Serve the built-in mock provider (no keys, no network)."],
@@ -89,6 +95,19 @@ class Options(usage.Options):
             )
         except configmod.ConfigError as e:
             raise usage.UsageError(f"invalid configuration: {e}") from None
+        from llmgate import workers
+
+        self["worker_count"] = workers.parse_workers(self["workers"])
+        if self["worker_count"] > 1:
+            metrics_port = self["loaded"].metrics_port if self["loaded"] is not None else None
+            for desc in self["ports"] + ([metrics_port] if metrics_port else []):
+                why = workers.endpoint_refusal(desc)
+                if why is not None and self["workers"] != "auto":
+                    raise usage.UsageError(why)
+                if why is not None:
+                    # auto: serve such endpoints from one process, as before.
+                    self["worker_count"] = 1
+                    break
 
 
 class _ListeningPort(service.Service):
@@ -108,6 +127,7 @@ def build(
     ports: list[str],
     config_path: Optional[str] = None,
     bare_public: bool = False,
+    adopt: Optional[list[tuple[int, int]]] = None,
 ) -> service.MultiService:
     """
     The gateway's service tree for C{cfg}: the upstream pool, the
@@ -116,7 +136,13 @@ def build(
 
     @param bare_public: whether a bare C{--port} number listens on every
         interface (it does when gateway keys were configured at start).
+    @param adopt: for a worker under C{--workers}: the (fd, family) of the
+        sockets its supervisor listens on, served instead of C{ports}; the
+        ledger rows carry this process's pid and the supervisor recovers
+        open rows; metrics go to the shared multiprocess files, served by
+        the supervisor.
     """
+    worker = adopt is not None
     top = OrderedMultiService()
     # Not Twisted's thread pool: it leaves a reference cycle per call.
     work = ThreadRunner(reactor, name="llmgate-work")
@@ -147,7 +173,12 @@ def build(
         # Before the rest, so it stops after them: records of requests cut
         # off by the shutdown still reach the file.
         ledger = Ledger(
-            cfg.ledger_path, reactor, batch_interval=cfg.ledger_batch_interval, run_in_thread=ledger_thread
+            cfg.ledger_path,
+            reactor,
+            batch_interval=cfg.ledger_batch_interval,
+            run_in_thread=ledger_thread,
+            owner=str(os.getpid()) if worker else None,
+            recover=not worker,
         )
         ledger.setServiceParent(top)
     # DNS keeps the reactor's pool; big-body parses and token estimates get
@@ -169,7 +200,10 @@ def build(
     gcstats.YoungCollections(reactor, load=lambda: len(root.active)).setServiceParent(top)
     metrics.registry.register(pauses)
     if ledger is not None:
-        metrics.watch_ledger(ledger)
+        if worker:
+            metrics.push_ledger(ledger, reactor).setServiceParent(top)
+        else:
+            metrics.watch_ledger(ledger)
     accounting = Accounting(
         reactor,
         ledger=ledger,
@@ -188,6 +222,12 @@ def build(
     # Stopped after the listeners (children stop in reverse order) and
     # before the pool and the ledger.
     Drain(root, reactor, cfg.drain_seconds).setServiceParent(top)
+    if worker:
+        from llmgate.workers import AdoptedPort
+
+        for fd, family in adopt or ():
+            AdoptedPort(reactor, fd, family, site).setServiceParent(top)
+        return top
     for desc in ports:
         ep = endpoints.serverFromString(reactor, desc)
         Listener("--port", desc, ep, site, reactor).setServiceParent(top)
@@ -225,6 +265,8 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
         # starts), a SIGHUP (systemctl reload right after start) would kill
         # the process: ignore it meanwhile, the file was just read.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if (options.get("worker_count") or 1) > 1:
+        return _supervisor(options, reactor)
     top = OrderedMultiService()
     cfg = options["loaded"]
     if cfg is None or cfg.accounting_enabled:
@@ -233,14 +275,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
         # otherwise contend with live streams for the GIL.
         tokens.load_encodings()
     if options["demo"]:
-        from llmgate.mock.provider import MockProvider
-
-        mock = MockProvider(reactor)
-        mock_site = Site(mock.resource, reactor=reactor)
-        mock_site.log = lambda request: None  # type: ignore[method-assign]
-        port = reactor.listenTCP(0, mock_site, interface="127.0.0.1")
-        _ListeningPort(port).setServiceParent(top)
-        cfg = configmod.demo(f"http://127.0.0.1:{port.getHost().port}")
+        cfg = configmod.demo(_mock_upstream(reactor, top))
     if not cfg.providers:
         Logger(namespace="llmgate").warn(
             "no providers configured: every request will get 404. Set OPENAI_API_KEY "
@@ -249,6 +284,131 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     build(
         cfg, reactor, options["ports"], config_path=options["config"], bare_public=options["bare_public"]
     ).setServiceParent(top)
+    _tune_gc()
+    tune_malloc()
+    return top
+
+
+def _mock_upstream(reactor: Any, top: service.MultiService) -> str:
+    """C{--demo}: the mock provider on 127.0.0.1; returns its base URL."""
+    from llmgate.mock.provider import MockProvider
+
+    mock = MockProvider(reactor)
+    mock_site = Site(mock.resource, reactor=reactor)
+    mock_site.log = lambda request: None  # type: ignore[method-assign]
+    port = reactor.listenTCP(0, mock_site, interface="127.0.0.1")
+    _ListeningPort(port).setServiceParent(top)
+    return f"http://127.0.0.1:{port.getHost().port}"
+
+
+def _supervisor(options: Options, reactor: Any) -> service.MultiService:
+    """
+    C{--workers N} above 1: this process binds the ports and supervises N
+    workers serving them (L{llmgate.workers}).  The C{--demo} mock provider
+    runs here, once, and every worker relays to it.
+    """
+    from llmgate import workers
+    from llmgate.ops.metrics import AggregateMetricsResource
+
+    top = OrderedMultiService()
+    cfg = options["loaded"]
+    demo_url = None
+    if options["demo"]:
+        demo_url = _mock_upstream(reactor, top)
+        cfg = configmod.demo(demo_url)
+    if not cfg.providers:
+        Logger(namespace="llmgate").warn(
+            "no providers configured: every request will get 404. Set OPENAI_API_KEY "
+            "or ANTHROPIC_API_KEY (and *_BASE_URL), pass --config, or try --demo."
+        )
+    # First child: stops last, once every worker has exited.
+    metrics_dir = _TempDir("llmgate-metrics-")
+    metrics_dir.setServiceParent(top)
+    env = dict(os.environ)
+    # Not Twisted's thread pool: it leaves a reference cycle per call.
+    in_thread = ThreadRunner(reactor, workers=2, name="llmgate-supervisor")
+    in_thread.setServiceParent(top)
+
+    held: list[workers.HeldListener] = []
+    for desc in options["ports"]:
+        ep = endpoints.serverFromString(reactor, desc)
+        held.append(workers.HeldListener("--port", desc, ep, "GatewaySite", reactor))
+
+    def argv(index: int) -> list[str]:
+        families = [h.socket()[1] for h in held]
+        return workers.worker_argv(index, families, options, demo_url)
+
+    sup = workers.Supervisor(
+        options["worker_count"],
+        reactor,
+        argv,
+        lambda: [h.socket() for h in held],
+        env,
+        in_thread=in_thread,
+        ledger_path=cfg.ledger_path if cfg.ledger_enabled else None,
+        metrics_dir=metrics_dir.get,
+        kill_after=cfg.drain_seconds + 15,
+        # Decided at start: a daemonizing twistd redirects stdout later.
+        relay_output=None,
+    )
+    workers.HupForwarder(sup, reactor).setServiceParent(top)
+    sup.setServiceParent(top)
+    # Added after the supervisor, so stopped before it: the supervisor's
+    # copies of the sockets close first, then the workers drain.
+    for h in held:
+        h.setServiceParent(top)
+    if cfg.metrics_port:
+        msite = Site(AggregateMetricsResource(metrics_dir.get, in_thread), reactor=reactor)
+        msite.log = lambda request: None  # type: ignore[method-assign]
+        ep = endpoints.serverFromString(reactor, cfg.metrics_port)
+        Listener("[metrics] port", cfg.metrics_port, ep, msite, reactor).setServiceParent(top)
+    return top
+
+
+class _TempDir(service.Service):
+    """
+    A private directory made when the tree starts (so a failed bind
+    leaves none behind) and removed when it has stopped.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self._prefix = prefix
+        self.path: Optional[str] = None
+
+    def get(self) -> str:
+        assert self.path is not None
+        return self.path
+
+    def startService(self) -> None:
+        import tempfile
+
+        super().startService()
+        self.path = tempfile.mkdtemp(prefix=self._prefix)
+
+    def stopService(self) -> Any:
+        import shutil
+
+        super().stopService()
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def worker_service(opts: Any, sockets: list[tuple[int, int]], reactor: Any) -> service.MultiService:
+    """
+    A worker's tree under C{--workers}: L{build} on the sockets adopted
+    from the supervisor (C{opts} are L{llmgate.workers.WorkerOptions}).
+    """
+    if opts["config"]:
+        cfg = configmod.load(opts["config"])
+    elif opts["demo-upstream"]:
+        cfg = configmod.demo(opts["demo-upstream"])
+    else:
+        cfg = configmod.from_environment()
+    if cfg.accounting_enabled:
+        tokens.load_encodings()
+    top = build(
+        cfg, reactor, [], config_path=opts["config"], bare_public=bool(opts["bare-public"]), adopt=sockets
+    )
     _tune_gc()
     tune_malloc()
     return top

@@ -32,8 +32,15 @@ Durability bound:
 With C{synchronous=NORMAL} in WAL mode a power cut (not a process kill) may
 also roll back the last few committed transactions; the file stays valid.
 
-One gateway process per ledger file: a second process starting on the same
-file would mark the first one's open rows interrupted.
+Several processes may share the file (C{--workers}): each writes its
+C{owner} (its pid) on its rows and does not recover at start
+(C{recover=False}); the supervisor marks all open rows interrupted before
+any worker starts, and a dead worker's (L{recover_open_rows} with its
+owner) before its replacement starts, so no process ever marks a live
+one's rows.  SQLite serialises the writers; a writer that finds the file
+locked waits up to C{busy_timeout}, and a batch that still fails goes back
+to the queue and is retried, never dropped for that.  Without C{--workers}
+one process owns the file and marks every open row at start, as before.
 """
 
 from __future__ import annotations
@@ -151,13 +158,17 @@ CREATE TABLE IF NOT EXISTS usage (
     duration_ms REAL NOT NULL,
     bytes_in INTEGER NOT NULL,
     bytes_out INTEGER NOT NULL,
-    served_model TEXT
+    served_model TEXT,
+    owner TEXT
 );
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
 -- Only open rows, so finding them at start-up costs nothing on a big file.
 CREATE INDEX IF NOT EXISTS usage_open ON usage (request_id) WHERE outcome = 'open';
 """
 
+# The writing process (its pid), so a supervisor can recover exactly the
+# open rows of a worker that died; not part of UsageRecord.
+_WRITE_COLUMNS = COLUMNS + ("owner",)
 # Each column's declaration in _SCHEMA, for adding the ones a ledger file
 # written by an older version lacks (L{add_missing_columns}).
 _DECLARED = dict(
@@ -167,7 +178,7 @@ _DECLARED = dict(
 
 def add_missing_columns(conn: sqlite3.Connection) -> List[str]:
     """
-    Add to the C{usage} table of C{conn} every column of L{COLUMNS} it lacks
+    Add to the C{usage} table of C{conn} every column it lacks
     (a file written by an older version), as declared in the schema; a
     C{NOT NULL} without a default is dropped, since the existing rows have
     no value for it.  Cheap when nothing is missing: one C{PRAGMA}.
@@ -176,18 +187,24 @@ def add_missing_columns(conn: sqlite3.Connection) -> List[str]:
     """
     have = {row[1] for row in conn.execute("PRAGMA table_info(usage)")}
     added = []
-    for name in COLUMNS:
+    for name in _WRITE_COLUMNS:
         if name in have:
             continue
         decl = _DECLARED[name]
         if "NOT NULL" in decl.upper() and "DEFAULT" not in decl.upper():
             decl = re.sub(r"(?i)\s*NOT NULL", "", decl)
-        conn.execute("ALTER TABLE usage ADD COLUMN {} {}".format(name, decl))
+        try:
+            conn.execute("ALTER TABLE usage ADD COLUMN {} {}".format(name, decl))
+        except sqlite3.OperationalError as e:
+            # Another process (a worker) added it meanwhile.
+            if "duplicate column" not in str(e):
+                raise
+            continue
         added.append(name)
     return added
 
 
-_VALUES = "({}) VALUES ({})".format(", ".join(COLUMNS), ", ".join("?" * len(COLUMNS)))
+_VALUES = "({}) VALUES ({})".format(", ".join(_WRITE_COLUMNS), ", ".join("?" * len(_WRITE_COLUMNS)))
 # An open row never overwrites anything (its final record may be there
 # already, or a retried batch wrote it); a final record always replaces the
 # open row of its request.  Together: one row per request, whatever order
@@ -231,6 +248,7 @@ _RECOVER = (
     "phase = CASE WHEN bytes_out > 0 THEN 'body' ELSE phase END "
     "WHERE outcome = 'open'"
 )
+_RECOVER_OWNER = _RECOVER + " AND owner = ?"
 
 RunInThread = Callable[..., "defer.Deferred[Any]"]
 
@@ -246,12 +264,16 @@ class _SQLiteWriter:
     fresh handle (a connection that saw EIO is not worth trusting).
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(
+        self, path: str, owner: Optional[str] = None, recover: bool = True, busy_timeout: float = 5.0
+    ) -> None:
         self.path = path
+        self.owner = owner
+        self.busy_timeout = busy_timeout
         self._conn: Optional[sqlite3.Connection] = None
         # Open rows left by a previous run are marked once, before this
-        # run writes any row of its own.
-        self._recovered = False
+        # run writes any row of its own (unless a supervisor does it).
+        self._recovered = not recover
         # Columns this writer added to an older file (for the log and tests).
         self.added_columns: List[str] = []
 
@@ -262,10 +284,13 @@ class _SQLiteWriter:
             # check_same_thread=False: safety comes from the ledger's
             # one-operation-at-a-time rule, not from thread affinity, so an
             # injected runner may use any thread.
+            # timeout= is SQLite's busy timeout: another process holding
+            # the write lock is waited for, not an instant failure.
             conn = sqlite3.connect(
-                self.path, timeout=5.0, isolation_level=None, check_same_thread=False
+                self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
             )
             try:
+                conn.execute("PRAGMA busy_timeout = %d" % (int(self.busy_timeout * 1000),))
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.executescript(_SCHEMA)
@@ -299,8 +324,9 @@ class _SQLiteWriter:
             conn = self._open()
             ended = {r.request_id for r in records if r.outcome != OPEN}
             # A request that ended within the batch skips its open row.
-            opens = [_asRow(r) for r in records if r.outcome == OPEN and r.request_id not in ended]
-            finals = [_asRow(r) for r in records if r.outcome != OPEN]
+            owner = (self.owner,)
+            opens = [_asRow(r) + owner for r in records if r.outcome == OPEN and r.request_id not in ended]
+            finals = [_asRow(r) + owner for r in records if r.outcome != OPEN]
             conn.execute("BEGIN IMMEDIATE")
             try:
                 recovered = 0
@@ -319,6 +345,31 @@ class _SQLiteWriter:
                 raise
             self._recovered = True
             return recovered
+        except BaseException:
+            self.close()
+            raise
+
+    def recover_owner(self, owner: Optional[str]) -> int:
+        """
+        Mark the open rows of C{owner} (every open row if L{None})
+        C{interrupted}: a supervisor's job, for a worker that died.
+
+        @return: how many there were.
+        """
+        try:
+            conn = self._open()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if owner is None:
+                    n = conn.execute(_RECOVER).rowcount
+                else:
+                    n = conn.execute(_RECOVER_OWNER, (owner,)).rowcount
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return max(n, 0)
         except BaseException:
             self.close()
             raise
@@ -364,6 +415,9 @@ class Ledger(Service):
         run_in_thread: Optional[RunInThread] = None,
         on_write_failure: Optional[Callable[[Failure], object]] = None,
         progress_interval: float = 1.0,
+        owner: Optional[str] = None,
+        recover: bool = True,
+        busy_timeout: float = 5.0,
     ) -> None:
         """
         @param reactor: provides C{IReactorTime}; also C{IReactorFromThreads}
@@ -371,6 +425,12 @@ class Ledger(Service):
         @param run_in_thread: C{callable(f, *args) -> Deferred}; defaults to
             a one-thread L{ThreadPool} owned by this service.  Tests pass a
             synchronous runner so no thread is involved.
+        @param owner: written on every row (a worker's pid under
+            C{--workers}), so L{recover_open_rows} can find a dead one's.
+        @param recover: mark every open row C{interrupted} at start; a
+            worker passes C{False} (its supervisor does it).
+        @param busy_timeout: seconds SQLite waits for another process's
+            write lock before a write fails (and is retried).
         """
         self.path = path
         self._reactor = reactor
@@ -378,7 +438,7 @@ class Ledger(Service):
         self.max_pending = max_pending
         self._runInThread = run_in_thread
         self.on_write_failure = on_write_failure
-        self._writer = _SQLiteWriter(path)
+        self._writer = _SQLiteWriter(path, owner=owner, recover=recover, busy_timeout=busy_timeout)
         self._pending: Deque[UsageRecord] = deque()
         self._inflight: Optional[List[UsageRecord]] = None
         self._inflightDone: Optional[defer.Deferred[None]] = None
@@ -607,6 +667,20 @@ class Ledger(Service):
             self._droppedLogged = self.dropped
 
 
+def recover_open_rows(path: str, owner: Optional[str] = None, busy_timeout: float = 5.0) -> int:
+    """
+    Mark C{owner}'s open rows (all open rows if L{None}) C{interrupted};
+    synchronous, for a supervisor's thread or before its reactor runs.
+
+    @return: how many rows were marked.
+    """
+    writer = _SQLiteWriter(path, busy_timeout=busy_timeout)
+    try:
+        return writer.recover_owner(owner)
+    finally:
+        writer.close()
+
+
 def connect_readonly(path: str) -> sqlite3.Connection:
     """
     Open the ledger read-only, so readers never take a write lock and can
@@ -662,4 +736,5 @@ __all__ = [
     "add_missing_columns",
     "connect_readonly",
     "read_records",
+    "recover_open_rows",
 ]

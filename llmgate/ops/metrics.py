@@ -6,15 +6,30 @@ prometheus_client's Twisted helper wraps a WSGI app on the global reactor's
 thread pool and the global registry; ours is injected and testable. Metrics
 are updated once per request when it ends, never per streamed event, and
 their labels carry names (route, model, provider, key name), never a secret.
+
+Under C{--workers N} each worker process counts its own requests in
+prometheus_client's multiprocess mode (the supervisor sets
+C{PROMETHEUS_MULTIPROC_DIR} to a directory it owns, before the worker
+imports prometheus_client): values live in per-process memory-mapped
+files, and the supervisor's C{/metrics} (L{AggregateMetricsResource})
+sums them.  Chosen over the supervisor scraping each worker because it
+needs no channel per worker and no merging code of ours, and a dead
+worker's counters stay in the sum (counters never go back).  The gauges
+name their multiprocess mode: C{livesum} for "now" values (a dead
+worker's files are removed by the supervisor), C{sum} for "since start".
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from llmgate.dialects import ENDPOINTS
 
@@ -50,23 +65,35 @@ class Metrics:
         self.cost = Counter(
             "llmgate_cost_usd", "Cost of requests with a known price, USD.", ["model", "provider"], registry=r
         )
-        self.active = Gauge("llmgate_active_requests", "Requests being relayed now.", registry=r)
+        self.active = Gauge(
+            "llmgate_active_requests", "Requests being relayed now.", registry=r, multiprocess_mode="livesum"
+        )
         self.ttft = Histogram(
             "llmgate_ttft_seconds", "Time to the first relayed byte.", ["route"], buckets=_TTFT_BUCKETS, registry=r
         )
-        self.ledger_pending = Gauge("llmgate_ledger_pending", "Usage records not yet written.", registry=r)
-        self.ledger_failures = Gauge("llmgate_ledger_write_failures", "Failed ledger writes since start.", registry=r)
-        self.ledger_dropped = Gauge("llmgate_ledger_dropped", "Usage records dropped since start.", registry=r)
+        self.ledger_pending = Gauge(
+            "llmgate_ledger_pending", "Usage records not yet written.", registry=r, multiprocess_mode="livesum"
+        )
+        self.ledger_failures = Gauge(
+            "llmgate_ledger_write_failures", "Failed ledger writes since start.", registry=r, multiprocess_mode="sum"
+        )
+        self.ledger_dropped = Gauge(
+            "llmgate_ledger_dropped", "Usage records dropped since start.", registry=r, multiprocess_mode="sum"
+        )
         self.executor_jobs = Gauge(
-            "llmgate_executor_jobs", "Jobs queued or running on a gateway thread pool.", ["pool"], registry=r
+            "llmgate_executor_jobs", "Jobs queued or running on a gateway thread pool.", ["pool"],
+            registry=r, multiprocess_mode="livesum",
         )
         self.executor_bytes = Gauge(
-            "llmgate_executor_bytes", "Body bytes held by the jobs of a thread pool.", ["pool"], registry=r
+            "llmgate_executor_bytes", "Body bytes held by the jobs of a thread pool.", ["pool"],
+            registry=r, multiprocess_mode="livesum",
         )
         self.executor_rejected = Gauge(
-            "llmgate_executor_rejected", "Jobs refused by a full thread pool queue since start.", ["pool"], registry=r
+            "llmgate_executor_rejected", "Jobs refused by a full thread pool queue since start.", ["pool"],
+            registry=r, multiprocess_mode="sum",
         )
         self._configured = frozenset(models)
+        self._executors: list[Any] = []
         self._models: set[str] = set()
         self._children: dict[tuple[Any, ...], Any] = {}
 
@@ -91,6 +118,7 @@ class Metrics:
     def watch_executor(self, executor: Any) -> None:
         """Report a L{BoundedExecutor}'s queue whenever metrics are scraped."""
         name = executor.name
+        self._executors.append(executor)
         self.executor_jobs.labels(name).set_function(lambda: executor.jobs)
         self.executor_bytes.labels(name).set_function(lambda: executor.bytes)
         self.executor_rejected.labels(name).set_function(lambda: executor.rejected)
@@ -100,6 +128,16 @@ class Metrics:
         self.ledger_pending.set_function(ledger.pending_count)
         self.ledger_failures.set_function(lambda: ledger.write_failures)
         self.ledger_dropped.set_function(lambda: ledger.dropped)
+
+    def push_ledger(self, ledger: Any, clock: Any, interval: float = 1.0) -> Service:
+        """
+        Under multiprocess mode a gauge's function is never called (the
+        scrape reads files), so a worker sets the ledger gauges every
+        C{interval} seconds instead.
+
+        @return: the service doing it, for the worker's tree.
+        """
+        return _LedgerGauges(self, ledger, clock, interval)
 
     def observe(self, rec: Any) -> None:
         """Account for one finished request's usage record."""
@@ -130,3 +168,87 @@ class MetricsResource(Resource):
     def render_GET(self, request: Any) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
         return generate_latest(self.registry)
+
+
+class _LedgerGauges(Service):
+    """Copies the ledger's state into its gauges on a timer."""
+
+    def __init__(self, metrics: Metrics, ledger: Any, clock: Any, interval: float) -> None:
+        self._metrics = metrics
+        self._ledger = ledger
+        self._loop = LoopingCall(self.update)
+        self._loop.clock = clock
+        self._interval = interval
+
+    def update(self) -> None:
+        m, ledger = self._metrics, self._ledger
+        m.ledger_pending.set(ledger.pending_count())
+        m.ledger_failures.set(ledger.write_failures)
+        m.ledger_dropped.set(ledger.dropped)
+        for executor in m._executors:
+            m.executor_jobs.labels(executor.name).set(executor.jobs)
+            m.executor_bytes.labels(executor.name).set(executor.bytes)
+            m.executor_rejected.labels(executor.name).set(executor.rejected)
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop.start(self._interval, now=True)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+        self.update()
+
+
+def render_multiprocess(path: str) -> bytes:
+    """
+    The sum over every process that wrote metrics files in C{path}, in
+    the Prometheus text format.  Reads files: call it off the reactor.
+    """
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=path)
+    return generate_latest(registry)
+
+
+class AggregateMetricsResource(Resource):
+    """
+    The supervisor's C{GET /metrics} under C{--workers}: the workers'
+    metrics files summed, read in a thread.
+    """
+
+    isLeaf = True
+    _log = Logger(namespace="llmgate.metrics")
+
+    def __init__(self, path: Callable[[], str], in_thread: Any) -> None:
+        """
+        @param path: returns the directory (made when the tree starts).
+        @param in_thread: runs a blocking callable off the reactor.
+        """
+        super().__init__()
+        self.path = path
+        self._in_thread = in_thread
+
+    def render_GET(self, request: Any) -> Any:
+        d = self._in_thread(render_multiprocess, self.path())
+
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def done(body: bytes) -> None:
+            if gone:
+                return
+            request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+            request.write(body)
+            request.finish()
+
+        def failed(f: Any) -> None:
+            self._log.failure("reading the workers' metrics failed", f)
+            if not gone:
+                request.setResponseCode(500)
+                request.finish()
+
+        d.addCallbacks(done, failed)
+        return NOT_DONE_YET

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import llmgate
-from llmgate.accounting.ledger import Ledger, Progress, UsageRecord, read_records
+from llmgate.accounting.ledger import Ledger, Progress, UsageRecord, read_records, recover_open_rows
 
 
 def makeRecord(n: int = 0, **kw: Any) -> UsageRecord:
@@ -555,6 +555,98 @@ class OpenRowTests(SynchronousTestCase):
         outcomes = {r["request_id"]: r["outcome"] for r in self.rows()}
         self.assertEqual(outcomes, {old.request_id: "interrupted", mine.request_id: "open"})
         self.assertEqual(second.recovered, 1)
+
+    def test_workerLeavesOtherOwnersOpenRows(self) -> None:
+        """
+        A ledger started with C{recover=False} (a worker under
+        C{--workers}) does not mark another live process's open rows
+        interrupted; each row carries its writer's owner.
+        """
+        first = self.makeLedger(owner="101", recover=False)
+        theirs = openRecord(0)
+        first.open(theirs)
+        self.clock.advance(first.batch_interval)
+        second = self.makeLedger(owner="202", recover=False)
+        mine = openRecord(1)
+        second.open(mine)
+        self.clock.advance(second.batch_interval)
+        self.assertEqual(second.recovered, 0)
+        conn = sqlite3.connect(self.path)
+        got = dict(conn.execute("SELECT request_id, outcome || ':' || owner FROM usage"))
+        conn.close()
+        self.assertEqual(got, {theirs.request_id: "open:101", mine.request_id: "open:202"})
+
+    def test_recoverOpenRowsOfOneOwner(self) -> None:
+        """
+        L{recover_open_rows} with an owner marks that owner's open rows
+        only (a dead worker's), leaving final records and other owners'
+        open rows alone; without an owner it marks every open row.
+        """
+        dead = self.makeLedger(owner="101", recover=False)
+        live = self.makeLedger(owner="202", recover=False)
+        cut, done = openRecord(0, bytes_out=0), makeRecord(1)
+        dead.open(cut)
+        dead.record(done)
+        other = openRecord(2)
+        live.open(other)
+        self.clock.advance(dead.batch_interval)
+        self.killed(dead)
+        self.assertEqual(recover_open_rows(self.path, "101"), 1)
+        outcomes = {r["request_id"]: r["outcome"] for r in self.rows()}
+        self.assertEqual(
+            outcomes,
+            {cut.request_id: "interrupted", done.request_id: "completed", other.request_id: "open"},
+        )
+        self.assertEqual(recover_open_rows(self.path, "101"), 0)
+        self.assertEqual(recover_open_rows(self.path), 1)
+        self.assertEqual({r["outcome"] for r in self.rows()}, {"interrupted", "completed"})
+
+    def test_fileWithoutOwnerColumn(self) -> None:
+        """
+        A ledger file written before the C{owner} column existed gets it
+        added; its rows are kept and new ones are written.
+        """
+        conn = sqlite3.connect(self.path)
+        conn.executescript(
+            "CREATE TABLE usage (request_id TEXT NOT NULL UNIQUE, ts REAL NOT NULL, key_name TEXT NOT NULL,"
+            " route TEXT NOT NULL, model TEXT NOT NULL, provider TEXT NOT NULL, upstream_model TEXT NOT NULL,"
+            " upstream_id TEXT, status INTEGER NOT NULL, streamed INTEGER NOT NULL, outcome TEXT NOT NULL,"
+            " phase TEXT, input_tokens INTEGER, output_tokens INTEGER, cached_input_tokens INTEGER NOT NULL,"
+            " cache_creation_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL, source TEXT,"
+            " cost_usd REAL, ttft_ms REAL, duration_ms REAL NOT NULL, bytes_in INTEGER NOT NULL,"
+            " bytes_out INTEGER NOT NULL);"
+        )
+        old = makeRecord(0)
+        conn.execute("INSERT INTO usage VALUES (%s)" % ",".join("?" * 23), [
+            getattr(old, f) for f in list(old.__dataclass_fields__)[:23]
+        ])
+        conn.commit()
+        conn.close()
+        ledger = self.makeLedger(owner="7")
+        new = makeRecord(1)
+        ledger.record(new)
+        self.clock.advance(ledger.batch_interval)
+        self.assertEqual([UsageRecord(**r) for r in self.rows()], [old, new])
+
+    def test_lockedDatabaseIsRetried(self) -> None:
+        """
+        While another process holds the write lock past the busy timeout
+        the batch stays queued (a counted failure, nothing dropped), and
+        once the lock is released it is written, each record once.
+        """
+        ledger = self.makeLedger(owner="1", busy_timeout=0.01)
+        other = sqlite3.connect(self.path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        recs = [makeRecord(n) for n in range(3)]
+        for r in recs:
+            ledger.record(r)
+        self.clock.advance(ledger.batch_interval)
+        self.assertEqual((ledger.write_failures, ledger.dropped, ledger.pending_count()), (1, 0, 3))
+        other.execute("COMMIT")
+        other.close()
+        self.clock.advance(ledger.batch_interval)
+        self.assertEqual(ledger.pending_count(), 0)
+        self.assertEqual(sorted(r["request_id"] for r in self.rows()), sorted(r.request_id for r in recs))
 
 
 def oldLedgerFile(path: str, drop: tuple[str, ...] = ("served_model",)) -> UsageRecord:

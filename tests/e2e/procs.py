@@ -28,14 +28,39 @@ class Daemon:
     thread so the pipe never fills.
     """
 
-    def __init__(self, plugin: str, args: list[str], cwd: str, env: Optional[dict[str, str]] = None, wait: bool = True) -> None:
+    def __init__(
+        self,
+        plugin: str,
+        args: list[str],
+        cwd: str,
+        env: Optional[dict[str, str]] = None,
+        wait: bool = True,
+        systemd_fd: Optional[int] = None,
+    ) -> None:
+        """
+        @param systemd_fd: a listening socket to pass as systemd's socket
+            activation does (fd 3, C{LISTEN_FDS=1}, C{LISTEN_PID}).
+        """
         self.plugin = plugin
-        cmd = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", plugin, *args]
+        if plugin == "llmgate" and not any(a.startswith("--workers") for a in args):
+            # The default (one worker per CPU) depends on the machine; tests
+            # that are not about workers keep the single process.
+            args = [*args, "--workers", "1"]
+        script = "from twisted.scripts.twistd import run; run()"
+        extra: list[str] = []
+        if systemd_fd is not None:
+            script = (
+                "import os, sys; os.dup2(int(sys.argv.pop(1)), 3); "
+                "os.environ.update(LISTEN_FDS='1', LISTEN_FDNAMES='llmgate', LISTEN_PID=str(os.getpid())); "
+                "from twisted.scripts.twistd import run; run()"
+            )
+            extra = [str(systemd_fd)]
+        cmd = [sys.executable, "-c", script, *extra, "-n", "--pidfile=", plugin, *args]
         full_env = dict(os.environ)
         full_env.update(env or {})
         self.proc = subprocess.Popen(
             cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_die_with_parent, pass_fds=() if systemd_fd is None else (systemd_fd,),
         )
         self.pid = self.proc.pid
         self.lines: list[str] = []

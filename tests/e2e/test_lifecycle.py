@@ -151,7 +151,7 @@ class LifecycleTests(SynchronousTestCase):
         cmd = [
             sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
             f"--pidfile={self.dir}/twistd.pid", f"--logfile={self.dir}/twistd.log",
-            "llmgate", "--demo", "--port", f"tcp:{port}:interface=127.0.0.1",
+            "llmgate", "--workers", "1", "--demo", "--port", f"tcp:{port}:interface=127.0.0.1",
         ]
         r = subprocess.run(cmd, cwd=self.dir, capture_output=True, text=True, timeout=60)
         self.assertEqual(r.returncode, 1)

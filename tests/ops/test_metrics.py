@@ -125,3 +125,114 @@ class ModelLabelTests(SynchronousTestCase):
         self.assertEqual(got[("llmgate_executor_jobs", "test")], 1)
         self.assertEqual(got[("llmgate_executor_bytes", "test")], 10)
         self.assertEqual(got[("llmgate_executor_rejected", "test")], 1)
+
+
+class MultiprocessTests(SynchronousTestCase):
+    """
+    Under C{--workers} each worker writes its metrics to files in a shared
+    directory and the supervisor serves the sum.
+    """
+
+    def worker_metrics(self, path: str, pid: int) -> Metrics:
+        """A worker process's L{Metrics}: multiprocess values as pid C{pid}."""
+        import os
+
+        from prometheus_client import values
+
+        self.patch(os, "environ", dict(os.environ, PROMETHEUS_MULTIPROC_DIR=path))
+        self.patch(values, "ValueClass", values.MultiProcessValue(lambda: pid))
+        return Metrics()
+
+    def record(self, **kw: object) -> object:
+        class Rec:
+            route, status, outcome, ttft_ms, source, cost_usd, provider = (
+                "/v1/chat/completions", 200, "completed", 5.0, "reported", 0.5, "p")
+            model = "m"
+            input_tokens, output_tokens, cached_input_tokens, cache_creation_tokens, reasoning_tokens = 3, 4, 0, 0, 0
+
+        rec = Rec()
+        for k, v in kw.items():
+            setattr(rec, k, v)
+        return rec
+
+    def test_supervisor_serves_the_sum(self) -> None:
+        """
+        Two workers' counters, histograms and live gauges add up in the
+        supervisor's C{/metrics}; a dead worker's counters stay in the sum
+        but its live gauges go once it is marked dead.
+        """
+        import os
+
+        from prometheus_client.multiprocess import mark_process_dead
+        from twisted.internet import defer
+        from twisted.internet.testing import StringTransport
+        from twisted.web.server import Site
+
+        from llmgate.ops.metrics import AggregateMetricsResource
+
+        path = self.mktemp()
+        os.makedirs(path)
+        a = self.worker_metrics(path, 1001)
+        b = self.worker_metrics(path, 1002)
+        a.observe(self.record())
+        b.observe(self.record())
+        b.observe(self.record(status=502, outcome="upstream_error"))
+        a.active.inc(2)
+        b.active.inc(1)
+        a.ledger_dropped.set(3)
+
+        def scrape() -> dict:  # type: ignore[type-arg]
+            calls: list[tuple[object, ...]] = []
+
+            def in_thread(f, *args):  # type: ignore[no-untyped-def]
+                calls.append(args)
+                return defer.maybeDeferred(f, *args)
+
+            from twisted.internet.testing import MemoryReactorClock
+
+            site = Site(AggregateMetricsResource(lambda: path, in_thread), reactor=MemoryReactorClock())
+            channel = site.buildProtocol(None)
+            t = StringTransport()
+            channel.makeConnection(t)
+            channel.dataReceived(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            self.assertEqual(calls, [(path,)])
+            return samples(parse_response(t.value())[2].decode())
+
+        got = scrape()
+        ok = ("llmgate_requests_total", (("outcome", "completed"), ("route", "/v1/chat/completions"), ("status", "200")))
+        self.assertEqual(got[ok], 2)
+        self.assertEqual(got[("llmgate_tokens_total", (("bucket", "output"), ("model", "m"), ("provider", "p"), ("source", "reported")))], 12)
+        self.assertEqual(got[("llmgate_ttft_seconds_count", (("route", "/v1/chat/completions"),))], 3)
+        self.assertEqual(got[("llmgate_active_requests", ())], 3)
+        self.assertEqual(got[("llmgate_ledger_dropped", ())], 3)
+        mark_process_dead(1001, path)
+        got = scrape()
+        self.assertEqual(got[ok], 2)
+        self.assertEqual(got[("llmgate_active_requests", ())], 1)
+
+    def test_worker_pushes_ledger_gauges(self) -> None:
+        """
+        A gauge's function is never called under multiprocess mode, so a
+        worker copies the ledger's state into the gauges on a timer.
+        """
+        from twisted.internet.task import Clock
+
+        class FakeLedger:
+            write_failures, dropped = 0, 0
+            pending = 0
+
+            def pending_count(self) -> int:
+                return self.pending
+
+        clock = Clock()
+        ledger = FakeLedger()
+        metrics = Metrics()
+        svc = metrics.push_ledger(ledger, clock, interval=1.0)
+        svc.startService()
+        ledger.pending, ledger.write_failures, ledger.dropped = 7, 2, 1
+        self.assertEqual(metrics.ledger_pending._value.get(), 0)
+        clock.advance(1.0)
+        got = (metrics.ledger_pending._value.get(), metrics.ledger_failures._value.get(), metrics.ledger_dropped._value.get())
+        self.assertEqual(got, (7, 2, 1))
+        svc.stopService()
+        self.assertEqual(clock.getDelayedCalls(), [])
