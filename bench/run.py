@@ -394,6 +394,20 @@ def run_loadgen(url, sc, up_port, keepalive, extra_timeout=60):
     return proc, limit + extra_timeout
 
 
+def settle(pid, limit, step=0.2, busy=0.02):
+    """Wait (at most `limit` s) until the peer's process tree is idle: less than
+    `busy` CPU seconds per `step`. Workers that are still starting up would
+    otherwise count in the idle RSS and the run's CPU."""
+    deadline = time.monotonic() + limit
+    last = tree_sample(descendants(pid))
+    while last and time.monotonic() < deadline:
+        time.sleep(step)
+        cur = tree_sample(descendants(pid))
+        if not cur or (cur[2] - last[2] < busy and cur[3] == last[3]):
+            return
+        last = cur
+
+
 def warmup(url, up_port, smoke=False):
     """A few short streams so lazy imports and first-use allocations are not counted."""
     sc = dict(c=5 if smoke else 20, tokens=3, delay=1, ramp=0.02 if smoke else 0.2)
@@ -493,6 +507,8 @@ def run_case(name, sc, peer, up, up_port, workdir, keepalive, backlog=None):
     try:
         warmup(url, up_port, sc.get("smoke"))
         time.sleep(0.05 if sc.get("smoke") else 0.5)
+        if proc:
+            settle(proc.pid, 1.0 if sc.get("smoke") else 5.0)
         idle = tree_sample(descendants(proc.pid))[0] if proc else None
         http_json("http://127.0.0.1:%d/reset" % up_port, data=b"")
         drops0 = listen_drops()

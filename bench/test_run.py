@@ -93,6 +93,31 @@ class ProcessTreeTests(unittest.TestCase):
         self.assertEqual(run.summarize(lg, one, 2048, [], {})["peak_rss_mb"], 9000 / 1024)
 
 
+class SettleTests(unittest.TestCase):
+    def test_settle_waits_for_a_busy_tree(self):
+        """settle() returns only once the tree stops using CPU: a child that
+        spins for ~0.6 s holds it that long (bounded by the limit)."""
+        parent = subprocess.Popen([sys.executable, "-c",
+                                   "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+                                   "'import time\\nt=time.time()\\nwhile time.time()-t<0.6: pass']).wait(); "
+                                   "time.sleep(30)"], start_new_session=True)
+        self.addCleanup(lambda: (os.killpg(parent.pid, 15), parent.wait()))
+        time.sleep(0.15)
+        t0 = time.monotonic()
+        run.settle(parent.pid, 3.0, step=0.1, busy=0.005)
+        self.assertGreater(time.monotonic() - t0, 0.3)
+        self.assertLess(time.monotonic() - t0, 3.0)
+
+    def test_settle_returns_for_an_idle_process(self):
+        """An idle process is settled at the first check."""
+        p = subprocess.Popen(["sleep", "30"], start_new_session=True)
+        self.addCleanup(lambda: (p.kill(), p.wait()))
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        run.settle(p.pid, 3.0, step=0.1)
+        self.assertLess(time.monotonic() - t0, 0.5)
+
+
 class PeerTests(unittest.TestCase):
     def test_workers_peer_unavailable_without_option(self):
         """llmgate-w2 is reported unavailable when llmgate has no --workers; the
