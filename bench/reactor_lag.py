@@ -10,8 +10,8 @@ estimate prompt and output with tiktoken. The probe's inter-event gaps are
 measured at the client: with the heavy work off the reactor thread they
 stay near the upstream's own spacing.
 
-    /work/venv/bin/python bench/reactor_lag.py            # about 20 s
-    /work/venv/bin/python bench/reactor_lag.py --heavy 0  # the baseline
+    .venv/bin/python bench/reactor_lag.py            # about 20 s
+    .venv/bin/python bench/reactor_lag.py --heavy 0  # the baseline
 
 Traffic goes only to 127.0.0.1; every loop is bounded.
 """

@@ -7,8 +7,11 @@ RSS, runs the Go load generator through it while sampling /proc for the peer,
 the upstream and the load generator, and stops the peer. Writes a JSON file to
 bench/out/ and prints markdown tables (medians over repeats) to stdout.
 
-    /work/venv/bin/python bench/run.py --peers direct,goproxy,llmgate --scenarios S1,S2 --scale 0.5
-    /work/venv/bin/python bench/run.py --smoke      # tiny CI run, asserts only that numbers exist
+    .venv/bin/python bench/run.py --peers direct,goproxy,llmgate --scenarios S1,S2 --scale 0.5
+    .venv/bin/python bench/run.py --smoke      # tiny CI run, asserts only that numbers exist
+
+(from the repository root, with the Python that has llmgate installed; its
+twistd is taken from the same bin/ directory.)
 
 See docs/benchmarks.md for what the scenarios and columns mean.
 """
@@ -35,7 +38,10 @@ REPO = os.path.dirname(BENCH)
 BIN = os.path.join(BENCH, "bin")
 OUT = os.path.join(BENCH, "out")
 GO_PARTS = ("upstream", "loadgen", "goproxy")
-ALL_PEERS = ("direct", "goproxy", "llmgate", "llmgate-bare")
+DEFAULT_PEERS = ("direct", "goproxy", "llmgate", "llmgate-bare")
+# llmgate-w2 (llmgate --workers 2) runs only when named in --peers.
+ALL_PEERS = DEFAULT_PEERS + ("llmgate-w2",)
+DEFAULT_SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "SUS", "SHORT")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -59,12 +65,26 @@ def scenarios(scale, smoke):
                    c=100, tokens=50, delay=100, ramp=1.0, abort_after=5),
         "S5": dict(desc="ramp at 1,000/s until failure or %d streams (max concurrent streams)" % s5_cap,
                    c=s5_cap, tokens=0, delay=1000, ramp=s5_cap / 1000.0, stop_on_error=True),
+        # Closed loop: every client starts a new stream when its stream ends. The
+        # ramp is one stream's length, so the restarts are spread evenly (~200/s).
+        "SUS": dict(desc="1,000 streams x 50 tokens x 100 ms held for 30 s (sustained load)",
+                    c=1000, tokens=50, delay=100, ramp=5.0, hold=30.0),
+        # Open loop: start times are fixed whatever the peer does; c is unused.
+        "SHORT": dict(desc="500 requests/s x 5 tokens x 10 ms for 20 s, open loop (short streams)",
+                      c=0, tokens=5, delay=10, ramp=0.0, rate=500.0, duration=20.0),
     }
     for s in sc.values():
         if smoke:
             s.update(c=5, tokens=5, delay=10, ramp=0.2, smoke=True)
             if "abort_after" in s:
                 s["abort_after"] = 2
+            if "hold" in s:
+                s["hold"] = 1.0
+            if "rate" in s:
+                s.update(c=0, ramp=0.0, rate=20.0, duration=1.0)
+            continue
+        if "rate" in s:  # SHORT: --scale multiplies the arrival rate
+            s["rate"] = max(1.0, s["rate"] * scale)
             continue
         s["c"] = max(1, int(round(s["c"] * scale)))
         if s.get("stop_on_error"):  # S5: keep the 1,000/s rate; streams outlive the ramp by 10 s
@@ -151,43 +171,73 @@ def ensure_built(force=False):
 
 # --------------------------------------------------------------------------- /proc sampling
 
-def _children(pid):
-    try:
-        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
-            return [int(c) for c in f.read().split()]
-    except (OSError, ValueError):
-        return []
+def _stat_fields(text):
+    """Fields of /proc/PID/stat after the command name (field 3 onwards)."""
+    return text.rsplit(")", 1)[1].split()
 
 
 def proc_sample(pid):
-    """(rss_kb, peak_rss_kb, cpu_seconds) of a live process and its descendants
-    (llmgate --workers N: the supervisor and its workers), or None.  CPU also
-    counts reaped children (cutime/cstime), e.g. a worker that was replaced."""
+    """(rss_kb, peak_rss_kb, cpu_seconds) of one live process, or None.
+
+    CPU includes the reaped children's (cutime, cstime), so a worker that exits
+    during a run keeps counting once its parent has waited for it."""
     try:
         with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+            fields = _stat_fields(f.read())
         with open("/proc/%d/status" % pid) as f:
             status = dict(line.split(":", 1) for line in f if ":" in line)
     except (OSError, IndexError):
         return None
-    # utime, stime, cutime, cstime (fields 14-17)
+    # utime, stime, cutime, cstime: fields 14-17 of proc(5)
     cpu = sum(int(x) for x in fields[11:15]) / CLK_TCK
     kb = lambda k: int(status.get(k, "0 kB").split()[0])
-    rss, hwm = kb("VmRSS"), kb("VmHWM")
-    for child in _children(pid):
-        sub = proc_sample(child)
-        if sub:
-            rss, hwm, cpu = rss + sub[0], hwm + sub[1], cpu + sub[2]
-    return rss, hwm, cpu
+    return kb("VmRSS"), kb("VmHWM"), cpu
+
+
+def descendants(root, proc="/proc"):
+    """root and every live process below it, from the ppid field of proc/*/stat.
+
+    llmgate --workers N is a parent and N children: a peer's CPU and memory is
+    the sum over this tree, not the figure of the pid the runner started."""
+    children = {}
+    for entry in os.listdir(proc):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(os.path.join(proc, entry, "stat")) as f:
+                ppid = int(_stat_fields(f.read())[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+def tree_sample(pids, sample=proc_sample):
+    """(rss_kb, peak_rss_kb, cpu_seconds, processes) summed over pids, or None
+    when none of them is alive. peak_rss_kb is the sum of each one's own peak
+    (an upper bound of the tree's peak when they peaked at different times)."""
+    got = [s for s in (sample(p) for p in pids) if s]
+    if not got:
+        return None
+    return (sum(s[0] for s in got), sum(s[1] for s in got), sum(s[2] for s in got), len(got))
 
 
 class Sampler(threading.Thread):
-    """Samples RSS and CPU of named pids every `interval` seconds."""
+    """Samples RSS and CPU of named process trees every `interval` seconds.
 
-    def __init__(self, pids, interval=0.1):
+    Each name is a root pid; its descendants are looked up again every
+    `tree_every` samples (a /proc scan costs more than reading a few files)."""
+
+    def __init__(self, pids, interval=0.1, tree_every=10):
         super().__init__(daemon=True)
-        self.pids, self.interval = dict(pids), interval
-        self.samples = {name: [] for name in self.pids}  # name -> [(t, rss_kb, hwm_kb, cpu_s)]
+        self.pids, self.interval, self.tree_every = dict(pids), interval, tree_every
+        self.samples = {name: [] for name in self.pids}  # name -> [(t, rss_kb, hwm_kb, cpu_s, nproc)]
+        self.trees = {}
         self._halt = threading.Event()
 
     def add(self, name, pid):
@@ -195,12 +245,16 @@ class Sampler(threading.Thread):
         self.pids[name] = pid
 
     def run(self):
+        n = 0
         while not self._halt.is_set():
             t = time.time()
             for name, pid in list(self.pids.items()):
-                s = proc_sample(pid)
+                if n % self.tree_every == 0 or name not in self.trees:
+                    self.trees[name] = descendants(pid)
+                s = tree_sample(self.trees[name])
                 if s:
                     self.samples[name].append((t,) + s)
+            n += 1
             self._halt.wait(self.interval)
 
     def finish(self):
@@ -231,7 +285,48 @@ def llmgate_config(tmp, up_port, bare):
     return path
 
 
-def start_peer(name, up_port, workdir, backlog=None, workers=None):
+class Unavailable(Exception):
+    """The peer cannot run with this llmgate (e.g. no --workers option yet)."""
+
+
+def twistd_path():
+    return os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+def llmgate_env():
+    # The working tree's twisted/plugins/ must be importable from the temp cwd
+    # (an editable install maps the llmgate package only).
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+
+
+_WORKERS_OPTION = {}
+
+
+def has_workers_option():
+    """Whether the working tree's llmgate has --workers (asked once, from its --help)."""
+    if "v" not in _WORKERS_OPTION:
+        try:
+            r = subprocess.run([twistd_path(), "llmgate", "--help"], capture_output=True,
+                               text=True, timeout=60, cwd=tempfile.gettempdir(), env=llmgate_env())
+            _WORKERS_OPTION["v"] = "--workers" in r.stdout
+        except (OSError, subprocess.TimeoutExpired):
+            _WORKERS_OPTION["v"] = False
+    return _WORKERS_OPTION["v"]
+
+
+def llmgate_workers_args(name, has_workers):
+    """Extra llmgate arguments for a peer. llmgate and llmgate-bare stay one
+    process (--workers 1 once the option exists, whose default may be one per
+    CPU), so their figures compare with the earlier runs; llmgate-w2 needs it."""
+    if name == "llmgate-w2":
+        if not has_workers:
+            raise Unavailable("this llmgate has no --workers option")
+        return ["--workers", "2"]
+    return ["--workers", "1"] if has_workers else []
+
+
+def start_peer(name, up_port, workdir, backlog=None):
     """Start a peer; return (process or None, chat completions URL, ledger path or None)."""
     ledger = None
     if name == "direct":
@@ -242,19 +337,14 @@ def start_peer(name, up_port, workdir, backlog=None, workers=None):
         proc = start([os.path.join(BIN, "goproxy"), "-addr", "127.0.0.1:%d" % port,
                       "-upstream", "http://127.0.0.1:%d" % up_port], log)
         timeout = 10
-    elif name in ("llmgate", "llmgate-bare"):
+    elif name in ("llmgate", "llmgate-bare", "llmgate-w2"):
+        extra = llmgate_workers_args(name, has_workers_option())
         tmp = tempfile.mkdtemp(prefix=name + "-", dir=workdir)
         conf = llmgate_config(tmp, up_port, bare=name.endswith("bare"))
         ledger = None if name.endswith("bare") else os.path.join(tmp, "usage.db")
-        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-        # The working tree's twisted/plugins/ must be importable from the temp cwd
-        # (an editable install maps the llmgate package only).
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-        proc = start([twistd, "-n", "--pidfile=", "llmgate", "--config", conf,
-                      "--port", "tcp:%d:interface=127.0.0.1%s" % (port, ":backlog=%d" % backlog if backlog else "")]
-                     + (["--workers", str(workers)] if workers else []),
-                     log, cwd=tmp, env=env)
+        proc = start([twistd_path(), "-n", "--pidfile=", "llmgate", "--config", conf] + extra +
+                     ["--port", "tcp:%d:interface=127.0.0.1%s" % (port, ":backlog=%d" % backlog if backlog else "")],
+                     log, cwd=tmp, env=llmgate_env())
         timeout = 30
     else:
         raise ValueError("unknown peer %r" % name)
@@ -275,20 +365,47 @@ def ledger_bytes(path):
 
 # --------------------------------------------------------------------------- load generator
 
-def run_loadgen(url, sc, up_port, keepalive, extra_timeout=60):
+def loadgen_argv(url, sc, up_port, keepalive):
+    """The load generator's command line for a scenario, and how long it may run (s)."""
     dur = sc["tokens"] * sc["delay"] / 1000.0
     argv = [os.path.join(BIN, "loadgen"), "-url", url, "-c", str(sc["c"]),
             "-tokens", str(sc["tokens"]), "-delay-ms", str(sc["delay"]),
             "-ramp", "%.3fs" % sc["ramp"], "-keepalive=%s" % ("true" if keepalive else "false"),
             "-timeout", "%ds" % int(dur * 3 + 30)]
+    starting = sc["ramp"]  # how long new streams keep being started
+    if sc.get("hold"):
+        argv += ["-hold", "%.3fs" % sc["hold"]]
+        starting = max(starting, sc["hold"])
+    if sc.get("rate"):
+        argv += ["-rate", "%g" % sc["rate"], "-duration", "%.3fs" % sc["duration"]]
+        starting = sc["duration"]
     if sc.get("abort_after"):
         argv += ["-abort-after", str(sc["abort_after"]),
                  "-cancels", "http://127.0.0.1:%d/cancels" % up_port]
     if sc.get("stop_on_error"):
         argv += ["-stop-on-error"]
+    return argv, starting + dur * 3 + 30
+
+
+def run_loadgen(url, sc, up_port, keepalive, extra_timeout=60):
+    argv, limit = loadgen_argv(url, sc, up_port, keepalive)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
-    return proc, sc["ramp"] + dur * 3 + 30 + extra_timeout
+    return proc, limit + extra_timeout
+
+
+def settle(pid, limit, step=0.2, busy=0.02):
+    """Wait (at most `limit` s) until the peer's process tree is idle: less than
+    `busy` CPU seconds per `step`. Workers that are still starting up would
+    otherwise count in the idle RSS and the run's CPU."""
+    deadline = time.monotonic() + limit
+    last = tree_sample(descendants(pid))
+    while last and time.monotonic() < deadline:
+        time.sleep(step)
+        cur = tree_sample(descendants(pid))
+        if not cur or (cur[2] - last[2] < busy and cur[3] == last[3]):
+            return
+        last = cur
 
 
 def warmup(url, up_port, smoke=False):
@@ -309,7 +426,7 @@ def plateau(samples, timeline):
     if peak <= 0:
         return None, None
     rss, opens, j = [], [], 0
-    for t, r, _, _ in samples:
+    for t, r, *_ in samples:
         while j + 1 < len(timeline) and timeline[j + 1][0] <= t:
             j += 1
         if timeline[j][0] <= t and timeline[j][1] >= 0.95 * peak:
@@ -334,12 +451,14 @@ def cpu_delta(samples):
     return samples[-1][3] - samples[0][3] if len(samples) >= 2 else None
 
 
-def summarize(lg, peer_samples, idle_rss, upstream_samples, upstream_stats):
+def summarize(lg, peer_samples, idle_rss, upstream_samples, upstream_stats, window=None):
+    """Metrics of one run; `window` is how long streams were being started (s)."""
     wall = lg["wall_s"] or 1e-9
     m = {
         "launched": lg["launched"], "ok_streams": lg["ok_streams"], "errors": lg["errors"],
         "error_kinds": lg["error_kinds"], "events": lg["events"], "tokens": lg["tokens_received"],
         "peak_open": lg["peak_open"], "wall_s": wall,
+        "streams_per_s": lg["launched"] / min(window or wall, wall),
         "ttft_p50_ms": lg["ttft_ms"].get("p50"), "ttft_p90_ms": lg["ttft_ms"].get("p90"),
         "ttft_p99_ms": lg["ttft_ms"].get("p99"), "ttft_max_ms": lg["ttft_ms"].get("max"),
         "gap_p50_ms": lg["gap_ms"].get("p50"), "gap_p99_ms": lg["gap_ms"].get("p99"),
@@ -362,8 +481,13 @@ def summarize(lg, peer_samples, idle_rss, upstream_samples, upstream_stats):
             peer_cpu_s=cpu, peer_cpu_pct=100 * cpu / wall if cpu is not None else None,
             cpu_s_per_10k_events=(cpu * 1e4 / lg["events"]) if cpu is not None and lg["events"] else None,
             cpu_us_per_token=(cpu * 1e6 / lg["tokens_received"]) if cpu is not None and lg["tokens_received"] else None,
+            cpu_s_per_1k_req=(cpu * 1e3 / lg["launched"]) if cpu is not None and lg["launched"] else None,
             idle_rss_mb=idle_rss / 1024,
-            peak_rss_mb=max(max(s[1] for s in peer_samples), peer_samples[-1][2]) / 1024,
+            # a single process's own high-water mark counts too; for a tree the sum of
+            # the processes' peaks overstates, so only the sampled sums count
+            peak_rss_mb=max([s[1] for s in peer_samples] +
+                            [peer_samples[-1][2]] * (peer_samples[-1][4] == 1)) / 1024,
+            peer_processes=max(s[4] for s in peer_samples),
             top_rss_mb=max(s[1] for s in peer_samples) / 1024,
             plateau_rss_mb=rss_plat / 1024 if rss_plat else None,
             plateau_open=open_plat,
@@ -372,16 +496,20 @@ def summarize(lg, peer_samples, idle_rss, upstream_samples, upstream_stats):
     return m
 
 
-def run_case(name, sc, peer, up, up_port, workdir, keepalive, backlog=None, workers=None):
+def run_case(name, sc, peer, up, up_port, workdir, keepalive, backlog=None):
     """One peer through one scenario. Returns a metrics dict (or {'failed': reason})."""
     try:
-        proc, url, ledger = start_peer(peer, up_port, workdir, backlog, workers)
+        proc, url, ledger = start_peer(peer, up_port, workdir, backlog)
+    except Unavailable as e:
+        return {"unavailable": str(e)}
     except Exception as e:  # the peer could not start: record it, go on
         return {"failed": str(e)}
     try:
         warmup(url, up_port, sc.get("smoke"))
         time.sleep(0.05 if sc.get("smoke") else 0.5)
-        idle = proc_sample(proc.pid)[0] if proc else None
+        if proc:
+            settle(proc.pid, 1.0 if sc.get("smoke") else 5.0)
+        idle = tree_sample(descendants(proc.pid))[0] if proc else None
         http_json("http://127.0.0.1:%d/reset" % up_port, data=b"")
         drops0 = listen_drops()
         sampler = Sampler({"upstream": up.pid} | ({"peer": proc.pid} if proc else {}))
@@ -402,7 +530,8 @@ def run_case(name, sc, peer, up, up_port, workdir, keepalive, backlog=None, work
         stats = http_json("http://127.0.0.1:%d/stats" % up_port)
         if proc is not None and proc.poll() is not None:
             lg["error_kinds"]["peer exited with %s" % proc.returncode] = 1
-        m = summarize(lg, samples.get("peer"), idle, samples["upstream"], stats)
+        m = summarize(lg, samples.get("peer"), idle, samples["upstream"], stats,
+                      window=sc.get("hold") or sc.get("duration"))
         drops1 = listen_drops()
         m["listen_drops"] = drops1 - drops0 if drops0 is not None and drops1 is not None else None
     finally:
@@ -416,7 +545,7 @@ def run_case(name, sc, peer, up, up_port, workdir, keepalive, backlog=None, work
 
 def median_of(runs):
     """Median of each numeric metric over repeats (non-numeric: from the first run)."""
-    ok = [r for r in runs if "failed" not in r]
+    ok = [r for r in runs if "failed" not in r and "unavailable" not in r]
     if not ok:
         return runs[0]
     out = dict(ok[0])
@@ -449,16 +578,50 @@ COLUMNS = ("peer | ok/launched | err | TTFT p50 ms | TTFT p99 ms | +TTFT p99 vs 
            "KB/open stream | KB/stream vs goproxy | cancel p99 ms | peak open | SYN drops | upstream CPU % | loadgen CPU %")
 
 
+# The open-loop short-stream scenario is about CPU per request, not per token.
+RATE_COLUMNS = ("peer | ok/launched | err | started/s | TTFT p50 ms | +TTFT p50 vs direct | TTFT p99 ms | "
+                "+TTFT p99 vs direct | CPU s/1k req | CPU vs goproxy | peak RSS MB | peak open | "
+                "SYN drops | upstream CPU % | loadgen CPU %")
+
+
+def scenario_line(sc):
+    """The parameters of a scenario as the table header states them."""
+    if sc.get("rate"):
+        return "rate=%g/s for %g s (open loop), tokens=%d, delay=%d ms" % (
+            sc["rate"], sc["duration"], sc["tokens"], sc["delay"])
+    line = "c=%(c)d, tokens=%(tokens)d, delay=%(delay)d ms, ramp=%(ramp).1f s" % sc
+    if sc.get("hold"):
+        line += ", held %g s (each client restarts its stream when it ends)" % sc["hold"]
+    return line
+
+
+def rate_row(peer, m, d, g):
+    return [peer, "%d/%d" % (m["ok_streams"], m["launched"]), fmt(m["errors"]),
+            fmt(m.get("streams_per_s")),
+            fmt(m["ttft_p50_ms"]), diff(m["ttft_p50_ms"], d.get("ttft_p50_ms")) if peer != "direct" else "",
+            fmt(m["ttft_p99_ms"]), diff(m["ttft_p99_ms"], d.get("ttft_p99_ms")) if peer != "direct" else "",
+            fmt(m.get("cpu_s_per_1k_req"), 3),
+            ratio(m.get("cpu_s_per_1k_req"), g.get("cpu_s_per_1k_req")) if peer not in ("direct", "goproxy") else "",
+            fmt(m.get("peak_rss_mb")), fmt(m["peak_open"]), fmt(m.get("listen_drops")),
+            fmt(m.get("upstream_cpu_pct")), fmt(m.get("loadgen_cpu_pct"))]
+
+
 def markdown(results, scen):
     lines = []
     for name, peers in results.items():
-        lines += ["", "### %s: %s" % (name, scen[name]["desc"]),
-                  "c=%(c)d, tokens=%(tokens)d, delay=%(delay)d ms, ramp=%(ramp).1f s" % scen[name], "",
-                  "| " + COLUMNS + " |", "|" + "---|" * (COLUMNS.count("|") + 1)]
+        cols = RATE_COLUMNS if scen[name].get("rate") else COLUMNS
+        lines += ["", "### %s: %s" % (name, scen[name]["desc"]), scenario_line(scen[name]), "",
+                  "| " + cols + " |", "|" + "---|" * (cols.count("|") + 1)]
         d, g = peers.get("direct", {}), peers.get("goproxy", {})
         for peer, m in peers.items():
             if "failed" in m:
                 lines.append("| %s | FAILED: %s |" % (peer, m["failed"].splitlines()[0][:150]))
+                continue
+            if "unavailable" in m:
+                lines.append("| %s | UNAVAILABLE: %s |" % (peer, m["unavailable"]))
+                continue
+            if scen[name].get("rate"):
+                lines.append("| " + " | ".join(rate_row(peer, m, d, g)) + " |")
                 continue
             row = [peer, "%d/%d" % (m["ok_streams"], m["launched"]), fmt(m["errors"]),
                    fmt(m["ttft_p50_ms"]), fmt(m["ttft_p99_ms"]),
@@ -472,6 +635,12 @@ def markdown(results, scen):
                    fmt(m.get("cancel_p99_ms")), fmt(m["peak_open"]), fmt(m.get("listen_drops")),
                    fmt(m.get("upstream_cpu_pct")), fmt(m.get("loadgen_cpu_pct"))]
             lines.append("| " + " | ".join(row) + " |")
+        if scen[name].get("hold"):
+            lines.append("\nstreams started per second: " + ", ".join(
+                "%s %s" % (p, fmt(m.get("streams_per_s"))) for p, m in peers.items() if "launched" in m))
+        multi = ["%s %d" % (p, m["peer_processes"]) for p, m in peers.items() if (m.get("peer_processes") or 1) > 1]
+        if multi:
+            lines.append("\nprocesses summed (CPU, RSS): " + ", ".join(multi))
         for peer, m in peers.items():
             if m.get("ledger_bytes") == 0:
                 lines.append("\nNote: %s was configured with the ledger on, but no ledger file was "
@@ -505,9 +674,8 @@ def machine_facts():
 def print_report(doc, path):
     mf, a = doc["machine"], doc["args"]
     print("# llmgate benchmark %s (%s, nproc=%s, %s)" % (doc["time"], mf["cpu_model"], mf["nproc"], mf["go"]))
-    print("scale=%s repeat=%d keepalive=%s llmgate-backlog=%s llmgate-workers=%s; JSON: %s" % (
-        a["scale"], a["repeat"], a["keepalive"], a.get("llmgate_backlog"), a.get("llmgate_workers"),
-        os.path.relpath(path, REPO)))
+    print("scale=%s repeat=%d keepalive=%s llmgate-backlog=%s; JSON: %s" % (
+        a["scale"], a["repeat"], a["keepalive"], a.get("llmgate_backlog"), os.path.relpath(path, REPO)))
     print(markdown(doc["results"], doc["scenarios"]))
 
 
@@ -516,6 +684,8 @@ def smoke_check(results):
     bad = []
     for name, peers in results.items():
         for peer, m in peers.items():
+            if "unavailable" in m:  # reported in the table; not a failure of the harness
+                continue
             if "failed" in m or not m.get("events") or m.get("ttft_p50_ms") is None:
                 bad.append("%s/%s: %s" % (name, peer, m.get("failed", "no numbers")))
             elif peer != "direct" and m.get("cpu_s_per_10k_events") is None:
@@ -525,16 +695,16 @@ def smoke_check(results):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--peers", default=",".join(ALL_PEERS))
-    ap.add_argument("--scenarios", default="S1,S2,S3,S4,S5")
-    ap.add_argument("--scale", type=float, default=1.0, help="multiply stream counts (S5: the cap)")
+    ap.add_argument("--peers", default=",".join(DEFAULT_PEERS),
+                    help="comma-separated, from %s (llmgate-w2 only when named)" % ",".join(ALL_PEERS))
+    ap.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS))
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="multiply stream counts (S5: the cap; SHORT: the arrival rate)")
     ap.add_argument("--repeat", type=int, default=1, help="repeats; medians are reported")
     ap.add_argument("--smoke", action="store_true", help="tiny run (5 streams x 5 tokens) for CI")
     ap.add_argument("--keepalive", action="store_true", help="load generator reuses connections")
     ap.add_argument("--llmgate-backlog", type=int, help="listen backlog for llmgate's port "
                     "(Twisted's default is 50; Go's listener uses net.core.somaxconn)")
-    ap.add_argument("--llmgate-workers", help="llmgate's --workers (auto or N); default: not passed, "
-                    "so llmgate's own default (auto, one worker per CPU)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the Go parts")
     ap.add_argument("--out", help="JSON output path (default bench/out/run-<time>.json)")
     ap.add_argument("--report", metavar="JSON", help="only print the tables of an earlier run's JSON")
@@ -576,7 +746,7 @@ def main():
                 for p in peers:
                     print("[%5.0fs] repeat %d %s %s ..." % (time.time() - t0, rep + 1, n, p), file=sys.stderr, flush=True)
                     raw[n][p].append(run_case(n, scen[n], p, up, up_port, workdir, args.keepalive,
-                                                  args.llmgate_backlog, args.llmgate_workers))
+                                                  args.llmgate_backlog))
                     time.sleep(1 if not args.smoke else 0.1)  # let sockets drain
     finally:
         stop(up)

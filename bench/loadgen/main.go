@@ -6,7 +6,9 @@
 // time, events and tokens received, errors. With -abort-after K each stream is
 // closed by the client after K content events; with -cancels URL the upstream's
 // detection times are fetched and matched to the abort times by stream id.
-// Prints one JSON summary on stdout.
+// -hold D keeps the -c streams open for D (closed loop: each client starts a new
+// stream when its stream ends); -rate R with -duration D starts R streams a
+// second whatever the earlier ones are doing (open loop). Prints one JSON summary on stdout.
 package main
 
 import (
@@ -187,6 +189,9 @@ func main() {
 	stopOnError := flag.Bool("stop-on-error", false, "stop starting streams after the first error (ramp until failure)")
 	model := flag.String("model", "gpt-4o-mini", "model name in the body")
 	usage := flag.Bool("include-usage", true, "send stream_options.include_usage")
+	hold := flag.Duration("hold", 0, "closed loop: each of the -c clients starts a new stream when one ends until this long after the start (0 = one stream each)")
+	rate := flag.Float64("rate", 0, "open loop: start this many streams a second for -duration, not waiting for earlier ones (-c and -ramp are ignored)")
+	runFor := flag.Duration("duration", 10*time.Second, "with -rate: how long to keep starting streams")
 	timeline := flag.Duration("timeline", 100*time.Millisecond, "interval of the open-streams timeline (0 = off)")
 	flag.Parse()
 
@@ -225,36 +230,80 @@ func main() {
 		}()
 	}
 
-	results := make([]result, *conc)
-	var wg sync.WaitGroup
-	t0 := time.Now()
-	launched := 0
-	for i := 0; i < *conc; i++ {
-		if *stopOnError && atomic.LoadInt32(&failed) > 0 {
-			break
+	var (
+		results  []result
+		resMu    sync.Mutex
+		wg       sync.WaitGroup
+		launched int64
+	)
+	keep := func(r result) {
+		if r.err != "" {
+			atomic.AddInt32(&failed, 1)
 		}
-		if *conc > 1 {
-			if d := time.Until(t0.Add(*ramp * time.Duration(i) / time.Duration(*conc-1))); d > 0 {
-				time.Sleep(d)
-			}
-		}
-		id := runID + "-" + strconv.Itoa(i)
+		resMu.Lock()
+		results = append(results, r)
+		resMu.Unlock()
+	}
+	newID := func(n int64) (string, []byte) {
+		id := runID + "-" + strconv.FormatInt(n, 10)
 		body, _ := json.Marshal(map[string]interface{}{
 			"model": *model, "stream": true, "user": id, "max_tokens": *tokens,
 			"messages":       []map[string]string{{"role": "user", "content": "Say something."}},
 			"stream_options": map[string]bool{"include_usage": *usage},
 		})
-		wg.Add(1)
-		launched++
-		go func(i int, id string, body []byte) {
-			defer wg.Done()
-			ctx, cancel := context.WithTimeout(context.Background(), *timeout)
-			defer cancel()
-			results[i] = stream(ctx, client, *url, body, hdr, id, *abortAfter)
-			if results[i].err != "" {
-				atomic.AddInt32(&failed, 1)
+		return id, body
+	}
+	one := func(n int64) (ok bool) {
+		id, body := newID(n)
+		ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+		defer cancel()
+		r := stream(ctx, client, *url, body, hdr, id, *abortAfter)
+		keep(r)
+		return r.err == ""
+	}
+	t0 := time.Now()
+	switch {
+	case *rate > 0:
+		// Open loop: request i starts at t0 + i/rate whatever the earlier ones
+		// are doing, so a slow peer gets the same arrivals as a fast one.
+		n := int64(*rate * runFor.Seconds())
+		for i := int64(0); i < n; i++ {
+			if *stopOnError && atomic.LoadInt32(&failed) > 0 {
+				break
 			}
-		}(i, id, body)
+			if d := time.Until(t0.Add(time.Duration(float64(i) / *rate * 1e9))); d > 0 {
+				time.Sleep(d)
+			}
+			wg.Add(1)
+			launched++
+			go func(i int64) { defer wg.Done(); one(i) }(i)
+		}
+	default:
+		// Closed loop: -c clients ramped in over -ramp; with -hold each client
+		// starts a new stream when its stream ends until -hold has passed since
+		// t0 (without -hold, one stream each).
+		for i := 0; i < *conc; i++ {
+			if *stopOnError && atomic.LoadInt32(&failed) > 0 {
+				break
+			}
+			if *conc > 1 {
+				if d := time.Until(t0.Add(*ramp * time.Duration(i) / time.Duration(*conc-1))); d > 0 {
+					time.Sleep(d)
+				}
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for {
+					if !one(atomic.AddInt64(&launched, 1)-1) && *hold > 0 {
+						time.Sleep(100 * time.Millisecond) // bound the retries against a dead peer
+					}
+					if *hold <= 0 || time.Since(t0) >= *hold || (*stopOnError && atomic.LoadInt32(&failed) > 0) {
+						return
+					}
+				}
+			}()
+		}
 	}
 	rampEnd := time.Now()
 	wg.Wait()
@@ -266,7 +315,7 @@ func main() {
 	events, toks, okStreams := 0, 0, 0
 	errs := map[string]int{}
 	aborted := map[string]int64{}
-	for _, r := range results[:launched] {
+	for _, r := range results {
 		events += r.events
 		toks += r.toks
 		if r.err != "" {
@@ -295,7 +344,7 @@ func main() {
 	}
 	out := map[string]interface{}{
 		"url": *url, "concurrency": *conc, "launched": launched, "tokens": *tokens, "delay_ms": *delayMs,
-		"ramp_s": ramp.Seconds(), "keepalive": *keepAlive, "abort_after": *abortAfter,
+		"ramp_s": ramp.Seconds(), "hold_s": hold.Seconds(), "rate": *rate, "keepalive": *keepAlive, "abort_after": *abortAfter,
 		"ok_streams": okStreams, "errors": nErr, "error_kinds": errs,
 		"events": events, "tokens_received": toks, "peak_open": atomic.LoadInt64(&peakOpen),
 		"ttft_ms": pcts(ttfts), "gap_ms": pcts(gaps), "total_ms": pcts(totals),
