@@ -411,6 +411,8 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     ap.add_argument("--max-seconds", type=float, default=1200.0, help="stop sending new requests after this")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=1,
+                    help="gateway worker processes (default 1: the figures are that process's)")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--gc-trace", type=float, default=0.0, metavar="SECONDS",
                     help="log the gateway's object counts per type every SECONDS and report the growth")
@@ -430,7 +432,8 @@ def main() -> int:
     mock = Proc("llmgate-mock", ["--port", "tcp:0:interface=127.0.0.1"], work)
     with open(conf, "w") as f:
         f.write(gateway_config(mock.port, ledger))
-    gw = Proc("llmgate", ["--config", conf, "--port", "tcp:0:interface=127.0.0.1"], work,
+    # One process by default: RSS and file descriptors are read from its pid.
+    gw = Proc("llmgate", ["--config", conf, "--workers", str(args.workers), "--port", "tcp:0:interface=127.0.0.1"], work,
               env={"SOAK_UPSTREAM_KEY": "soak-key"}, gc_trace=args.gc_trace)
     gw_started = time.monotonic()
     anomalies: list[str] = []
