@@ -285,6 +285,7 @@ def estimate_usage(counter: RequestCounter, model: str, request_body: dict[str, 
         est.input_tokens = usage.input_tokens
         est.cached_input_tokens = usage.cached_input_tokens
         est.cache_creation_tokens = usage.cache_creation_tokens
+        est.cache_creation_1h_tokens = usage.cache_creation_1h_tokens
     else:
         est.input_tokens = tokens.estimate_prompt_tokens(model, request_body, counter.api)
     text = acc.sample_text()
@@ -560,6 +561,7 @@ class Accounting:
             bytes_in=ex.bytes_in,
             bytes_out=ex.bytes_out,
             served_model=served,
+            cache_creation_1h_tokens=0 if usage is None else usage.cache_creation_1h_tokens,
         )
 
     def _sink(self, rec: UsageRecord) -> None:
