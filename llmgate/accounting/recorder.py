@@ -393,6 +393,9 @@ class Accounting:
                 est.input_tokens = reported.input_tokens
                 est.cached_input_tokens = reported.cached_input_tokens
                 est.cache_creation_tokens = reported.cache_creation_tokens
+                # For the in-flight cost only (the row's 1-hour count comes
+                # with the final record).
+                est.cache_creation_1h_tokens = reported.cache_creation_1h_tokens
                 est.output_tokens = max(est.output_tokens, reported.output_tokens or 0)
             source = "estimated"
             served = counter.served_model()
