@@ -164,7 +164,7 @@ class Reloader(Service):
             path=self.path,
             providers=len(merged.providers),
             models=len(merged.models),
-            keys=len(merged.keys),
+            keys=len(merged.keys) + len(merged.key_records),
         )
         if pending:
             _log.warn(
