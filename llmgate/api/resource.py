@@ -275,6 +275,9 @@ class GatewayResource(Resource):
         if not isinstance(model, str) or not model:
             raise _BadRequest(400, "you must provide a model parameter", param="model")
         key = self.keys.by_name.get(key_name)
+        if key is None and len(self.keys):
+            # Revoked by a reload while its body was being read.
+            raise _BadRequest(401, "invalid or missing gateway key", code="invalid_api_key", model=model)
         if key is not None and not key.allows(model):
             raise _BadRequest(
                 403, f"this gateway key may not use the model {model!r}", code="permission_error", param="model", model=model

@@ -132,6 +132,35 @@ class AuthTests(SynchronousTestCase):
         self.assertEqual(gw.resource.quotas.state.scopes["alice"].active, 0)
 
 
+    def test_revoked_while_body_arrives(self) -> None:
+        """A key revoked by a reload after its headers were checked is 401 once its body is in."""
+        gw, ledger = gateway(ALICE)
+        channel, t = gw.connect()
+        body = json.dumps({"model": "public-model", "messages": []}).encode()
+        channel.dataReceived(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer lg-alice\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:5]
+        )
+        gw.resource.reconfigure(dataclasses.replace(gw.cfg, key_records=(KeyRecord("other", digest(b"lg-other")),)))
+        channel.dataReceived(body[5:])
+        gw.clock.advance(0)
+        self.assertEqual(response(t)[0], 401)
+        self.assertEqual(gw.http.calls, [])
+        self.assertEqual([r.status for r in ledger.records], [401])
+
+    def test_reload_keeps_spend(self) -> None:
+        """A reload (the same key, new limits) keeps the key's spend and its rate state."""
+        key = dataclasses.replace(ALICE, budget_usd=0.05, period="day", limits=Limits(rpm=10))
+        gw, _ = gateway(key)
+        chat(gw, "lg-alice")
+        answer(gw, gw.http.calls[0], 10, 10)
+        gw.resource.reconfigure(dataclasses.replace(gw.cfg, key_records=(dataclasses.replace(key, limits=Limits(rpm=20)),)))
+        self.assertAlmostEqual(gw.resource.quotas.state.spend["alice"].spent["day"], 0.02)
+        status, headers, _ = response(chat(gw, "lg-alice"))
+        self.assertEqual(status, 429)  # 0.02 spent + ~0.033 estimated > 0.05
+        self.assertEqual(headers[b"x-ratelimit-remaining-requests"], [b"19"])
+
+
 class LimitTests(SynchronousTestCase):
     def test_rpm_429_openai_headers(self) -> None:
         """Over its rpm a key gets 429 rate_limit_exceeded with retry-after and the x-ratelimit-* headers."""
