@@ -16,6 +16,7 @@ the previous one after a restart.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from typing import Any, Callable, Iterable, Optional
 
@@ -60,8 +61,6 @@ def spend_from_ledger(path: str, now: float, keys: Optional[Iterable[str]] = Non
     outcome: a cancelled or interrupted request's cost is spent too.  A
     missing ledger has spent nothing.  Sync: call it off the reactor thread.
     """
-    import os
-
     if not os.path.exists(path):
         return {}
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)

@@ -10,8 +10,6 @@ flight are not dropped and spend is not reset by it.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import sys
 import time
 import tomllib

@@ -268,3 +268,54 @@ class OvershootTests(SynchronousTestCase):
         self.assertLessEqual(used, 1000 + admitted * self.ERROR)
         self.assertGreater(used + used // admitted, 1000)
         self.assertEqual([response(t)[0] for t in ts].count(429), self.N - admitted)
+
+
+class GarbageTests(SynchronousTestCase):
+    """Keys, limits and budgets add no cyclic garbage per request."""
+
+    def test_no_cycles(self) -> None:
+        """Admitted and settled, refused 429 (rate and budget), refused 403: gc finds nothing to free."""
+        from tests.test_garbage import close, cyclic_garbage
+
+        limited = dataclasses.replace(ALICE, models=("public-*",), limits=Limits(rpm=1000, tpm=10**6, concurrency=3), budget_usd=1e6)
+        broke = KeyRecord("broke", digest(b"lg-broke"), budget_usd=0.0)
+        slow = KeyRecord("slow", digest(b"lg-slow"), limits=Limits(rpm=1))
+        gw, ledger = gateway(limited, broke, slow)
+
+        def scenario() -> None:
+            for secret, model in (("lg-alice", "public-model"), ("lg-broke", "public-model"),
+                                  ("lg-slow", "public-model"), ("lg-slow", "public-model"), ("lg-alice", "gpt-x")):
+                channel, t = gw.post("/v1/chat/completions", {"model": model, "messages": [], "max_tokens": 5},
+                                     headers={"authorization": f"Bearer {secret}"})
+                for call in gw.http.calls:
+                    answer(gw, call, 1, 1)
+                gw.http.calls.clear()
+                close(channel)
+            for _ in range(3):
+                gw.clock.advance(0)
+            gw.accounting.exchanges.clear()
+            ledger.records.clear()
+
+        scenario()
+        found = cyclic_garbage(scenario)
+        self.assertEqual(found, {}, f"cyclic garbage: {dict(found)}")
+        self.assertEqual(gw.resource.quotas.held, 0)
+
+
+class ConfigTests(SynchronousTestCase):
+    def test_keys_settings(self) -> None:
+        """[keys] file and default_output_tokens are settings, not keys; the default is what a request without max_tokens reserves."""
+        cfg = make_config(keys={"file": "k.json", "default_output_tokens": 100, "legacy": {"api_key_env": "GW_KEY"}})
+        self.assertEqual((cfg.key_file, cfg.default_output_tokens, [k.name for k in cfg.keys]), ("k.json", 100, ["legacy"]))
+        gw, _ = gateway(dataclasses.replace(ALICE, limits=Limits(tpm=1000)), keys={"default_output_tokens": 100})
+        chat(gw, "lg-alice", max_tokens=None)
+        (call,) = gw.http.calls
+        size = len(call["data"]) if "data" in call else None
+        remaining = gw.resource.quotas.state.scopes["alice"].tokens.level
+        self.assertEqual(1000 - remaining, -(-size // 4) + 100)
+
+    def test_bad_default_output(self) -> None:
+        """A default_output_tokens that is not a positive integer is a config error."""
+        from llmgate.config import ConfigError
+
+        self.assertRaises(ConfigError, make_config, keys={"default_output_tokens": 0})
