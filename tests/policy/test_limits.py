@@ -74,6 +74,18 @@ class RateTests(SynchronousTestCase):
         self.assertEqual(v2.headers[b"x-ratelimit-remaining-tokens"], b"300")
         self.assertEqual(q.held, 0)
 
+    def test_request_above_a_minute_waits_for_full_bucket(self) -> None:
+        """A request estimated above the tpm waits for a full bucket, then goes (and leaves it owing)."""
+        q = quotas()
+        key = KeyRecord("a", b"x" * 32, limits=Limits(tpm=100))
+        q.hold("r1", q.admit(key, "m", "openai", 30, None).reservation)
+        v = q.admit(key, "m", "openai", 500, None)
+        self.assertEqual((v.status, v.headers[b"retry-after"]), (429, b"18"))  # 30 tokens at 100/min
+        q.clock.advance(18)
+        v = q.admit(key, "m", "openai", 500, None)
+        self.assertIsNotNone(v.reservation)
+        self.assertEqual(q.state.scopes["a"].tokens.level, -400)
+
     def test_concurrency(self) -> None:
         """At most `concurrency` requests in flight; a settled one frees its slot."""
         q = quotas()
