@@ -29,6 +29,7 @@ from llmgate.ops import gcstats
 from llmgate.ops.executors import BoundedExecutor
 from llmgate.ops.memory import Trimmer, tune_malloc
 from llmgate.ops.threads import ThreadRunner
+from llmgate.policy.budgets import SpendLoader
 from llmgate.reload import Reloader
 from llmgate.service import Listener, OrderedMultiService
 from llmgate.edge.site import GatewaySite
@@ -88,7 +89,7 @@ class Options(usage.Options):
                 self["loaded"] = configmod.load(self["config"])
             elif not self["demo"]:
                 self["loaded"] = configmod.from_environment()
-            open_relay = self["loaded"] is None or not self["loaded"].keys
+            open_relay = self["loaded"] is None or not self["loaded"].keyed
             self["ports"] = configmod.listen_endpoints(self["raw_ports"], open_relay)
             self["bare_public"] = not open_relay and any(
                 p.isdigit() for p in self["raw_ports"] or ["8080"]
@@ -218,6 +219,8 @@ def build(
         on_big_body_done=trimmer.freed,
     )
     root.watchdog.setServiceParent(top)
+    # Budgets go on from the spend in the ledger (started above).
+    SpendLoader(root.quotas, cfg.ledger_path if cfg.ledger_enabled else None, in_thread).setServiceParent(top)
     site = GatewaySite(root, reactor, cfg.max_body_bytes, cfg.max_buffered_body_bytes)
     # Stopped after the listeners (children stop in reverse order) and
     # before the pool and the ledger.
@@ -247,7 +250,7 @@ def _reload_refusal(new: configmod.Config, bare_public: bool) -> Optional[str]:
     keys were configured must not become an open relay by a reload that
     removes the last key.
     """
-    if bare_public and not new.keys:
+    if bare_public and not new.keyed:
         return (
             "keys: the new file has no gateway keys, but a bare --port listens on every "
             "interface (chosen at start because keys were set), so anyone could spend the "

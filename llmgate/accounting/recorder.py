@@ -337,6 +337,9 @@ class Accounting:
         # Requests admitted and not finished: request_id -> [exchange,
         # bytes_out at the last progress report].
         self._open: dict[str, list[Any]] = {}
+        # Called with every final record (L{llmgate.policy.limits.Quotas.settle}):
+        # budgets and limits settle on the numbers the ledger gets.
+        self.on_settle: Optional[Callable[[UsageRecord], Any]] = None
         if ledger is not None and hasattr(ledger, "progress_source"):
             ledger.progress_source = self.progress
 
@@ -569,6 +572,8 @@ class Accounting:
 
     def _sink(self, rec: UsageRecord) -> None:
         rec = clip_record(rec)
+        if self.on_settle is not None:
+            self.on_settle(rec)
         if self.metrics is not None:
             self.metrics.observe(rec)
         if self.ledger is not None:
