@@ -25,7 +25,7 @@ from llmgate.accounting.ledger import Ledger
 from llmgate.ops.metrics import Metrics, MetricsResource
 from llmgate.accounting.prices import PriceTable
 from llmgate.ops.drain import Drain
-from llmgate.ops import gcstats
+from llmgate.ops import gcstats, status
 from llmgate.ops.executors import BoundedExecutor
 from llmgate.ops.memory import Trimmer, tune_malloc
 from llmgate.ops.threads import ThreadRunner
@@ -237,7 +237,15 @@ def build(
     if cfg.metrics_port:
         # On its own listener: metrics name keys and models, which are not
         # for every client of the gateway to read.
-        msite = Site(MetricsResource(metrics.registry), reactor=reactor)
+        # -- the status page (llmgate.ops.status) beside /metrics --
+        metrics.board = status.StatusBoard(reactor)
+        admin = status.AdminRoot(
+            MetricsResource(metrics.registry),
+            status.StatusResource(
+                metrics.board, lambda: len(root.active), lambda: root.quotas, lambda: root.keys.by_name.values()
+            ),
+        )
+        msite = Site(admin, reactor=reactor)
         msite.log = lambda request: None  # type: ignore[method-assign]
         ep = endpoints.serverFromString(reactor, cfg.metrics_port)
         Listener("[metrics] port", cfg.metrics_port, ep, msite, reactor).setServiceParent(top)
@@ -361,7 +369,13 @@ def _supervisor(options: Options, reactor: Any) -> service.MultiService:
     for h in held:
         h.setServiceParent(top)
     if cfg.metrics_port:
-        msite = Site(AggregateMetricsResource(metrics_dir.get, in_thread), reactor=reactor)
+        msite = Site(
+            status.AdminRoot(
+                AggregateMetricsResource(metrics_dir.get, in_thread),
+                status.WorkersStatusResource(options["worker_count"]),
+            ),
+            reactor=reactor,
+        )
         msite.log = lambda request: None  # type: ignore[method-assign]
         ep = endpoints.serverFromString(reactor, cfg.metrics_port)
         Listener("[metrics] port", cfg.metrics_port, ep, msite, reactor).setServiceParent(top)

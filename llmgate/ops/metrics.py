@@ -96,6 +96,8 @@ class Metrics:
         self._executors: list[Any] = []
         self._models: set[str] = set()
         self._children: dict[tuple[Any, ...], Any] = {}
+        # -- status page (llmgate.ops.status): a StatusBoard fed below --
+        self.board: Any = None
 
     def _child(self, metric: Any, *labels: str) -> Any:
         # labels() takes a lock and builds a key on every call; cache the
@@ -141,6 +143,9 @@ class Metrics:
 
     def observe(self, rec: Any) -> None:
         """Account for one finished request's usage record."""
+        # -- status page (llmgate.ops.status) --
+        if self.board is not None:
+            self.board.observe(rec)
         # Unknown paths come from clients too: label them all "other".
         route = rec.route if rec.route in _ROUTES else "other"
         self._child(self.requests, route, str(rec.status), rec.outcome).inc()
