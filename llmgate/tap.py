@@ -372,7 +372,7 @@ def _supervisor(options: Options, reactor: Any) -> service.MultiService:
         msite = Site(
             status.AdminRoot(
                 AggregateMetricsResource(metrics_dir.get, in_thread),
-                status.WorkersStatusResource(options["worker_count"]),
+                status.WorkersStatusResource(options["worker_count"], metrics_dir.get, in_thread, reactor),
             ),
             reactor=reactor,
         )

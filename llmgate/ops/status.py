@@ -28,8 +28,11 @@ from clients.
 
 Under C{--workers N} (N above 1) the admin listener is the supervisor's,
 which relays no request; each worker's board is its own.  The supervisor
-serves L{WorkersStatusResource}: a page saying so, that points to the
-summed C{/metrics} (and so to the Grafana dashboard in C{docs/}).
+serves L{WorkersStatusResource}: the supervisor's view, built from the
+workers' summed metrics (the files C{/metrics} sums): live streams,
+requests by outcome, tokens and cost by provider and TTFT percentiles
+(from the histogram's buckets), since start; the page says that the
+per-minute view, the spend per key and the last errors are per worker.
 """
 
 from __future__ import annotations
@@ -347,28 +350,157 @@ class StatusResource(Resource):
         return page.encode("utf-8")
 
 
+def summarize(families: Iterable[Any]) -> dict[str, Any]:
+    """
+    The supervisor's view under C{--workers}: figures since start from
+    the workers' summed metric families (L{prometheus_client} C{Metric}s).
+    Pure: the reading of the files is L{aggregate_view}'s.
+    """
+    view: dict[str, Any] = {
+        "active": 0.0, "outcomes": {}, "providers": {}, "ttft": None,
+        "ledger": {}, "requests": 0.0,
+    }
+    buckets: dict[float, float] = {}
+    for fam in families:
+        for smp in fam.samples:
+            name, labels, value = smp.name, smp.labels, smp.value
+            if name == "llmgate_active_requests":
+                view["active"] += value
+            elif name == "llmgate_requests_total":
+                view["requests"] += value
+                o = labels.get("outcome", "?")
+                view["outcomes"][o] = view["outcomes"].get(o, 0.0) + value
+            elif name in ("llmgate_tokens_total", "llmgate_cost_usd_total"):
+                p = view["providers"].setdefault(labels.get("provider") or "-", [0.0, 0.0])
+                p[0 if name == "llmgate_tokens_total" else 1] += value
+            elif name == "llmgate_ttft_seconds_bucket":
+                le = float(labels["le"])
+                buckets[le] = buckets.get(le, 0.0) + value
+            elif name in ("llmgate_ledger_pending", "llmgate_ledger_write_failures", "llmgate_ledger_dropped"):
+                key = name[len("llmgate_ledger_"):]
+                view["ledger"][key] = view["ledger"].get(key, 0.0) + value
+    bounds = sorted(buckets.items())
+    total = bounds[-1][1] if bounds else 0.0
+    if total > 0:
+        view["ttft"] = (int(total), {q: _bucket_quantile(q, bounds) * 1000.0 for q in (0.5, 0.9, 0.99)})
+    return view
+
+
+def _bucket_quantile(q: float, bounds: list[tuple[float, float]]) -> float:
+    """Prometheus's C{histogram_quantile} over cumulative (upper bound, count) pairs, +Inf last."""
+    rank = q * bounds[-1][1]
+    lower, below = 0.0, 0.0
+    for upper, count in bounds:
+        if count >= rank:
+            if upper == float("inf"):
+                return lower
+            if count == below:
+                return upper
+            return lower + (upper - lower) * (rank - below) / (count - below)
+        lower, below = upper, count
+    return lower
+
+
+def aggregate_view(path: str) -> dict[str, Any]:
+    """L{summarize} of the multiprocess files in C{path}.  Reads files: call it off the reactor."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=path)
+    return summarize(registry.collect())
+
+
+def render_workers(view: dict[str, Any], workers: int, now: float, version: str = "") -> str:
+    """The supervisor's page (escaped), from L{summarize}'s view."""
+    out = [
+        "<!doctype html><html lang=en><head><meta charset=utf-8>",
+        f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}">',
+        f"<title>llmgate status</title><style>{_CSS}</style></head><body>",
+        f"<h1>llmgate {_e(version)}</h1>",
+        f'<p class=muted>{_e(time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now)))} '
+        f"· {int(workers)} worker processes, summed since start · refreshes every {REFRESH_SECONDS} s · "
+        '<a href="/metrics">/metrics</a></p>',
+        f"<p>Live streams: <span class=big id=live>{int(view['active'])}</span></p>",
+        f"<h2>Requests since start by outcome</h2><table id=outcomes><tr><th class=l>outcome</th><th>requests</th></tr>",
+    ]
+    for outcome, n in sorted(view["outcomes"].items()):
+        cls = " class=err" if outcome in ERROR_OUTCOMES and n else ""
+        out.append(f'<tr data-outcome="{_e(outcome)}"><td class=l>{_e(outcome)}</td><td{cls}>{int(n)}</td></tr>')
+    out.append(f"<tr><th class=l>all</th><th>{int(view['requests'])}</th></tr></table>")
+    out.append("<h2>Tokens and spend since start by provider</h2>")
+    if view["providers"]:
+        out.append("<table id=providers><tr><th class=l>provider</th><th>tokens</th><th>cost</th></tr>")
+        for p, (tok, cost) in sorted(view["providers"].items()):
+            out.append(f'<tr data-provider="{_e(p)}"><td class=l>{_e(p)}</td><td>{int(tok)}</td><td>${cost:,.4f}</td></tr>')
+        out.append("</table>")
+    else:
+        out.append("<p class=muted>No tokens counted yet.</p>")
+    out.append("<h2>Time to first token since start (from the histogram's buckets)</h2>")
+    if view["ttft"] is None:
+        out.append("<p class=muted id=ttft>No streams yet.</p>")
+    else:
+        n, q = view["ttft"]
+        out.append(
+            "<table id=ttft><tr><th>samples</th><th>p50</th><th>p90</th><th>p99</th></tr>"
+            f"<tr><td>{n}</td><td>{_ms(q[0.5])}</td><td>{_ms(q[0.9])}</td><td>{_ms(q[0.99])}</td></tr></table>"
+        )
+    led = view["ledger"]
+    if led:
+        out.append(
+            "<h2>Usage ledger</h2><table id=ledger><tr><th>pending</th><th>write failures</th><th>dropped</th></tr>"
+            f"<tr><td>{int(led.get('pending', 0))}</td><td>{int(led.get('write_failures', 0))}</td>"
+            f"<td>{int(led.get('dropped', 0))}</td></tr></table>"
+        )
+    out.append(
+        "<p class=muted>The per-minute view, the spend per key and the last errors are kept by each "
+        "worker and are not shown here; <code>--workers 1</code> serves the full page.</p></body></html>"
+    )
+    return "".join(out)
+
+
 class WorkersStatusResource(Resource):
-    """The supervisor's C{/status} under C{--workers N}: what it can and cannot show."""
+    """
+    The supervisor's C{/status} under C{--workers N}: the workers' summed
+    metrics (read in a thread, like L{AggregateMetricsResource}).
+    """
 
     isLeaf = True
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, path: Callable[[], str], in_thread: Any, clock: Any) -> None:
         super().__init__()
         self.workers = workers
+        self.path = path
+        self._in_thread = in_thread
+        self._clock = clock
+        self._version = _version()
 
-    def render_GET(self, request: Any) -> bytes:
-        page = (
-            "<!doctype html><html lang=en><head><meta charset=utf-8><title>llmgate status</title>"
-            f"<style>{_CSS}</style></head><body><h1>llmgate {_e(_version())}</h1>"
-            f"<p>This gateway runs {int(self.workers)} worker processes; this listener is their "
-            "supervisor's, which relays no request itself. The per-minute view, the spend per key "
-            "and the last errors are kept by each worker, so this page does not show them: the "
-            'counters of every worker, summed, are at <a href="/metrics">/metrics</a> (and the '
-            "Grafana dashboard in docs/grafana-llmgate.json draws them). Run with "
-            "<code>--workers 1</code> for the full page.</p></body></html>"
-        )
-        request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        return page.encode("utf-8")
+    def render_GET(self, request: Any) -> Any:
+        from twisted.web.server import NOT_DONE_YET
+
+        d = self._in_thread(aggregate_view, self.path())
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def done(view: dict[str, Any]) -> None:
+            if gone:
+                return
+            page = render_workers(view, self.workers, self._clock.seconds(), self._version)
+            request.setHeader(b"content-type", b"text/html; charset=utf-8")
+            request.setHeader(b"cache-control", b"no-store")
+            request.write(page.encode("utf-8"))
+            request.finish()
+
+        def failed(f: Any) -> None:
+            from twisted.logger import Logger
+
+            Logger(namespace="llmgate.status").failure("reading the workers' metrics failed", f)
+            if not gone:
+                request.setResponseCode(500)
+                request.finish()
+
+        d.addCallbacks(done, failed)
+        return NOT_DONE_YET
 
 
 class AdminRoot(Resource):

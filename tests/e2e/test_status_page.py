@@ -3,6 +3,9 @@ End to end: the status page on the admin listener, loaded by a real
 headless Chromium after real traffic through a real twistd gateway in
 front of the mock provider.
 
+Under C{--workers 2}, the supervisor's page of the workers' summed
+metrics, in the same browser.
+
 Chromium is required (CI installs Debian's C{chromium}); without it these
 tests fail with a message saying so, they do not skip.
 """
@@ -53,6 +56,21 @@ def _free_port() -> int:
 
 def _post(port: int, body: dict[str, Any], key: str, fault: str = "") -> tuple[int, bytes]:
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+    if fault:
+        headers["x-mock-fault"] = fault
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(body).encode(), headers=headers, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=20) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _post_local(port: int, body: dict[str, Any], fault: str = "") -> tuple[int, bytes]:
+    """A keyless gateway answers loopback Host names only."""
+    headers = {"Content-Type": "application/json", "Host": "localhost"}
     if fault:
         headers["x-mock-fault"] = fault
     req = urllib.request.Request(
@@ -181,6 +199,62 @@ class StatusPageTests(SynchronousTestCase):
         self.assertNotIn("sk-upstream-secret-e2e", dom)
         self.assertNotIn(secret, dom)
 
+        self.assert_screenshot(url, d, "single")
+
+    def test_supervisor_page_under_workers(self) -> None:
+        """
+        Under C{--workers 2} the supervisor's page, loaded by Chromium,
+        shows the requests of both workers summed: completed and
+        upstream_error counts, TTFT percentiles, and says what it leaves out.
+        """
+        _chromium()
+        d = tempfile.mkdtemp(prefix="llmgate-e2e-status-")
+        self.addCleanup(shutil.rmtree, d, True)
+        mock = Daemon("llmgate-mock", ["--port", "tcp:0:interface=127.0.0.1"], d)
+        self.addCleanup(mock.stop)
+        mport = _free_port()
+        conf = os.path.join(d, "llmgate.toml")
+        with open(conf, "w") as f:
+            f.write(gateway_config(
+                mock.port, f'[ledger]\nenabled = false\n[metrics]\nport = "tcp:{mport}:interface=127.0.0.1"\n'
+            ))
+        gw = Daemon(
+            "llmgate", ["--config", conf, "--workers", "2", "--port", "tcp:0:interface=127.0.0.1"], d,
+            env={"E2E_UPSTREAM_KEY": "sk-upstream-secret-e2e"},
+        )
+        self.addCleanup(gw.stop)
+        for i in (0, 1):
+            gw.wait_for(rf"worker {i} \(pid \d+\) is serving")
+        stream = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        for _ in range(6):
+            self.assertEqual(_post_local(gw.port, stream)[0], 200)
+        self.assertGreaterEqual(_post_local(gw.port, stream, fault="status-500")[0], 500)
+
+        url = f"http://127.0.0.1:{mport}/status"
+        deadline = time.monotonic() + 20
+        while True:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                raw = r.read().decode()
+            if re.search(r'data-outcome="upstream_error"><td class=l>upstream_error</td><td class=err>1<', raw) and \
+                    re.search(r'data-outcome="completed"><td class=l>completed</td><td>6<', raw):
+                break
+            self.assertLess(time.monotonic(), deadline, f"the workers' requests never showed:\n{raw}")
+            time.sleep(0.2)
+
+        done = _browser("--dump-dom", url)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        dom = done.stdout
+        self.assertIn("2 worker processes", dom)
+        self.assertRegex(dom, r'<tr data-outcome="completed"><td class="l">completed</td><td>6</td></tr>')
+        self.assertRegex(dom, r'<tr data-outcome="upstream_error"><td class="l">upstream_error</td><td class="err">1</td></tr>')
+        ttft = _text(dom, "ttft")
+        self.assertEqual(len(re.findall(r"\d+(?:\.\d+)? ms", ttft)), 3, ttft)
+        self.assertIn("--workers 1", dom)
+        self.assertNotIn("sk-upstream-secret-e2e", dom)
+        self.assert_screenshot(url, d, "workers")
+
+    def assert_screenshot(self, url: str, d: str, name: str) -> None:
+        """A screenshot of C{url} is a PNG of some size (kept if LLMGATE_KEEP_SCREENSHOT names a path)."""
         png = os.path.join(d, "status.png")
         shot = _browser(f"--screenshot={png}", "--window-size=1100,1400", url)
         self.assertEqual(shot.returncode, 0, shot.stderr)
@@ -188,8 +262,9 @@ class StatusPageTests(SynchronousTestCase):
             data = f.read()
         self.assertEqual(data[:8], b"\x89PNG\r\n\x1a\n")
         self.assertGreater(len(data), 20_000)
-        if os.environ.get("LLMGATE_KEEP_SCREENSHOT"):
-            shutil.copy(png, os.environ["LLMGATE_KEEP_SCREENSHOT"])
+        keep = os.environ.get("LLMGATE_KEEP_SCREENSHOT")
+        if keep:
+            shutil.copy(png, f"{keep}.{name}.png")
 
     def test_chromium_required(self) -> None:
         """The browser is found (CI installs it); a missing one fails this test, never skips it."""

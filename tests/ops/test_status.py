@@ -175,9 +175,63 @@ class AdminRouteTests(SynchronousTestCase):
         code, _, _ = self.get(b"/nothing")
         self.assertEqual(code, 404)
 
+
+
+class WorkersViewTests(SynchronousTestCase):
+    def test_summary_of_summed_metrics(self) -> None:
+        """
+        The supervisor's view reads the metric families: live requests,
+        requests by outcome, tokens and cost by provider, TTFT percentiles
+        interpolated in the histogram's buckets as Prometheus does.
+        """
+        metrics = Metrics()
+        metrics.active.inc(2)
+        for ms in (30.0, 35.0, 40.0, 45.0):  # all in the (0.025, 0.05] bucket
+            metrics.observe(replace(REC, ttft_ms=ms, cost_usd=0.25))
+        metrics.observe(replace(REC, outcome="upstream_error", status=500, ttft_ms=None, source=None))
+        view = status.summarize(metrics.registry.collect())
+        self.assertEqual(view["active"], 2.0)
+        self.assertEqual(view["outcomes"], {"completed": 4.0, "upstream_error": 1.0})
+        self.assertEqual(view["requests"], 5.0)
+        self.assertEqual(view["providers"], {"openai": [8.0, 1.0]})
+        n, q = view["ttft"]
+        self.assertEqual(n, 4)
+        # Rank 2 of 4 in the bucket (25 ms, 50 ms] holding all four: 25 + 25 * 2/4.
+        self.assertAlmostEqual(q[0.5], 37.5)
+        self.assertAlmostEqual(q[0.99], 25 + 25 * 3.96 / 4)
+
+    def test_quantile_in_inf_bucket(self) -> None:
+        """A rank in the +Inf bucket reads the highest finite bound, as histogram_quantile does."""
+        self.assertEqual(status._bucket_quantile(0.99, [(1.0, 1.0), (float("inf"), 10.0)]), 1.0)
+
     def test_workers_page(self) -> None:
-        """The supervisor's page says the live figures are per worker and points to /metrics."""
+        """The supervisor's page shows the summed figures, escaped, and says what is per worker."""
+        clock = Clock()
+        clock.advance(NOON)
+        view = {
+            "active": 3.0, "outcomes": {"completed": 7.0, "upstream_error": 2.0}, "requests": 9.0,
+            "providers": {"<p>": [10.0, 0.5]}, "ttft": (7, {0.5: 12.0, 0.9: 40.0, 0.99: 80.0}), "ledger": {"pending": 1.0},
+        }
+        seen = []
+
+        def in_thread(f: Any, path: str) -> Any:
+            from twisted.internet.defer import succeed
+
+            seen.append((f, path))
+            return succeed(view)
+
         req = DummyRequest([b"status"])
-        body = status.WorkersStatusResource(3).render(req)
-        self.assertIn(b"3 worker processes", body)
-        self.assertIn(b'href="/metrics"', body)
+        res = status.WorkersStatusResource(3, lambda: "/dir", in_thread, clock)
+        from twisted.web.server import NOT_DONE_YET
+
+        self.assertIs(res.render(req), NOT_DONE_YET)
+        self.assertEqual(seen, [(status.aggregate_view, "/dir")])
+        body = b"".join(req.written).decode()
+        self.assertTrue(req.finished)
+        self.assertIn("3 worker processes", body)
+        self.assertIn('<span class=big id=live>3</span>', body)
+        self.assertIn('<tr data-outcome="upstream_error"><td class=l>upstream_error</td><td class=err>2</td>', body)
+        self.assertIn("&lt;p&gt;", body)
+        self.assertNotIn("<p>", body.split("<body>")[1].replace("<p class=muted>", "").replace("<p>Live", ""))
+        self.assertIn("<td>12 ms</td><td>40 ms</td><td>80 ms</td>", body)
+        self.assertIn("--workers 1", body)
