@@ -102,6 +102,9 @@ class UsageRecord:
     @ivar served_model: the model the provider's response named (a router
         deployment or a fallback list may serve another model than the one
         asked for), or C{None} if the response named none.
+    @ivar request_id: the gateway's own unique id of the request.
+    @ivar client_request_id: the valid C{x-request-id} the client sent, if
+        it sent one (clients may repeat ids: it is not a key).
     """
 
     request_id: str
@@ -128,6 +131,7 @@ class UsageRecord:
     bytes_in: int
     bytes_out: int
     served_model: Optional[str] = None
+    client_request_id: Optional[str] = None
 
 
 COLUMNS = tuple(f.name for f in fields(UsageRecord))
@@ -159,6 +163,7 @@ CREATE TABLE IF NOT EXISTS usage (
     bytes_in INTEGER NOT NULL,
     bytes_out INTEGER NOT NULL,
     served_model TEXT,
+    client_request_id TEXT,
     owner TEXT
 );
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);

@@ -125,4 +125,9 @@ def copy_response_headers(upstream: Headers, downstream: Headers, redact: Option
     if redact is not None and redact.needed(b"\n".join(v for _, values in items for v in values)):
         items = [(name, [redact(v) for v in values]) for name, values in items]
     for name, values in items:
+        if name == b"x-request-id":
+            # The gateway answers with its own x-request-id (see
+            # llmgate.edge.requestid); the provider's keeps its value
+            # under another name.
+            name = b"x-upstream-request-id"
         downstream.setRawHeaders(name, values)

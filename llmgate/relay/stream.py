@@ -179,6 +179,10 @@ class Exchange:
     ended: Optional[float] = None
     bytes_out: int = 0
     upstream_request_id: Optional[str] = None
+    # The client's own valid x-request-id, if it sent one (request_id is
+    # always the gateway's unique id), and the client's address.
+    client_request_id: Optional[str] = None
+    client: str = ""
 
     @property
     def ttft(self) -> Optional[float]:
@@ -191,9 +195,9 @@ class Exchange:
         return (self.ended or self.started) - self.started
 
 
-def new_exchange(**kw: Any) -> Exchange:
+def new_exchange(request_id: Optional[str] = None, **kw: Any) -> Exchange:
     # 128 random bits as hex, like uuid4().hex without building a UUID.
-    return Exchange(request_id=os.urandom(16).hex(), wall_start=time.time(), **kw)
+    return Exchange(request_id=request_id or os.urandom(16).hex(), wall_start=time.time(), **kw)
 
 
 class _BodyRelay(Protocol):
