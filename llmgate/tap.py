@@ -25,7 +25,7 @@ from llmgate.accounting.ledger import Ledger
 from llmgate.ops.metrics import Metrics, MetricsResource
 from llmgate.accounting.prices import PriceTable
 from llmgate.ops.drain import Drain
-from llmgate.ops import gcstats
+from llmgate.ops import gcstats, logformat
 from llmgate.ops.executors import BoundedExecutor
 from llmgate.ops.memory import Trimmer, tune_malloc
 from llmgate.ops.threads import ThreadRunner
@@ -59,6 +59,8 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", None, "Path of a TOML config file."],
+        ["log-format", None, "text",
+         "text, or json: one JSON object per line (access lines with their fields as keys)."],
         ["workers", "w", "auto",
          "Worker processes serving the ports: auto (one per CPU) or a number; "
          "1 serves in this process, as without workers."],
@@ -82,6 +84,12 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if self["demo"] and self["config"]:
             raise usage.UsageError("--demo and --config are exclusive")
+        if self["log-format"] not in logformat.FORMATS:
+            raise usage.UsageError("--log-format must be text or json")
+        self["log_format"] = self["log-format"]
+        parent = getattr(self, "parent", None)
+        if self["log_format"] == "json" and parent is not None:
+            logformat.use_for_twistd(parent)
         self["loaded"] = None
         try:
             if self["config"]:

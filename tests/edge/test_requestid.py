@@ -137,3 +137,18 @@ class MigrationTests(SynchronousTestCase):
         conn.execute("CREATE TABLE usage (request_id TEXT NOT NULL UNIQUE)")
         added = add_missing_columns(conn)
         self.assertIn("client_request_id", added)
+
+
+class AccessLineTests(SynchronousTestCase):
+    def test_rejected_logs_real_method_and_client(self) -> None:
+        """A refused GET is logged as GET, with the client's address and the fields as keys."""
+        gw, ledger = gateway()
+        channel, t = gw.connect()
+        with capturedLogs() as events:
+            channel.dataReceived(b"GET /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nX-Request-Id: g-1\r\n\r\n")
+            gw.clock.advance(0)
+        [event] = [e for e in events if e.get("log_namespace") == "llmgate.access"]
+        self.assertTrue(event["line"].startswith("GET /v1/chat/completions client=192.168.1.1 "), event["line"])
+        access = event["access"]
+        self.assertEqual((access["method"], access["status"], access["outcome"]), ("GET", 405, "rejected"))
+        self.assertEqual((access["client"], access["client_request_id"]), ("192.168.1.1", "g-1"))

@@ -1,0 +1,87 @@
+"""
+End to end: the access line and C{--log-format json} of a real twistd
+process, alone and under C{--workers 2}, with request ids from an SDK.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from typing import Any
+
+import openai
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.e2e.procs import Daemon
+
+
+def _access(gw: Daemon, client_id: str, timeout: float = 20.0) -> dict[str, Any]:
+    """The JSON access object of the request sent with C{client_id}."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in gw.output().splitlines():
+            if client_id in line and '"msg":"access"' in line:
+                return json.loads(line)
+        time.sleep(0.05)
+    raise AssertionError("no access line for " + client_id + ":\n" + gw.output())
+
+
+class JSONLogTests(SynchronousTestCase):
+    def run_json(self, workers: str) -> None:
+        tmp = tempfile.mkdtemp()
+        gw = Daemon("llmgate", ["--demo", "--port", "tcp:0:interface=127.0.0.1", "--log-format", "json", "--workers", workers], tmp)
+        self.addCleanup(gw.stop)
+        client = openai.OpenAI(base_url=gw.url("/v1"), api_key="none", max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True,
+            extra_headers={"X-Request-Id": f"e2e-json-{workers}"},
+        )
+        self.assertEqual(raw.headers["x-request-id"], f"e2e-json-{workers}")
+        list(raw.parse())
+        rec = _access(gw, f"e2e-json-{workers}")
+        self.assertEqual(rec["method"], "POST")
+        self.assertEqual(rec["route"], "/v1/chat/completions")
+        self.assertEqual(rec["client"], "127.0.0.1")
+        self.assertEqual(rec["key"], "anonymous")
+        self.assertEqual(rec["model"], "gpt-4o-mini")
+        self.assertEqual(rec["provider"], "mock-openai")
+        self.assertEqual((rec["status"], rec["outcome"], rec["stream"]), (200, "completed", True))
+        self.assertGreater(rec["input_tokens"], 0)
+        self.assertGreater(rec["output_tokens"], 0)
+        self.assertGreater(rec["cost_usd"], 0)
+        self.assertGreaterEqual(rec["duration_ms"], rec["ttft_ms"])
+        self.assertRegex(rec["request_id"], "^[0-9a-f]{32}$")
+        self.assertTrue(rec["upstream_id"])
+        if workers != "1":
+            self.assertIn("worker", rec)
+        gw.stop()
+        # Every line of the process tree, the start-up and shutdown
+        # included, is one JSON object.
+        for line in gw.output().splitlines():
+            if line.strip():
+                obj = json.loads(line)
+                self.assertIn("time", obj, line)
+                self.assertIn("msg", obj, line)
+
+    def test_json_lines(self) -> None:
+        """--log-format json: every line is a JSON object; the access object has the request's fields."""
+        self.run_json("1")
+
+    def test_json_lines_workers(self) -> None:
+        """--log-format json under --workers 2: the workers' lines are JSON objects too."""
+        self.run_json("2")
+
+    def test_text_access_line(self) -> None:
+        """The text access line names the client, tokens, cost and the ids."""
+        tmp = tempfile.mkdtemp()
+        gw = Daemon("llmgate", ["--demo", "--port", "tcp:0:interface=127.0.0.1"], tmp)
+        self.addCleanup(gw.stop)
+        client = openai.OpenAI(base_url=gw.url("/v1"), api_key="none", max_retries=0)
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"X-Request-Id": "e2e-text-1"},
+        )
+        m = gw.wait_for(r"POST /v1/chat/completions client=127\.0\.0\.1 key=anonymous model=gpt-4o-mini .* "
+                        r"in=\d+ out=\d+ cost=0\.\d+ ttft_ms=[\d.]+ ms=[\d.]+ .*id=[0-9a-f]{32} client_id=e2e-text-1 upstream_id=\S+")
+        self.assertTrue(m)
