@@ -28,6 +28,7 @@ from llmgate.ops.drain import Drain
 from llmgate.ops import gcstats, logformat
 from llmgate.ops.executors import BoundedExecutor
 from llmgate.ops.memory import Trimmer, tune_malloc
+from llmgate.ops.startup import StartupBlock
 from llmgate.ops.threads import ThreadRunner
 from llmgate.reload import Reloader
 from llmgate.service import Listener, OrderedMultiService
@@ -81,6 +82,11 @@ class Options(usage.Options):
 
     opt_p = opt_port
 
+    def opt_version(self) -> None:
+        "Print llmgate's version (and Twisted's and Python's) and exit."
+        print(version_line())
+        raise SystemExit(0)
+
     def postOptions(self) -> None:
         if self["demo"] and self["config"]:
             raise usage.UsageError("--demo and --config are exclusive")
@@ -116,6 +122,17 @@ class Options(usage.Options):
                     # auto: serve such endpoints from one process, as before.
                     self["worker_count"] = 1
                     break
+
+
+def version_line() -> str:
+    """C{llmgate X (Twisted Y, Python Z)}: what C{--version} prints."""
+    import platform
+
+    import twisted
+
+    from llmgate import __version__
+
+    return f"llmgate {__version__} (Twisted {twisted.__version__}, Python {platform.python_version()})"
 
 
 class _ListeningPort(service.Service):
@@ -236,17 +253,29 @@ def build(
         for fd, family in adopt or ():
             AdoptedPort(reactor, fd, family, site).setServiceParent(top)
         return top
+    top.listeners = []  # type: ignore[attr-defined]
     for desc in ports:
         ep = endpoints.serverFromString(reactor, desc)
-        Listener("--port", desc, ep, site, reactor).setServiceParent(top)
+        lst = Listener("--port", desc, ep, site, reactor)
+        lst.setServiceParent(top)
+        top.listeners.append(lst)  # type: ignore[attr-defined]
     if cfg.metrics_port:
         # On its own listener: metrics name keys and models, which are not
         # for every client of the gateway to read.
         msite = Site(MetricsResource(metrics.registry), reactor=reactor)
         msite.log = lambda request: None  # type: ignore[method-assign]
         ep = endpoints.serverFromString(reactor, cfg.metrics_port)
-        Listener("[metrics] port", cfg.metrics_port, ep, msite, reactor).setServiceParent(top)
+        lst = Listener("[metrics] port", cfg.metrics_port, ep, msite, reactor)
+        lst.setServiceParent(top)
+        top.listeners.append(lst)  # type: ignore[attr-defined]
     return top
+
+
+def _startup_block(options: Options, cfg: configmod.Config, workers: int, listeners: list[Any]) -> StartupBlock:
+    return StartupBlock(
+        cfg, listeners, demo=bool(options["demo"]), workers=workers,
+        raw_ports=options["raw_ports"], config_path=options["config"],
+    )
 
 
 def _reload_refusal(new: configmod.Config, bare_public: bool) -> Optional[str]:
@@ -289,9 +318,12 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
             "no providers configured: every request will get 404. Set OPENAI_API_KEY "
             "or ANTHROPIC_API_KEY (and *_BASE_URL), pass --config, or try --demo."
         )
-    build(
+    tree = build(
         cfg, reactor, options["ports"], config_path=options["config"], bare_public=options["bare_public"]
-    ).setServiceParent(top)
+    )
+    tree.setServiceParent(top)
+    # Last: logs once every listener is bound.
+    _startup_block(options, cfg, 1, tree.listeners).setServiceParent(top)
     _tune_gc()
     tune_malloc()
     return top
@@ -365,11 +397,15 @@ def _supervisor(options: Options, reactor: Any) -> service.MultiService:
     # copies of the sockets close first, then the workers drain.
     for h in held:
         h.setServiceParent(top)
+    shown: list[Any] = list(held)
     if cfg.metrics_port:
         msite = Site(AggregateMetricsResource(metrics_dir.get, in_thread), reactor=reactor)
         msite.log = lambda request: None  # type: ignore[method-assign]
         ep = endpoints.serverFromString(reactor, cfg.metrics_port)
-        Listener("[metrics] port", cfg.metrics_port, ep, msite, reactor).setServiceParent(top)
+        lst = Listener("[metrics] port", cfg.metrics_port, ep, msite, reactor)
+        lst.setServiceParent(top)
+        shown.append(lst)
+    _startup_block(options, cfg, options["worker_count"], shown).setServiceParent(top)
     return top
 
 

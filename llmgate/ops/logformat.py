@@ -54,6 +54,9 @@ def to_json(event: dict[str, Any], worker: Optional[int] = None) -> str:
         out.update(access)
     else:
         out["msg"] = formatEvent(event)
+        startup = event.get("startup")
+        if isinstance(startup, dict):
+            out["startup"] = startup
         failure = event.get("log_failure")
         if failure is not None:
             try:

@@ -55,6 +55,9 @@ class JSONLogTests(SynchronousTestCase):
         self.assertTrue(rec["upstream_id"])
         if workers != "1":
             self.assertIn("worker", rec)
+        [startup] = [json.loads(l)["startup"] for l in gw.output().splitlines() if '"startup":' in l]
+        self.assertEqual(startup["listening"][0]["address"], f"127.0.0.1:{gw.port}")
+        self.assertEqual((startup["workers"], startup["demo"]), (int(workers), True))
         gw.stop()
         # Every line of the process tree, the start-up and shutdown
         # included, is one JSON object.
@@ -85,3 +88,18 @@ class JSONLogTests(SynchronousTestCase):
         m = gw.wait_for(r"POST /v1/chat/completions client=127\.0\.0\.1 key=anonymous model=gpt-4o-mini .* "
                         r"in=\d+ out=\d+ cost=0\.\d+ ttft_ms=[\d.]+ ms=[\d.]+ .*id=[0-9a-f]{32} client_id=e2e-text-1 upstream_id=\S+")
         self.assertTrue(m)
+
+    def test_startup_block(self) -> None:
+        """Start-up logs one block: version, demo, workers, providers, bound address, ledger, metrics."""
+        from llmgate import __version__
+
+        tmp = tempfile.mkdtemp()
+        gw = Daemon("llmgate", ["--demo", "--port", "0", "--workers", "2"], tmp)
+        self.addCleanup(gw.stop)
+        gw.wait_for("metrics: ")
+        out = gw.output()
+        block = out[out.index(f"llmgate {__version__} running (demo"):]
+        for want in ("workers: 2 worker processes", "mock-openai: openai at http://127.0.0.1:",
+                     f"listening: 127.0.0.1:{gw.port} (tcp:0:interface=127.0.0.1",
+                     "a bare port (0) listens on 127.0.0.1 only", f"ledger: {tmp}/llmgate-usage.db", "metrics: off"):
+            self.assertIn(want, block)
