@@ -182,6 +182,9 @@ def build(
         # Costed when a request is recorded: a price changed by a reload
         # applies to the requests that finish after it.
         accounting.prices = PriceTable.from_config(dict(new.prices))
+        # Key labels follow the configured names (a removed key's late
+        # requests count as "other").
+        metrics.keys = frozenset(k.name for k in new.keys)
 
     # First child, so it stops last: a SIGHUP during the drain still
     # reloads instead of killing the process before the ledger is flushed.
@@ -216,7 +219,7 @@ def build(
     parse_pool.on_release = trimmer.freed
     upstream = UpstreamClient(reactor, connect_timeout=cfg.timeouts.connect)
     upstream.setServiceParent(top)
-    metrics = Metrics(models=cfg.models)
+    metrics = Metrics(models=cfg.models, keys=[k.name for k in cfg.keys])
     metrics.watch_executor(parse_pool)
     metrics.watch_executor(estimate_pool)
     pauses = gcstats.GCPauses()
@@ -262,7 +265,7 @@ def build(
     if cfg.metrics_port:
         # On its own listener: metrics name keys and models, which are not
         # for every client of the gateway to read.
-        msite = Site(MetricsResource(metrics.registry), reactor=reactor)
+        msite = Site(MetricsResource(metrics.registry, before=metrics.sync_ledger), reactor=reactor)
         msite.log = lambda request: None  # type: ignore[method-assign]
         ep = endpoints.serverFromString(reactor, cfg.metrics_port)
         lst = Listener("[metrics] port", cfg.metrics_port, ep, msite, reactor)

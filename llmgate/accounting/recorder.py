@@ -524,7 +524,7 @@ class Accounting:
         # after it was parsed (maybe in a thread).
         rec = clip_record(self._make_record(ex, usage, outcome, upstream_id, cost, served))
         self._access_log(ex, rec)
-        self._sink(rec)
+        self._sink(rec, ex)
 
     def _make_record(
         self,
@@ -564,10 +564,10 @@ class Accounting:
             client_request_id=ex.client_request_id,
         )
 
-    def _sink(self, rec: UsageRecord) -> None:
+    def _sink(self, rec: UsageRecord, ex: Optional[Exchange] = None) -> None:
         rec = clip_record(rec)
         if self.metrics is not None:
-            self.metrics.observe(rec)
+            self.metrics.observe(rec, ex)
         if self.ledger is not None:
             self.ledger.record(rec)
 
@@ -669,7 +669,7 @@ def _log_access(method: str, client: str, rec: UsageRecord) -> None:
     tokens_out = "-" if rec.output_tokens is None else rec.output_tokens
     line = (
         f"{method} {rec.route} client={client or '-'} key={rec.key_name or '-'} model={rec.model or '-'} "
-        f"served={rec.served_model or '-'} provider={rec.provider or '-'} status={rec.status} "
+        f"provider={rec.provider or '-'} served={rec.served_model or '-'} status={rec.status} "
         f"outcome={rec.outcome}{'/' + phase if phase else ''} stream={int(rec.streamed)} "
         f"in={tokens_in} out={tokens_out} cost={'-' if cost is None else f'{cost:.6f}'} "
         f"ttft_ms={_fmt_ms(rec.ttft_ms)} ms={rec.duration_ms:.1f} bytes_out={rec.bytes_out} "
