@@ -103,3 +103,67 @@ class JSONLogTests(SynchronousTestCase):
                      f"listening: 127.0.0.1:{gw.port} (tcp:0:interface=127.0.0.1",
                      "a bare port (0) listens on 127.0.0.1 only", f"ledger: {tmp}/llmgate-usage.db", "metrics: off"):
             self.assertIn(want, block)
+
+    def test_json_lines_daemonized_workers(self) -> None:
+        """
+        A daemonized twistd (--logfile) under --workers 2: the supervisor
+        relays its workers' JSON lines into its log file as they are, one
+        object per line.
+        """
+        import os
+        import signal
+        import socket
+        import subprocess
+        import sys
+
+        tmp = tempfile.mkdtemp()
+        log, pidfile = os.path.join(tmp, "gw.log"), os.path.join(tmp, "gw.pid")
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        subprocess.run(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", f"--logfile={log}",
+             f"--pidfile={pidfile}", "llmgate", "--demo", "--port", f"tcp:{port}:interface=127.0.0.1",
+             "--workers", "2", "--log-format", "json"],
+            cwd=tmp, check=True, timeout=60,
+        )
+        with open(pidfile) as f:
+            pid = int(f.read())
+
+        def stop() -> None:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    return
+                time.sleep(0.1)
+            os.kill(pid, signal.SIGKILL)
+
+        self.addCleanup(stop)
+
+        def text() -> str:
+            with open(log) as f:
+                return f.read()
+
+        deadline = time.monotonic() + 30
+        while text().count("is serving") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], extra_headers={"X-Request-Id": "daemon-1"}
+        )
+        deadline = time.monotonic() + 20
+        while '"client_request_id":"daemon-1"' not in text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stop()
+        objs = [json.loads(line) for line in text().splitlines() if line.strip()]
+        [access] = [o for o in objs if o.get("client_request_id") == "daemon-1"]
+        self.assertEqual((access["msg"], access["status"], access["model"]), ("access", 200, "gpt-4o-mini"))
+        self.assertIn("worker", access)
+        self.assertIn("startup", [k for o in objs for k in o])
