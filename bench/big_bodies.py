@@ -82,7 +82,7 @@ class Daemon:
                 self.proc.wait()
 
 
-def start(src: str) -> list[Daemon]:
+def start(src: str, workers: int = 1) -> list[Daemon]:
     """
     Two mock providers and a gateway in front of them, each its own
     process: the probe's model is served by a mock of its own, so that its
@@ -105,7 +105,10 @@ def start(src: str) -> list[Daemon]:
                     f"default = {default}\n"
                 )
             f.write('[models."probe-model"]\nprovider = "probe"\nupstream_model = "gpt-4o-mini"\n')
-        procs.append(Daemon(src, workdir, "llmgate", ["--config", conf, "--port", "tcp:0:interface=127.0.0.1"], r"GatewaySite starting on (\d+)"))
+        # One gateway process (its RSS is what is read); 0 for a checkout
+        # from before --workers existed.
+        extra = ["--workers", str(workers)] if workers else []
+        procs.append(Daemon(src, workdir, "llmgate", ["--config", conf, *extra, "--port", "tcp:0:interface=127.0.0.1"], r"GatewaySite starting on (\d+)"))
     except BaseException:
         for p in procs:
             p.stop()
@@ -173,12 +176,13 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--mb", type=float, default=30.0)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1, help="gateway --workers (0: omit, for checkouts without it)")
     ap.add_argument("--settle", type=float, default=15.0, help="seconds to wait after the attack before measuring again")
     a = ap.parse_args()
     if not (1 <= a.clients <= 100 and 0 < a.mb <= 32 and 1 <= a.rounds <= 10 and 0 <= a.settle <= 120):
         raise SystemExit("bounds: clients 1..100, mb <= 32, rounds 1..10, settle <= 120")
 
-    procs = start(a.src)
+    procs = start(a.src, a.workers)
     gw = procs[-1]
     try:
         pid = gw.proc.pid

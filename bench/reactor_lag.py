@@ -118,7 +118,7 @@ def main() -> None:
             f'[providers.m]\nkind = "openai"\nbase_url = "http://127.0.0.1:{mport}/v1"\ndefault = true\n'
             f'[ledger]\npath = "{tmp}/usage.db"\n'
         )
-    gw, gport = start("llmgate", ["--config", conf], tmp)
+    gw, gport = start("llmgate", ["--config", conf, "--workers", "1"], tmp)
     try:
         stop = threading.Event()
         done = [0]

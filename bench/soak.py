@@ -411,6 +411,11 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     ap.add_argument("--max-seconds", type=float, default=1200.0, help="stop sending new requests after this")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--idle-wait", type=float, default=75.0, metavar="SECONDS",
+                    help="after the run, wait up to this long for the fd count to fall back to the start's "
+                         "(idle pooled connections close after 60 s); 0 to skip")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="gateway worker processes (default 1: the figures are that process's)")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--gc-trace", type=float, default=0.0, metavar="SECONDS",
                     help="log the gateway's object counts per type every SECONDS and report the growth")
@@ -430,7 +435,8 @@ def main() -> int:
     mock = Proc("llmgate-mock", ["--port", "tcp:0:interface=127.0.0.1"], work)
     with open(conf, "w") as f:
         f.write(gateway_config(mock.port, ledger))
-    gw = Proc("llmgate", ["--config", conf, "--port", "tcp:0:interface=127.0.0.1"], work,
+    # One process by default: RSS and file descriptors are read from its pid.
+    gw = Proc("llmgate", ["--config", conf, "--workers", str(args.workers), "--port", "tcp:0:interface=127.0.0.1"], work,
               env={"SOAK_UPSTREAM_KEY": "soak-key"}, gc_trace=args.gc_trace)
     gw_started = time.monotonic()
     anomalies: list[str] = []
@@ -466,6 +472,16 @@ def main() -> int:
         fig["fds_end"] = settle_fds(gw, fig["fds_start"], 15)
         fig["sockets_end"] = gw.sockets()
         fig["mock_fds_end"] = mock.fds()
+        if args.idle_wait > 0:
+            # The idle pooled upstream connections close after the pool's
+            # cachedConnectionTimeout (60 s): then the count is back at the
+            # start's, or something leaked.
+            deadline = time.monotonic() + args.idle_wait
+            while time.monotonic() < deadline and gw.fds() > fig["fds_start"]:
+                time.sleep(1)
+            fig["fds_idle"] = gw.fds()
+            if fig["fds_idle"] > fig["fds_start"]:
+                anomalies.append(f"fds: {fig['fds_start']} at start, {fig['fds_idle']} after {args.idle_wait:.0f} s idle")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{mock.port}/mock/stats", timeout=10) as resp:
                 fig["mock_stats"] = json.loads(resp.read())

@@ -21,13 +21,13 @@ def _check_config(args: argparse.Namespace) -> int:
     try:
         # Run outside systemd: a systemd: endpoint is checked for syntax only.
         cfg = configmod.load(args.path, inherited=False)
-        ports = configmod.listen_endpoints(args.port, not cfg.keys, inherited=False)
+        ports = configmod.listen_endpoints(args.port, not cfg.keyed, inherited=False)
     except configmod.ConfigError as e:
         print(f"invalid configuration: {e}", file=sys.stderr)
         return 1
     print(
         f"{args.path}: OK ({len(cfg.providers)} providers, {len(cfg.models)} models, "
-        f"{len(cfg.keys)} gateway keys; listens on {', '.join(ports)}"
+        f"{len(cfg.keys) + len(cfg.key_records)} gateway keys; listens on {', '.join(ports)}"
         + (f"; metrics on {cfg.metrics_port}" if cfg.metrics_port else "")
         + ")"
     )
@@ -69,6 +69,11 @@ def parser() -> argparse.ArgumentParser:
     except ImportError:  # pragma: no cover - report ships with the package
         pass
     u.set_defaults(func=_usage)
+    k = sub.add_parser("keys", help="create, list and revoke gateway keys in the key file")
+    from llmgate.policy import cli as keys_cli
+
+    keys_cli.add_arguments(k)
+    k.set_defaults(func=keys_cli.run)
     return p
 
 

@@ -11,6 +11,7 @@ variable or a file that holds its key.
 from __future__ import annotations
 
 import math
+import dataclasses
 import os
 import tomllib
 from urllib.parse import urlsplit
@@ -77,6 +78,17 @@ class Config:
     accounting_enabled: bool = True
     prices: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     metrics_port: str | None = None
+    # The key file (L{llmgate.policy.keys}): its path and its records, read
+    # with the config (at start and on SIGHUP, off the reactor thread).
+    key_file: str | None = None
+    key_records: tuple[Any, ...] = ()
+    # Output tokens reserved for a request that sets no max_tokens.
+    default_output_tokens: int = 4096
+
+    @property
+    def keyed(self) -> bool:
+        """Whether any gateway key is configured (config or key file)."""
+        return bool(self.keys or self.key_records)
 
     def route(self, kind: str, model: str) -> tuple[Provider, str] | None:
         """
@@ -389,7 +401,15 @@ def parse(
         raise ConfigError("server.max_buffered_body_bytes: must be at least server.max_body_bytes")
 
     keys = []
-    for name, table in _expect(data.get("keys", {}), dict, "keys").items():
+    keys_table = dict(_expect(data.get("keys", {}), dict, "keys"))
+    # Scalars in [keys] are settings; tables are config keys.
+    key_file = keys_table.pop("file", None)
+    if key_file is not None:
+        _expect(key_file, str, "keys.file")
+    default_output = keys_table.pop("default_output_tokens", 4096)
+    if not isinstance(default_output, int) or isinstance(default_output, bool) or default_output <= 0:
+        raise ConfigError("keys.default_output_tokens: must be a positive integer")
+    for name, table in keys_table.items():
         where = f"keys.{name}"
         _expect(table, dict, where)
         _no_unknown(table, {"api_key_env", "api_key_file"}, where)
@@ -443,6 +463,8 @@ def parse(
         max_buffered_body_bytes=max_buffered,
         drain_seconds=_positive(server.get("drain_seconds", 25.0), "server.drain_seconds"),
         keys=tuple(keys),
+        key_file=key_file,
+        default_output_tokens=default_output,
         ledger_enabled=_expect(ledger.get("enabled", True), bool, "ledger.enabled"),
         ledger_path=_expect(ledger.get("path", "llmgate-usage.db"), str, "ledger.path"),
         ledger_batch_interval=_positive(
@@ -508,4 +530,27 @@ def load(path: str, env: Mapping[str, str] | None = None, *, inherited: bool = T
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return parse(data, env, inherited=inherited)
+    cfg = parse(data, env, inherited=inherited)
+    return with_key_file(cfg, key_file_path(path, cfg.key_file))
+
+
+def key_file_path(config_path: str, setting: str | None) -> str:
+    """
+    The key file: C{[keys] file} (relative to the config's directory), or
+    C{llmgate-keys.json} beside the config.
+    """
+    from llmgate.policy.keys import DEFAULT_FILE
+
+    base = os.path.dirname(os.path.abspath(config_path))
+    return os.path.join(base, os.path.expanduser(setting or DEFAULT_FILE))
+
+
+def with_key_file(cfg: Config, path: str) -> Config:
+    """C{cfg} with the records of the key file at C{path} (sync disk I/O)."""
+    from llmgate.policy import keys as keyfile
+
+    try:
+        records = keyfile.load(path)
+    except keyfile.KeyFileError as e:
+        raise ConfigError(f"key file {e}") from None
+    return dataclasses.replace(cfg, key_file=path, key_records=records)

@@ -5,11 +5,13 @@ SIGHUP: re-read the config file and serve new requests with it.
 Without a handler SIGHUP kills the process on the spot: no log line, and
 no ledger record for the streams in flight. Here it reloads instead, and
 atomically: the file is read, parsed and validated off the reactor thread
-by the same code that checks it at start (L{llmgate.config.load}), and only
+by the same code that checks it at start (L{llmgate.config.load}, which
+also reads the key file, L{llmgate.policy.keys}), and only
 a config that passes replaces the running one, in one step on the reactor
 thread. An invalid file is logged with its reason and the running config
 is kept. Streams in flight hold their own provider, model and timeouts, so
-they finish on the config they started with.
+they finish on the config they started with.  Rate-limit state and spend
+are kept by name across a reload; a revoked key is refused from then on.
 
 Settings bound to something opened at start (listeners, the ledger file,
 the upstream pool, the body cap, the drain) keep their running values; a
@@ -164,7 +166,7 @@ class Reloader(Service):
             path=self.path,
             providers=len(merged.providers),
             models=len(merged.models),
-            keys=len(merged.keys),
+            keys=len(merged.keys) + len(merged.key_records),
         )
         if pending:
             _log.warn(

@@ -30,6 +30,7 @@ from llmgate.ops.executors import BoundedExecutor
 from llmgate.ops.memory import Trimmer, tune_malloc
 from llmgate.ops.startup import StartupBlock
 from llmgate.ops.threads import ThreadRunner
+from llmgate.policy.budgets import SpendLoader
 from llmgate.reload import Reloader
 from llmgate.service import Listener, OrderedMultiService
 from llmgate.edge.site import GatewaySite
@@ -102,7 +103,7 @@ class Options(usage.Options):
                 self["loaded"] = configmod.load(self["config"])
             elif not self["demo"]:
                 self["loaded"] = configmod.from_environment()
-            open_relay = self["loaded"] is None or not self["loaded"].keys
+            open_relay = self["loaded"] is None or not self["loaded"].keyed
             self["ports"] = configmod.listen_endpoints(self["raw_ports"], open_relay)
             self["bare_public"] = not open_relay and any(
                 p.isdigit() for p in self["raw_ports"] or ["8080"]
@@ -122,6 +123,11 @@ class Options(usage.Options):
                     # auto: serve such endpoints from one process, as before.
                     self["worker_count"] = 1
                     break
+
+
+def key_names(cfg: configmod.Config) -> list[str]:
+    """The configured gateway key names (config and key file): the metrics' key labels."""
+    return [k.name for k in cfg.keys] + [r.name for r in cfg.key_records]
 
 
 def version_line() -> str:
@@ -184,7 +190,7 @@ def build(
         accounting.prices = PriceTable.from_config(dict(new.prices))
         # Key labels follow the configured names (a removed key's late
         # requests count as "other").
-        metrics.keys = frozenset(k.name for k in new.keys)
+        metrics.keys = frozenset(key_names(new))
 
     # First child, so it stops last: a SIGHUP during the drain still
     # reloads instead of killing the process before the ledger is flushed.
@@ -219,7 +225,7 @@ def build(
     parse_pool.on_release = trimmer.freed
     upstream = UpstreamClient(reactor, connect_timeout=cfg.timeouts.connect)
     upstream.setServiceParent(top)
-    metrics = Metrics(models=cfg.models, keys=[k.name for k in cfg.keys])
+    metrics = Metrics(models=cfg.models, keys=key_names(cfg))
     metrics.watch_executor(parse_pool)
     metrics.watch_executor(estimate_pool)
     pauses = gcstats.GCPauses()
@@ -246,6 +252,8 @@ def build(
         on_big_body_done=trimmer.freed,
     )
     root.watchdog.setServiceParent(top)
+    # Budgets go on from the spend in the ledger (started above).
+    SpendLoader(root.quotas, cfg.ledger_path if cfg.ledger_enabled else None, in_thread).setServiceParent(top)
     site = GatewaySite(root, reactor, cfg.max_body_bytes, cfg.max_buffered_body_bytes)
     # Stopped after the listeners (children stop in reverse order) and
     # before the pool and the ledger.
@@ -287,7 +295,7 @@ def _reload_refusal(new: configmod.Config, bare_public: bool) -> Optional[str]:
     keys were configured must not become an open relay by a reload that
     removes the last key.
     """
-    if bare_public and not new.keys:
+    if bare_public and not new.keyed:
         return (
             "keys: the new file has no gateway keys, but a bare --port listens on every "
             "interface (chosen at start because keys were set), so anyone could spend the "

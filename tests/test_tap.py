@@ -209,7 +209,8 @@ class ReloadWiringTests(SynchronousTestCase):
     def test_reload_reaches_routes_keys_and_prices(self) -> None:
         """
         The tree's Reloader hands an accepted file to the gateway resource
-        (routes, gateway keys) and the accounting (prices).
+        (routes, gateway keys, the key file's keys) and the accounting
+        (prices).
         """
         from twisted.internet.defer import maybeDeferred
 
@@ -232,7 +233,11 @@ class ReloadWiringTests(SynchronousTestCase):
                 base + '[models.new]\nprovider = "p"\n[keys.team]\napi_key_env = "K1"\n'
                 '[prices.new]\ninput = 1\noutput = 2\n'
             )
+        from llmgate.policy import keys as keymod
+
+        keymod.write_raw(config.key_file_path(path, None), {"filed": {"hash": "sha256:" + "0" * 64, "rpm": 3}})
         reloader.reload()
         self.assertEqual(sorted(root.config.models), ["new"])
-        self.assertEqual([name for name, _ in root._keys], ["team"])
+        self.assertEqual(sorted(root.keys.by_name), ["filed", "team"])
+        self.assertEqual(root.keys.by_name["filed"].limits.rpm, 3)
         self.assertEqual(root.accounting.prices.lookup("new").output, 2.0)

@@ -102,6 +102,9 @@ class UsageRecord:
     @ivar served_model: the model the provider's response named (a router
         deployment or a fallback list may serve another model than the one
         asked for), or C{None} if the response named none.
+    @ivar cache_creation_1h_tokens: the part of C{cache_creation_tokens}
+        written to Anthropic's 1-hour cache (priced apart); 0 in rows
+        written before this column existed.
     @ivar request_id: the gateway's own unique id of the request.
     @ivar client_request_id: the valid C{x-request-id} the client sent, if
         it sent one (clients may repeat ids: it is not a key).
@@ -131,6 +134,7 @@ class UsageRecord:
     bytes_in: int
     bytes_out: int
     served_model: Optional[str] = None
+    cache_creation_1h_tokens: int = 0
     client_request_id: Optional[str] = None
 
 
@@ -163,6 +167,7 @@ CREATE TABLE IF NOT EXISTS usage (
     bytes_in INTEGER NOT NULL,
     bytes_out INTEGER NOT NULL,
     served_model TEXT,
+    cache_creation_1h_tokens INTEGER NOT NULL DEFAULT 0,
     client_request_id TEXT,
     owner TEXT
 );

@@ -5,16 +5,19 @@ Model prices and the cost of a L{llmgate.accounting.usage.Usage}.
 Prices are USD per 1M tokens, in five buckets: uncached input, output
 (reasoning included), cached input reads, cache writes (Anthropic's
 5-minute write) and 1-hour cache writes. Because ``Usage.input_tokens`` is
-the total prompt and the cache counts are parts of it, cost is::
+the total prompt and the cache counts are parts of it (and the 1-hour
+writes ``creation_1h`` a part of all writes ``creation``), cost is::
 
     (input - cached - creation) * input + cached * cached_input
-      + creation * cache_write + output * output
+      + (creation - creation_1h) * cache_write
+      + creation_1h * cache_write_1h + output * output
 
-so nothing is charged twice. A cache bucket without its own price is
-charged at the input rate (dearer, never cheaper, than the truth).
-``Usage`` does not yet tell 1-hour cache writes from 5-minute ones, so
-``cache_write_1h`` is carried in the table but every write is charged at
-``cache_write``.
+so nothing is charged twice. A cached-read or 5-minute-write bucket without
+its own price is charged at the input rate. A 1-hour write without its own
+price is charged at 2x the input rate: only Anthropic reports 1-hour
+writes, and Anthropic documents them as 2x the base input price (the
+price file drops an Anthropic 1-hour price that is not), so falling back
+to the 5-minute rate would undercharge them.
 
 Long context: some models cost more when the prompt is large (Anthropic's
 Sonnet 4 and 4.5 above 200k input tokens, OpenAI's GPT-5.4 above 272k). A
@@ -330,12 +333,15 @@ class PriceTable:
         cached = max(0, usage.cached_input_tokens or 0)
         creation = max(0, usage.cache_creation_tokens or 0)
         uncached = max(0, total_in - cached - creation)
+        creation_1h = min(creation, max(0, usage.cache_creation_1h_tokens or 0))
         cached_rate = price.input if price.cached_input is None else price.cached_input
         write_rate = price.input if price.cache_write is None else price.cache_write
+        write_1h_rate = 2 * price.input if price.cache_write_1h is None else price.cache_write_1h
         micro = (
             uncached * price.input
             + cached * cached_rate
-            + creation * write_rate
+            + (creation - creation_1h) * write_rate
+            + creation_1h * write_1h_rate
             + (usage.output_tokens or 0) * price.output
         )
         return micro / 1_000_000
@@ -348,7 +354,8 @@ class PriceTable:
         source?} in USD per 1M tokens; C{tiers} is a list of {above,
         input?, output?, cached_input?, cache_write?, cache_write_1h?}.
         An entry replaces the default for that model entirely (an omitted
-        cache price means "charge input rate", not "keep the default").
+        cache price means "charge input rate", 2x input for
+        C{cache_write_1h}, not "keep the default").
 
         @raise ValueError: naming the bad model or key.
         """

@@ -285,6 +285,7 @@ def estimate_usage(counter: RequestCounter, model: str, request_body: dict[str, 
         est.input_tokens = usage.input_tokens
         est.cached_input_tokens = usage.cached_input_tokens
         est.cache_creation_tokens = usage.cache_creation_tokens
+        est.cache_creation_1h_tokens = usage.cache_creation_1h_tokens
     else:
         est.input_tokens = tokens.estimate_prompt_tokens(model, request_body, counter.api)
     text = acc.sample_text()
@@ -336,6 +337,9 @@ class Accounting:
         # Requests admitted and not finished: request_id -> [exchange,
         # bytes_out at the last progress report].
         self._open: dict[str, list[Any]] = {}
+        # Called with every final record (L{llmgate.policy.limits.Quotas.settle}):
+        # budgets and limits settle on the numbers the ledger gets.
+        self.on_settle: Optional[Callable[[UsageRecord], Any]] = None
         if ledger is not None and hasattr(ledger, "progress_source"):
             ledger.progress_source = self.progress
 
@@ -392,6 +396,9 @@ class Accounting:
                 est.input_tokens = reported.input_tokens
                 est.cached_input_tokens = reported.cached_input_tokens
                 est.cache_creation_tokens = reported.cache_creation_tokens
+                # For the in-flight cost only (the row's 1-hour count comes
+                # with the final record).
+                est.cache_creation_1h_tokens = reported.cache_creation_1h_tokens
                 est.output_tokens = max(est.output_tokens, reported.output_tokens or 0)
             source = "estimated"
             served = counter.served_model()
@@ -561,11 +568,14 @@ class Accounting:
             bytes_in=ex.bytes_in,
             bytes_out=ex.bytes_out,
             served_model=served,
+            cache_creation_1h_tokens=0 if usage is None else usage.cache_creation_1h_tokens,
             client_request_id=ex.client_request_id,
         )
 
     def _sink(self, rec: UsageRecord, ex: Optional[Exchange] = None) -> None:
         rec = clip_record(rec)
+        if self.on_settle is not None:
+            self.on_settle(rec)
         if self.metrics is not None:
             self.metrics.observe(rec, ex)
         if self.ledger is not None:

@@ -67,6 +67,7 @@ SUMS: List[tuple[str, str]] = [
     ("output_tokens", "TOTAL(output_tokens)"),
     ("cached_input_tokens", "TOTAL(cached_input_tokens)"),
     ("cache_creation_tokens", "TOTAL(cache_creation_tokens)"),
+    ("cache_creation_1h_tokens", "TOTAL(cache_creation_1h_tokens)"),
     ("reasoning_tokens", "TOTAL(reasoning_tokens)"),
     ("cost_usd", "SUM(cost_usd)"),
     ("unknown_cost", "COUNT(*) - COUNT(cost_usd)"),
@@ -75,6 +76,8 @@ SUMS: List[tuple[str, str]] = [
     ("interrupted", "TOTAL(outcome = 'interrupted')"),
 ]
 _INT_SUMS = {name for name, _ in SUMS if name != "cost_usd"}
+# Sums of a column an older ledger file may lack: 0 there.
+_NEWER_SUMS = {"cache_creation_1h_tokens"}
 
 # Shorter headers for the text table, so it fits a terminal.
 _TEXT_HEADERS = {
@@ -82,6 +85,7 @@ _TEXT_HEADERS = {
     "output_tokens": "output",
     "cached_input_tokens": "cached_in",
     "cache_creation_tokens": "cache_write",
+    "cache_creation_1h_tokens": "write_1h",
     "reasoning_tokens": "reasoning",
     "unknown_cost": "unpriced",
 }
@@ -175,14 +179,13 @@ def query(
     """
     groupCols = [GROUPS[b][0] for b in by]
     missing: set[str] = set()
-    if _NEWER_COLUMNS.intersection(by):
-        have = {row[1] for row in conn.execute("PRAGMA table_info(usage)")}
-        if have:
-            missing = _NEWER_COLUMNS - have
+    have = {row[1] for row in conn.execute("PRAGMA table_info(usage)")}
+    if have:
+        missing = (_NEWER_COLUMNS | _NEWER_SUMS) - have
     select = [
         "%s AS %s" % ("NULL" if b in missing else GROUPS[b][1], GROUPS[b][0]) for b in by
     ]
-    select += ["%s AS %s" % (expr, name) for name, expr in SUMS]
+    select += ["%s AS %s" % ("0" if name in missing else expr, name) for name, expr in SUMS]
     where, params = [], []
     if since is not None:
         where.append("ts >= ?")

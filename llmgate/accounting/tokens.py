@@ -53,7 +53,7 @@ FIM_SUFFIX = "<|fim_suffix|>"
 ENDOFPROMPT = "<|endofprompt|>"
 
 # name -> (sha256 of the .tiktoken file, pat_str, special tokens); copied
-# from tiktoken_ext/openai_public.py and shared/tiktoken/README.md.
+# from tiktoken_ext/openai_public.py (the hashes are those of the published files).
 ENCODINGS: dict[str, tuple[str, str, dict[str, int]]] = {
     "cl100k_base": (
         "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",

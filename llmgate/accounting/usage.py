@@ -12,6 +12,10 @@ never double-charges):
     ``Usage`` docstring defines the total.
   - ``cached_input_tokens`` and ``cache_creation_tokens`` are sub-buckets of
     ``input_tokens``. Uncached input is ``input - cached - creation``.
+  - ``cache_creation_1h_tokens`` is the part of ``cache_creation_tokens``
+    written to Anthropic's 1-hour cache (``usage.cache_creation
+    .ephemeral_1h_input_tokens``), billed at a dearer rate than the
+    5-minute rest; never more than ``cache_creation_tokens``.
   - ``output_tokens`` includes reasoning tokens; ``reasoning_tokens`` is a
     sub-bucket, never to be added on top.
 
@@ -24,9 +28,11 @@ starts from ``message_start`` and REPLACES each field present in each
 ``message_delta`` (the values are cumulative), except that a ``usage.iterations``
 list (server-side compaction and other multi-iteration replies) is what is
 billed: the sum over its entries, since the top-level fields then cover the
-last iteration only; Responses usage comes from ``response.completed`` (or
-the partial usage of ``response.incomplete`` / ``response.failed``), the
-event type read from the JSON ``type`` when a stream (OpenRouter) sends no
+last iteration only; Responses usage comes from ``response.completed``,
+``response.incomplete`` or ``response.failed`` (the Response object each
+carries has the same ``usage``, the tokens the response used; on
+``response.failed`` it is taken as reported, like OpenRouter's error chunk,
+when it has an output count), the event type read from the JSON ``type`` when a stream (OpenRouter) sends no
 ``event:`` lines; embeddings and non-streaming replies from the body.
 
 Cost on the hot path: the accumulators do not JSON-parse every event. They
@@ -92,6 +98,7 @@ class Usage:
     cache_creation_tokens: int = 0
     reasoning_tokens: int = 0
     source: str = "reported"  # "reported" | "estimated"
+    cache_creation_1h_tokens: int = 0  # part of cache_creation_tokens
 
     @property
     def uncached_input_tokens(self) -> int | None:
@@ -154,6 +161,9 @@ _ANT_FIELDS = (
     "cache_read_input_tokens",
     "output_tokens",
 )
+# The 1-hour part of cache_creation_input_tokens, from the nested
+# ``cache_creation: {ephemeral_5m_input_tokens, ephemeral_1h_input_tokens}``.
+_ANT_1H = "ephemeral_1h_input_tokens"
 
 
 def _anthropic_raw(u: dict, into: dict) -> None:
@@ -163,6 +173,9 @@ def _anthropic_raw(u: dict, into: dict) -> None:
             v = _int(u[key])
             if v is not None or u[key] is None:
                 into[key] = v
+    cc = u.get("cache_creation")
+    if isinstance(cc, dict):
+        into[_ANT_1H] = _int(cc.get(_ANT_1H)) or 0
 
 
 def _anthropic_iterations(u: dict) -> dict | None:
@@ -175,11 +188,14 @@ def _anthropic_iterations(u: dict) -> dict | None:
     iters = u.get("iterations")
     if not isinstance(iters, list) or not iters:
         return None
-    total = dict.fromkeys(_ANT_FIELDS, 0)
+    total = dict.fromkeys(_ANT_FIELDS + (_ANT_1H,), 0)
     for it in iters:
         if isinstance(it, dict):
             for key in _ANT_FIELDS:
                 total[key] += _int(it.get(key)) or 0
+            cc = it.get("cache_creation")
+            if isinstance(cc, dict):
+                total[_ANT_1H] += _int(cc.get(_ANT_1H)) or 0
     return total
 
 
@@ -193,6 +209,8 @@ def _usage_from_anthropic_raw(raw: dict) -> Usage:
         output_tokens=raw.get("output_tokens"),
         cached_input_tokens=read,
         cache_creation_tokens=creation,
+        # A part of the writes: never more than all of them.
+        cache_creation_1h_tokens=max(0, min(raw.get(_ANT_1H) or 0, creation)),
     )
 
 
@@ -289,7 +307,8 @@ class UsageAccumulator:
         sample cap.
     @ivar upstream_id: the provider's id (chatcmpl-..., msg_..., resp_...).
     @ivar error_usage: the usage came on the error event itself (OpenRouter's
-        mid-stream error chunk): it is the provider's final, billed count.
+        mid-stream error chunk, a Responses ``response.failed`` with usage):
+        it is the provider's final count.
     """
 
     # One of these lives per open stream: no per-instance dict.
@@ -613,6 +632,10 @@ class OpenAIResponsesAccumulator(UsageAccumulator):
             if name == b"response.failed":
                 self.error = True
                 self.error_detail = resp.get("error")
+                # The failed Response's usage is the provider's own count
+                # of the tokens it used (the same field response.completed
+                # carries): reported, not an estimate floored by it.
+                self.error_usage = self.usage is not None and self.usage.output_tokens is not None
             else:
                 self.complete = True
             return

@@ -9,8 +9,6 @@ the client called.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 from io import BytesIO
 from typing import Any, Callable, Optional
@@ -21,10 +19,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from llmgate import dialects
+from llmgate.accounting.usage import Usage
 from llmgate.api.body import BodyError, parse_body
 from llmgate.config import Config, Provider
 from llmgate.edge.requestid import HEADER as REQUEST_ID, ids_for
 from llmgate.ops.executors import Overloaded
+from llmgate.policy import keys as keymod
+from llmgate.policy.limits import Quotas, estimate_tokens
 from llmgate.relay.headers import upstream_request_headers
 from llmgate.relay.stream import Coalescer, Exchange, Relay, Watchdog, new_exchange
 
@@ -121,6 +122,7 @@ class GatewayResource(Resource):
         parse_in_thread: Optional[Callable[..., Any]] = None,
         coalesce: bool = False,
         on_big_body_done: Optional[Callable[[int], Any]] = None,
+        quotas: Optional[Quotas] = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -134,6 +136,11 @@ class GatewayResource(Resource):
         # Start it (it is a Service) to enforce the relays' timeouts.
         self.watchdog = Watchdog(clock, self.active)
         self.draining = False
+        # Limits and budgets: every usage record settles its request's
+        # reservation (the same record the ledger and metrics get).
+        self.quotas = quotas if quotas is not None else Quotas(clock)
+        if hasattr(accounting, "on_settle"):
+            accounting.on_settle = self.quotas.settle
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -143,9 +150,7 @@ class GatewayResource(Resource):
         finish on the config they started with.
         """
         self.config = config
-        self._keys = [
-            (k.name, hashlib.sha256(k.secret.encode()).digest()) for k in config.keys
-        ]
+        self.keys = keymod.store_for(config.keys, config.key_records)
 
     # -- dispatch ------------------------------------------------------------
 
@@ -194,7 +199,7 @@ class GatewayResource(Resource):
         Whether gateway keys are configured; without them the edge admits
         only loopback clients (see L{llmgate.edge.admission}).
         """
-        return bool(self._keys)
+        return bool(len(self.keys))
 
     def authenticate(self, request: Any) -> Optional[str]:
         """
@@ -205,26 +210,19 @@ class GatewayResource(Resource):
         the body; two C{Authorization} or two C{x-api-key} headers are no
         valid key (which one would be billed?).
         """
-        if not self._keys:
+        if not len(self.keys):
             return "anonymous"
-        headers = request.requestHeaders
-        auth = headers.getRawHeaders(b"authorization") or []
-        api_key = headers.getRawHeaders(b"x-api-key") or []
-        if len(auth) > 1 or len(api_key) > 1:
+        key = self.keys.find(keymod.presented_secret(request.requestHeaders))
+        if key is None or key.expired(self.clock.seconds()):
             return None
-        presented = None
-        if auth and auth[0][:7].lower() == b"bearer ":
-            presented = auth[0][7:].strip()
-        elif api_key:
-            presented = api_key[0]
-        if not presented:
-            return None
-        digest = hashlib.sha256(presented).digest()
-        found = None
-        for name, want in self._keys:
-            if hmac.compare_digest(digest, want):
-                found = name
-        return found
+        return key.name
+
+    def unauthenticated(self, request: Any) -> str:
+        """Why L{authenticate} refused the request, for its 401."""
+        key = self.keys.find(keymod.presented_secret(request.requestHeaders))
+        if key is not None and key.expires is not None:
+            return f"this gateway key expired at {keymod.format_time(key.expires)}"
+        return "invalid or missing gateway key"
 
     # -- relay ---------------------------------------------------------------
 
@@ -240,7 +238,7 @@ class GatewayResource(Resource):
         if key_name is None:
             self._rejected(request, endpoint.path, 401)
             return _write_error(
-                request, kind, 401, "invalid or missing gateway key", code="invalid_api_key"
+                request, kind, 401, self.unauthenticated(request), code="invalid_api_key"
             )
         body = request.content.getvalue()
         # The request's buffer holds the same bytes: from here on only the
@@ -302,6 +300,14 @@ class GatewayResource(Resource):
         model = doc.get("model")
         if not isinstance(model, str) or not model:
             raise _BadRequest(400, "you must provide a model parameter", param="model")
+        key = self.keys.by_name.get(key_name)
+        if key is None and len(self.keys):
+            # Revoked by a reload while its body was being read.
+            raise _BadRequest(401, "invalid or missing gateway key", code="invalid_api_key", model=model)
+        if key is not None and not key.allows(model):
+            raise _BadRequest(
+                403, f"this gateway key may not use the model {model!r}", code="permission_error", param="model", model=model
+            )
         routed = self.config.route(endpoint.kind, model)
         if routed is None:
             raise _BadRequest(
@@ -370,6 +376,9 @@ class GatewayResource(Resource):
                 endpoint.path.decode(), 0, key_name, model, len(body), outcome="client_cancelled", **_who(request)
             )
             return
+        reservation = self._reserve(request, endpoint, key_name, doc, len(body), model, upstream_model)
+        if reservation is False:
+            return
         ids = ids_for(request)
         ex = new_exchange(
             request_id=ids.gateway,
@@ -385,6 +394,8 @@ class GatewayResource(Resource):
             bytes_in=request.received,
             streamed=streamed,
         )
+        if reservation is not None:
+            self.quotas.hold(ex.request_id, reservation)
         ex.counter = self.accounting.counter(ex, strip_usage)
         headers = upstream_request_headers(
             request.requestHeaders,
@@ -415,3 +426,36 @@ class GatewayResource(Resource):
             if not request.finished and not request._disconnected:
                 request.write(_write_error(request, endpoint.kind, 500, "internal gateway error"))
                 request.finish()
+
+    # -- limits and budgets ---------------------------------------------------
+
+    def _reserve(self, request: Any, endpoint: dialects.Endpoint, key_name: str, doc: dict[str, Any], size: int, model: str, upstream_model: str) -> Any:
+        """
+        Reserve the request's estimate against its key's limits and budget
+        (L{llmgate.policy.limits}): the reservation (L{None} for a key
+        without limits), or C{False} once it was answered 429 (or 403, 503).
+        """
+        key = self.keys.by_name.get(key_name)
+        if key is None or (not key.limits.any() and not key.per_model and key.budget_usd is None):
+            return None
+        tokens = estimate_tokens(endpoint.api, size, doc, self.config.default_output_tokens)
+        cost = _estimated_cost(self.accounting.prices, upstream_model, model, endpoint.api, tokens, size)
+        verdict = self.quotas.admit(key, model, endpoint.kind, tokens, cost)
+        for name, value in verdict.headers.items():
+            request.responseHeaders.setRawHeaders(name, [value])
+        if verdict.reservation is not None:
+            return verdict.reservation
+        self._rejected(request, endpoint.path, verdict.status, key_name, model)
+        request.write(_write_error(request, endpoint.kind, verdict.status, verdict.message, code=verdict.code, headers=verdict.headers))
+        request.finish()
+        return False
+
+
+def _estimated_cost(prices: Any, upstream_model: str, model: str, api: str, tokens: int, size: int) -> Optional[float]:
+    """The price of an estimate: the body's tokens as input, the rest as output."""
+    tin = min(tokens, -(-size // 4))
+    usage = Usage(input_tokens=tin, output_tokens=tokens - tin, source="estimated")
+    cost = prices.cost(upstream_model, usage)
+    if cost is None and model != upstream_model:
+        cost = prices.cost(model, usage)
+    return cost

@@ -60,7 +60,9 @@ def admit(method: bytes, path: bytes, request: Any, gate: Any) -> Optional[Refus
             return Refusal(400, f"more than one {name.decode()} header", "duplicate_credentials")
     if getattr(gate, "keyed", False):
         if gate.authenticate(request) is None:
-            return Refusal(401, "invalid or missing gateway key", "invalid_api_key")
+            why = getattr(gate, "unauthenticated", None)
+            message = why(request) if why is not None else "invalid or missing gateway key"
+            return Refusal(401, message, "invalid_api_key")
         return None
     return keyless_refusal(method, headers)
 

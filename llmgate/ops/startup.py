@@ -72,7 +72,8 @@ def describe(
     @param listeners: objects with C{setting}, C{desc} and C{port} (the
         listening port once bound, or L{None}).
     """
-    keyless = not cfg.keys
+    keyless = not cfg.keyed
+    n_keys = len(cfg.keys) + len(cfg.key_records)
     source = "demo: the built-in mock provider, no keys, no network" if demo else (
         f"config {os.path.abspath(config_path)}" if config_path else "providers from the environment"
     )
@@ -115,7 +116,7 @@ def describe(
             )
         )
     lines.append(
-        f"  gateway keys: {len(cfg.keys)}" if not keyless else "  gateway keys: none (only loopback clients are admitted)"
+        f"  gateway keys: {n_keys}" + (f" (key file {cfg.key_file})" if cfg.key_file else "") if not keyless else "  gateway keys: none (only loopback clients are admitted)"
     )
     ledger = os.path.abspath(cfg.ledger_path) if cfg.ledger_enabled else None
     lines.append(f"  ledger: {ledger or 'disabled'}")
@@ -132,7 +133,8 @@ def describe(
         "models": models,
         "listening": [e for e in listening if e["setting"] == "--port"],
         "bare_ports_loopback_only": bool(bare) and keyless,
-        "gateway_keys": len(cfg.keys),
+        "gateway_keys": n_keys,
+        "key_file": cfg.key_file,
         "ledger": ledger,
         "metrics": [e for e in listening if e["setting"] != "--port"],
     }

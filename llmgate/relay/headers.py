@@ -113,6 +113,10 @@ def upstream_request_headers(
     return out
 
 
+# Rate-limit headers the gateway sets itself for a key with limits.
+_OWN_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-")
+
+
 def copy_response_headers(upstream: Headers, downstream: Headers, redact: Optional[Redactor] = None) -> None:
     """
     Copy the upstream response headers onto the client response, each
@@ -125,6 +129,10 @@ def copy_response_headers(upstream: Headers, downstream: Headers, redact: Option
     if redact is not None and redact.needed(b"\n".join(v for _, values in items for v in values)):
         items = [(name, [redact(v) for v in values]) for name, values in items]
     for name, values in items:
+        if name.startswith(_OWN_PREFIXES) and downstream.hasHeader(name):
+            # The gateway's quota for the client's key, not the provider
+            # account's limits.
+            continue
         if name == b"x-request-id":
             # The gateway answers with its own x-request-id (see
             # llmgate.edge.requestid); the provider's keeps its value

@@ -712,6 +712,26 @@ class MigrationTests(SynchronousTestCase):
         self.assertEqual([UsageRecord(**r) for r in rows], [old, new])
         self.assertIsNone(rows[0]["served_model"])
 
+    def test_cache1hColumnAddedWithZero(self) -> None:
+        """
+        An old file without C{cache_creation_1h_tokens} gets the column,
+        NOT NULL with 0 for its old rows; new rows keep their count.
+        """
+        oldLedgerFile(self.path, drop=("cache_creation_1h_tokens",))
+        ledger = Ledger(self.path, self.clock, run_in_thread=syncRunner)
+        with capturedLogs() as events:
+            ledger.startService()
+        [logged] = [e for e in events if "added the columns" in e["log_format"]]
+        self.assertEqual(logged["columns"], "cache_creation_1h_tokens")
+        ledger.record(makeRecord(1, cache_creation_tokens=300, cache_creation_1h_tokens=200))
+        self.successResultOf(ledger.stopService())
+        rows = read_records(self.path)
+        self.assertEqual([r["cache_creation_1h_tokens"] for r in rows], [0, 200])
+        conn = sqlite3.connect(self.path)
+        [notnull] = [r[3] for r in conn.execute("PRAGMA table_info(usage)") if r[1] == "cache_creation_1h_tokens"]
+        conn.close()
+        self.assertEqual(notnull, 1)
+
     def test_notNullColumnAddedNullable(self) -> None:
         """
         A missing C{NOT NULL} column without a default is added nullable

@@ -292,6 +292,55 @@ class CostTests(SynchronousTestCase):
         usage = Usage(input_tokens=1_000_000, output_tokens=0, cached_input_tokens=300_000, cache_creation_tokens=200_000)
         self.assertAlmostEqual(table.cost("m", usage), 1.0)
 
+    def test_cacheWrite1h(self):
+        """
+        The 1-hour part of the cache writes is charged at cache_write_1h,
+        the rest of the writes at cache_write; without a 1-hour price, at
+        2x input (Anthropic's 1-hour write multiplier), not at the
+        5-minute rate; never more 1-hour tokens than writes.
+        """
+        table = PriceTable(
+            {
+                "p": Price(input=3.0, output=15.0, cached_input=0.3, cache_write=3.75, cache_write_1h=6.0),
+                "n": Price(input=15.0, output=75.0, cached_input=1.5, cache_write=18.75),
+            }
+        )
+        usage = Usage(
+            input_tokens=1_000_000,
+            output_tokens=100_000,
+            cached_input_tokens=200_000,
+            cache_creation_tokens=500_000,
+            cache_creation_1h_tokens=300_000,
+        )
+        # p: 0.3M*3 + 0.2M*0.3 + 0.2M*3.75 + 0.3M*6 + 0.1M*15
+        #  = 0.9 + 0.06 + 0.75 + 1.8 + 1.5 = 5.01
+        self.assertAlmostEqual(table.cost("p", usage), 5.01)
+        # n: 0.3M*15 + 0.2M*1.5 + 0.2M*18.75 + 0.3M*30 + 0.1M*75
+        #  = 4.5 + 0.3 + 3.75 + 9 + 7.5 = 25.05
+        self.assertAlmostEqual(table.cost("n", usage), 25.05)
+        over = Usage(input_tokens=1_000, output_tokens=0, cache_creation_tokens=100, cache_creation_1h_tokens=400)
+        # 900*3 + 100*6 = 3300 per 1M
+        self.assertAlmostEqual(table.cost("p", over), 3300 / 1e6)
+
+    def test_cacheWrite1hTier(self):
+        """
+        Above a long-context tier, 1-hour writes cost the tier's
+        cache_write_1h when it names one, else the base price's.
+        """
+        table = PriceTable(
+            {
+                "t": Price(
+                    input=3.0, output=15.0, cache_write=3.75, cache_write_1h=6.0,
+                    tiers=(Tier(above=200_000, input=6.0, cache_write=7.5, cache_write_1h=12.0),),
+                ),
+                "b": Price(input=3.0, output=15.0, cache_write=3.75, cache_write_1h=6.0, tiers=(Tier(above=200_000, input=6.0),)),
+            }
+        )
+        usage = Usage(input_tokens=300_000, output_tokens=0, cache_creation_tokens=100_000, cache_creation_1h_tokens=100_000)
+        # t: 0.2M*6 + 0.1M*12 = 2.4; b: 0.2M*6 + 0.1M*6 = 1.8
+        self.assertAlmostEqual(table.cost("t", usage), 2.4)
+        self.assertAlmostEqual(table.cost("b", usage), 1.8)
+
     def test_inconsistentCountsNotNegative(self):
         """
         If cache counts exceed the total, uncached input is 0, not negative.

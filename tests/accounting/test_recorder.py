@@ -55,6 +55,7 @@ STREAMS = [
     ("openai_responses_stream.sse", "/v1/responses", {"model": "gpt-4o", "stream": True}, (38, 21, 0, 0, 0)),
     ("anthropic_messages_stream.sse", "/v1/messages", {"model": "claude-sonnet-4", "stream": True}, (1573, 48, 0, 1536, 0)),
     ("anthropic_messages_stream_tools.sse", "/v1/messages", {"model": "claude-sonnet-4", "stream": True}, (4751, 91, 4096, 0, 0)),
+    ("anthropic_messages_stream_cache_1h.sse", "/v1/messages", {"model": "claude-sonnet-4", "stream": True}, (7221, 61, 1024, 6144, 0)),
     # Real provider shapes (fixtures/README.md, "Shapes from other providers").
     ("anthropic_messages_stream_compaction.sse", "/v1/messages", {"model": "claude-sonnet-4", "stream": True}, (60997, 3341, 0, 0, 0)),
     ("openrouter_responses_stream.sse", "/v1/responses", {"model": "gpt-4o", "stream": True}, (31, 17, 0, 0, 0)),
@@ -68,6 +69,8 @@ STREAMS = [
 ERROR_STREAMS = [
     ("openrouter_chat_stream_error.sse", "/v1/chat/completions", {"model": "gpt-4o", "stream": True, "stream_options": {"include_usage": True}}, (42, 31, 0, 0, 19)),
 ]
+# The 1-hour part of each fixture's cache writes (0 for those not listed).
+CACHE_1H = {"anthropic_messages_stream_cache_1h.sse": 4096}
 BODIES = [
     ("openai_chat.json", "/v1/chat/completions", {"model": "o3"}, (1432, 312, 1280, 0, 256)),
     ("openai_embeddings.json", "/v1/embeddings", {"model": "text-embedding-3-small"}, (11, 0, 0, 0, 0)),
@@ -172,6 +175,7 @@ class FixtureAccountingTests(SynchronousTestCase):
                 self.assertTrue(complete)
                 [rec] = gw.ledger.records
                 self.assertEqual(buckets(rec), want, (name, size))
+                self.assertEqual(rec.cache_creation_1h_tokens, CACHE_1H.get(name, 0), (name, size))
                 self.assertEqual((rec.source, rec.outcome), ("reported", "completed"), (name, size))
                 self.assertIsNotNone(rec.upstream_id)
 
@@ -190,6 +194,82 @@ class FixtureAccountingTests(SynchronousTestCase):
                 [rec] = gw.ledger.records
                 self.assertEqual(buckets(rec), want, (name, size))
                 self.assertEqual((rec.source, rec.outcome), ("reported", "upstream_error"), (name, size))
+
+    def test_responses_failed_with_usage_is_reported(self) -> None:
+        """
+        A Responses stream that ends in ``response.failed`` whose Response
+        carries usage (the provider's count of the tokens it used), fed
+        whole and in 1..7-byte slices, is recorded as an upstream error
+        with that usage as reported, not as an estimate floored by it.
+        """
+        data = (
+            b'event: response.created\n'
+            b'data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_f1","object":"response",'
+            b'"status":"in_progress","model":"gpt-4o-2024-08-06","usage":null}}\n\n'
+            b'event: response.output_text.delta\n'
+            b'data: {"type":"response.output_text.delta","sequence_number":1,"item_id":"msg_f1","output_index":0,'
+            b'"content_index":0,"delta":"Tides rise twice"}\n\n'
+            b'event: response.failed\n'
+            b'data: {"type":"response.failed","sequence_number":2,"response":{"id":"resp_f1","object":"response",'
+            b'"status":"failed","model":"gpt-4o-2024-08-06","error":{"code":"server_error","message":"The model failed."},'
+            b'"usage":{"input_tokens":120,"input_tokens_details":{"cached_tokens":64},"output_tokens":3,'
+            b'"output_tokens_details":{"reasoning_tokens":0},"total_tokens":123}}}\n\n'
+        )
+        for size in (1 << 20, 1, 2, 3, 5, 7):
+            gw = AccountingGateway()
+            _, transport = gw.post("/v1/responses", {"model": "gpt-4o", "stream": True, "input": "tides"})
+            r = FakeResponse(200, SSE_HEADERS)
+            gw.http.calls[0]["deferred"].callback(r)
+            for i in range(0, len(data), size):
+                r.send(data[i:i + size])
+            r.end()
+            gw.clock.advance(0)
+            self.assertEqual(parse_response(transport.value())[2], data, size)
+            [rec] = gw.ledger.records
+            self.assertEqual(buckets(rec), (120, 3, 64, 0, 0), size)
+            self.assertEqual((rec.source, rec.outcome), ("reported", "upstream_error"), size)
+
+    def test_cache_1h_writes_cost_the_1h_price(self) -> None:
+        """
+        The 1-hour cache writes of a stream are charged at the model's
+        1-hour write price, the rest of the writes at the 5-minute price.
+        """
+        gw, _ = self.replay(
+            "anthropic_messages_stream_cache_1h.sse", "/v1/messages", {"model": "claude-sonnet-4", "stream": True}, 1 << 20, SSE_HEADERS
+        )
+        [rec] = gw.ledger.records
+        # claude-sonnet-4-5-20250929 (the served model) in prices.json, USD
+        # per 1M: input 3, cached_input 0.3, cache_write 3.75,
+        # cache_write_1h 6, output 15. Uncached 53*3 = 159; read
+        # 1024*0.3 = 307.2; 5-minute writes 2048*3.75 = 7680; 1-hour
+        # writes 4096*6 = 24576; output 61*15 = 915. Sum 33637.2.
+        self.assertAlmostEqual(rec.cost_usd, 33637.2 / 1e6, places=12)
+
+    def test_cancelled_stream_keeps_reported_1h_writes(self) -> None:
+        """
+        An Anthropic stream whose client leaves halfway is estimated, but
+        keeps the cache writes message_start reported, the 1-hour part
+        included, and is charged for them.
+        """
+        data = fixture("anthropic_messages_stream_cache_1h.sse")
+        cut = data.index(b"\n\n", len(data) // 2) + 2
+        gw = AccountingGateway()
+        channel, _ = gw.post("/v1/messages", {"model": "claude-sonnet-4", "stream": True, "messages": []})
+        r = FakeResponse(200, SSE_HEADERS)
+        gw.http.calls[0]["deferred"].callback(r)
+        r.send(data[:cut])
+        gw.clock.advance(0)
+        channel.connectionLost(Failure(ConnectionDone()))
+        gw.clock.advance(0)
+        gw.clock.advance(0)
+        [rec] = gw.ledger.records
+        self.assertEqual((rec.outcome, rec.source), ("client_cancelled", "estimated"))
+        self.assertEqual(
+            (rec.input_tokens, rec.cached_input_tokens, rec.cache_creation_tokens, rec.cache_creation_1h_tokens), (7221, 1024, 6144, 4096)
+        )
+        # Input as in test_cache_1h_writes_cost_the_1h_price: 32722.2 per
+        # 1M before output, at 15 per 1M output token.
+        self.assertAlmostEqual(rec.cost_usd, (32722.2 + rec.output_tokens * 15) / 1e6, places=12)
 
     def test_cancelled_halfway_estimates_every_kind_of_text(self) -> None:
         """

@@ -57,7 +57,8 @@ class _Fixture(SynchronousTestCase):
             # team-b, claude, May 2: unknown price only, reasoning + cache
             makeRecord(ts=at(2), key_name=B, model="claude-x", provider="anthropic",
                        route="/v1/messages", input_tokens=100, output_tokens=50,
-                       cache_creation_tokens=30, reasoning_tokens=9, cost_usd=None),
+                       cache_creation_tokens=30, cache_creation_1h_tokens=20,
+                       reasoning_tokens=9, cost_usd=None),
             # team-b, claude, May 3: rejected, no tokens at all
             makeRecord(ts=at(3), key_name=B, model="claude-x", provider="anthropic",
                        route="/v1/messages", status=429, outcome="rejected",
@@ -111,7 +112,7 @@ class ReportTests(_Fixture):
                 "key": "team-a", "model": "gpt-4o-mini", "day": "2024-05-01",
                 "requests": 2, "input_tokens": 30, "output_tokens": 12,
                 "cached_input_tokens": 4, "cache_creation_tokens": 0,
-                "reasoning_tokens": 0, "cost_usd": 0.75, "unknown_cost": 0,
+                "cache_creation_1h_tokens": 0, "reasoning_tokens": 0, "cost_usd": 0.75, "unknown_cost": 0,
                 "estimated": 0, "in_flight": 0, "interrupted": 0,
             },
         )
@@ -127,6 +128,7 @@ class ReportTests(_Fixture):
         self.assertEqual((rows[2]["cost_usd"], rows[2]["unknown_cost"]), (None, 1))
         self.assertEqual(rows[2]["reasoning_tokens"], 9)
         self.assertEqual(rows[2]["cache_creation_tokens"], 30)
+        self.assertEqual(rows[2]["cache_creation_1h_tokens"], 20)
         # A request with no token counts adds a request and nothing else.
         self.assertEqual((rows[3]["requests"], rows[3]["input_tokens"]), (1, 0))
 
@@ -362,6 +364,23 @@ class ServedModelReportTests(SynchronousTestCase):
         code, out, err = self.run_usage("--json", "--by", "served_model")
         self.assertEqual((code, err), (0, ""))
         self.assertEqual([(r["served_model"], r["requests"]) for r in json.loads(out)["rows"]], [(None, 1)])
+
+    def test_oldLedgerFileWithout1hColumn(self) -> None:
+        """
+        A file written before C{cache_creation_1h_tokens} existed (not
+        migrated) is summed with 0 one-hour cache writes, in every format.
+        """
+        from tests.accounting.test_ledger import oldLedgerFile
+
+        oldLedgerFile(self.path, drop=("served_model", "cache_creation_1h_tokens"))
+        code, out, err = self.run_usage("--json", "--by", "key")
+        self.assertEqual((code, err), (0, ""))
+        doc = json.loads(out)
+        self.assertEqual([(r["requests"], r["cache_creation_1h_tokens"]) for r in doc["rows"]], [(1, 0)])
+        self.assertEqual(doc["total"]["cache_creation_1h_tokens"], 0)
+        code, out, err = self.run_usage("--by", "key")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("write_1h", out.splitlines()[0])
 
 
 class OpenAndInterruptedTests(SynchronousTestCase):

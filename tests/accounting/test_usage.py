@@ -81,6 +81,20 @@ STREAMS = {
         "Let me look up Saturday's sailings."
         '{"route": "Seattle-Bainbridge", "day": "saturday"}',
     ),
+    "anthropic_messages_stream_cache_1h.sse": (
+        "anthropic.messages",
+        Usage(
+            input_tokens=53 + 6144 + 1024,
+            output_tokens=61,
+            cached_input_tokens=1024,
+            cache_creation_tokens=6144,
+            cache_creation_1h_tokens=4096,
+        ),
+        True,
+        False,
+        "msg_",
+        "The Rhine\u2013Main\u2013Danube canal climbs 406 m",
+    ),
     "anthropic_messages_stream_error.sse": (
         "anthropic.messages",
         Usage(input_tokens=58, output_tokens=1),
@@ -435,6 +449,51 @@ class RuleTests(SynchronousTestCase):
         acc.on_event(b"message_delta", b'{"type":"message_delta","usage":{"output_tokens":20}}')
         self.assertEqual(acc.usage, want)
 
+    def test_anthropicCache1h(self):
+        """
+        The 1-hour part of the cache writes comes from
+        usage.cache_creation.ephemeral_1h_input_tokens: in a body, in a
+        stream (kept when message_delta has no breakdown, replaced when it
+        has one), summed over usage.iterations, and never more than all
+        the writes.
+        """
+        u = {
+            "input_tokens": 5, "cache_creation_input_tokens": 300, "cache_read_input_tokens": 0, "output_tokens": 7,
+            "cache_creation": {"ephemeral_5m_input_tokens": 100, "ephemeral_1h_input_tokens": 200},
+        }
+        want = Usage(input_tokens=305, output_tokens=7, cache_creation_tokens=300, cache_creation_1h_tokens=200)
+        self.assertEqual(usage_from_anthropic(u), want)
+        acc = make_accumulator("anthropic.messages")
+        acc.on_body(json.dumps({"id": "msg_1", "content": [], "usage": u}).encode())
+        self.assertEqual(acc.usage, want)
+        acc = make_accumulator("anthropic.messages")
+        acc.on_event(b"message_start", json.dumps({"type": "message_start", "message": {"id": "msg_1", "usage": dict(u, output_tokens=1)}}).encode())
+        acc.on_event(b"message_delta", b'{"type":"message_delta","usage":{"cache_creation_input_tokens":300,"output_tokens":7}}')
+        self.assertEqual(acc.usage, want)
+        acc.on_event(
+            b"message_delta",
+            b'{"type":"message_delta","usage":{"output_tokens":9,'
+            b'"cache_creation":{"ephemeral_5m_input_tokens":250,"ephemeral_1h_input_tokens":50}}}',
+        )
+        self.assertEqual(acc.usage, Usage(input_tokens=305, output_tokens=9, cache_creation_tokens=300, cache_creation_1h_tokens=50))
+        iters = {
+            "input_tokens": 1, "cache_creation_input_tokens": 40, "output_tokens": 2,
+            "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 40},
+            "iterations": [
+                {"input_tokens": 10, "cache_creation_input_tokens": 300, "output_tokens": 20,
+                 "cache_creation": {"ephemeral_5m_input_tokens": 100, "ephemeral_1h_input_tokens": 200}},
+                {"input_tokens": 1, "cache_creation_input_tokens": 40, "output_tokens": 2,
+                 "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 40}},
+            ],
+        }
+        self.assertEqual(
+            usage_from_anthropic(iters),
+            Usage(input_tokens=351, output_tokens=22, cache_creation_tokens=340, cache_creation_1h_tokens=240),
+        )
+        bad = {"input_tokens": 1, "cache_creation_input_tokens": 10, "output_tokens": 1,
+               "cache_creation": {"ephemeral_1h_input_tokens": 99}}
+        self.assertEqual(usage_from_anthropic(bad).cache_creation_1h_tokens, 10)
+
     def test_responsesWithoutEventLines(self):
         """
         Data-only Responses events are told apart by their JSON type, also
@@ -464,6 +523,15 @@ class RuleTests(SynchronousTestCase):
         acc.on_event(b"response.failed", b'{"type":"response.failed","response":{"id":"r","error":{"code":"server_error"}}}')
         self.assertTrue(acc.error)
         self.assertFalse(acc.complete)
+        self.assertFalse(acc.error_usage)
+        # A failed Response with usage: the provider's count, kept as such.
+        acc = make_accumulator("openai.responses")
+        acc.on_event(
+            b"response.failed",
+            b'{"type":"response.failed","response":{"id":"r","error":{"code":"server_error"},'
+            b'"usage":{"input_tokens":9,"output_tokens":4}}}',
+        )
+        self.assertEqual((acc.error, acc.error_usage, acc.usage), (True, True, Usage(input_tokens=9, output_tokens=4)))
         acc = make_accumulator("openai.responses")
         acc.on_event(b"error", b'{"type":"error","code":"x","message":"y"}')
         self.assertTrue(acc.error)

@@ -29,10 +29,11 @@ def parse_sliced(data: bytes, size: int, parser=None) -> list:
 class FixtureTests(SynchronousTestCase):
     def test_fixturesPresent(self):
         """
-        All sixteen stream fixtures are found, the eight provider shapes
-        included (guards the loops below against silently testing nothing).
+        All seventeen stream fixtures are found, the eight provider shapes
+        and the 1-hour cache stream included (guards the loops below
+        against silently testing nothing).
         """
-        self.assertEqual(len(SSE_FIXTURES), 16)
+        self.assertEqual(len(SSE_FIXTURES), 17)
 
     def test_slicedEqualsWhole(self):
         """

@@ -95,3 +95,18 @@ class VersionTests(SynchronousTestCase):
         )
         self.assertEqual(p.returncode, 0, p.stderr)
         self.assertTrue(p.stdout.startswith(f"llmgate {__version__} (Twisted "), p.stdout)
+
+
+class KeyFileTests(SynchronousTestCase):
+    def test_key_file_keys_counted_and_labelled(self) -> None:
+        """Keys from a key file count in the start-up block and are metric key labels."""
+        import dataclasses
+
+        from llmgate.policy.keys import KeyRecord
+        from llmgate.tap import key_names
+
+        cfg = dataclasses.replace(config(), key_records=(KeyRecord(name="file-key", digest=b"\0" * 32),))
+        text, facts = describe(cfg, demo=False, workers=1, listeners=[], raw_ports=["8080"], config_path=None)
+        self.assertIn("gateway keys: 1", text)
+        self.assertFalse(facts["bare_ports_loopback_only"])
+        self.assertEqual(key_names(cfg), ["file-key"])
