@@ -30,8 +30,8 @@ Under C{--workers N} (N above 1) the admin listener is the supervisor's,
 which relays no request; each worker's board is its own.  The supervisor
 serves L{WorkersStatusResource}: the supervisor's view, built from the
 workers' summed metrics (the files C{/metrics} sums): live streams,
-requests by outcome, tokens and cost by provider and TTFT percentiles
-(from the histogram's buckets), since start; the page says that the
+requests by outcome, requests, errors, tokens and cost by provider and
+TTFT percentiles (from the histogram's buckets), since start; the page says that the
 per-minute view, the spend per key and the last errors are per worker.
 """
 
@@ -370,20 +370,28 @@ def summarize(families: Iterable[Any]) -> dict[str, Any]:
                 view["requests"] += value
                 o = labels.get("outcome", "?")
                 view["outcomes"][o] = view["outcomes"].get(o, 0.0) + value
+                p = _provider_row(view, labels)
+                p[0] += value
+                if o in ERROR_OUTCOMES:
+                    p[1] += value
             elif name in ("llmgate_tokens_total", "llmgate_cost_usd_total"):
-                p = view["providers"].setdefault(labels.get("provider") or "-", [0.0, 0.0])
-                p[0 if name == "llmgate_tokens_total" else 1] += value
+                _provider_row(view, labels)[2 if name == "llmgate_tokens_total" else 3] += value
             elif name == "llmgate_ttft_seconds_bucket":
                 le = float(labels["le"])
                 buckets[le] = buckets.get(le, 0.0) + value
-            elif name in ("llmgate_ledger_pending", "llmgate_ledger_write_failures", "llmgate_ledger_dropped"):
-                key = name[len("llmgate_ledger_"):]
+            elif name.startswith("llmgate_ledger_") and not name.endswith("_created"):
+                key = name[len("llmgate_ledger_"):].removesuffix("_total")
                 view["ledger"][key] = view["ledger"].get(key, 0.0) + value
     bounds = sorted(buckets.items())
     total = bounds[-1][1] if bounds else 0.0
     if total > 0:
         view["ttft"] = (int(total), {q: _bucket_quantile(q, bounds) * 1000.0 for q in (0.5, 0.9, 0.99)})
     return view
+
+
+def _provider_row(view: dict[str, Any], labels: dict[str, str]) -> list[float]:
+    """[requests, errors, tokens, cost] of the labels' provider ("-": none chosen)."""
+    return view["providers"].setdefault(labels.get("provider") or "-", [0.0, 0.0, 0.0, 0.0])
 
 
 def _bucket_quantile(q: float, bounds: list[tuple[float, float]]) -> float:
@@ -428,15 +436,22 @@ def render_workers(view: dict[str, Any], workers: int, now: float, version: str 
         cls = " class=err" if outcome in ERROR_OUTCOMES and n else ""
         out.append(f'<tr data-outcome="{_e(outcome)}"><td class=l>{_e(outcome)}</td><td{cls}>{int(n)}</td></tr>')
     out.append(f"<tr><th class=l>all</th><th>{int(view['requests'])}</th></tr></table>")
-    out.append("<h2>Tokens and spend since start by provider</h2>")
+    out.append("<h2>Requests, tokens and spend since start by provider</h2>")
     if view["providers"]:
-        out.append("<table id=providers><tr><th class=l>provider</th><th>tokens</th><th>cost</th></tr>")
-        for p, (tok, cost) in sorted(view["providers"].items()):
-            out.append(f'<tr data-provider="{_e(p)}"><td class=l>{_e(p)}</td><td>{int(tok)}</td><td>${cost:,.4f}</td></tr>')
+        out.append(
+            "<table id=providers><tr><th class=l>provider</th><th>requests</th><th>errors</th>"
+            "<th>tokens</th><th>cost</th></tr>"
+        )
+        for p, (req, err, tok, cost) in sorted(view["providers"].items()):
+            cls = "err" if err else "ok"
+            out.append(
+                f'<tr data-provider="{_e(p)}"><td class=l>{_e(p)}</td><td class=requests>{int(req)}</td>'
+                f"<td class='errors {cls}'>{int(err)}</td><td>{int(tok)}</td><td>${cost:,.4f}</td></tr>"
+            )
         out.append("</table>")
     else:
-        out.append("<p class=muted>No tokens counted yet.</p>")
-    out.append("<h2>Time to first token since start (from the histogram's buckets)</h2>")
+        out.append("<p class=muted>No requests yet.</p>")
+    out.append("<h2>Time to first relayed byte of streams since start (llmgate_ttft_seconds buckets)</h2>")
     if view["ttft"] is None:
         out.append("<p class=muted id=ttft>No streams yet.</p>")
     else:

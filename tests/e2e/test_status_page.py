@@ -205,7 +205,8 @@ class StatusPageTests(SynchronousTestCase):
         """
         Under C{--workers 2} the supervisor's page, loaded by Chromium,
         shows the requests of both workers summed: completed and
-        upstream_error counts, TTFT percentiles, and says what it leaves out.
+        upstream_error counts, the provider's requests and errors, TTFT
+        percentiles, and says what it leaves out.
         """
         _chromium()
         d = tempfile.mkdtemp(prefix="llmgate-e2e-status-")
@@ -247,8 +248,15 @@ class StatusPageTests(SynchronousTestCase):
         self.assertIn("2 worker processes", dom)
         self.assertRegex(dom, r'<tr data-outcome="completed"><td class="l">completed</td><td>6</td></tr>')
         self.assertRegex(dom, r'<tr data-outcome="upstream_error"><td class="l">upstream_error</td><td class="err">1</td></tr>')
+        row = re.search(r'<tr data-provider="mock">(.*?)</tr>', dom, re.S)
+        self.assertIsNotNone(row, dom)
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", row.group(1), re.S)
+        self.assertEqual(cells[:3], ["mock", "7", "1"])
         ttft = _text(dom, "ttft")
         self.assertEqual(len(re.findall(r"\d+(?:\.\d+)? ms", ttft)), 3, ttft)
+        # llmgate_ttft_seconds counts every stream's first relayed byte:
+        # the six completed and the 500's error body.
+        self.assertEqual(int(re.search(r"\b(\d+)\b", ttft).group(1)), 7)
         self.assertIn("--workers 1", dom)
         self.assertNotIn("sk-upstream-secret-e2e", dom)
         self.assert_screenshot(url, d, "workers")

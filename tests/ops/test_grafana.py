@@ -33,14 +33,21 @@ class _Ledger:
         return 0
 
 
+class _Exchange:
+    started, headers_at, first_byte_at, first_write_at = 1.0, 1.1, 1.2, 1.21
+
+
 def exported() -> dict[str, set[str]]:
     """Every series name a gateway's registry (built as llmgate.tap does) exports, with its label names."""
     metrics = Metrics()
     metrics.registry.register(GCPauses())
     metrics.watch_executor(_Pool())
     metrics.watch_ledger(_Ledger())
-    # One record makes every labelled child exist, so its labels show.
-    metrics.observe(replace(REC, cost_usd=0.01, cached_input_tokens=1, reasoning_tokens=1))
+    # Records of each kind make every labelled child exist, so its labels show.
+    ex = _Exchange()
+    metrics.observe(replace(REC, cost_usd=0.01, cached_input_tokens=1, reasoning_tokens=1), ex)
+    metrics.observe(replace(REC, outcome="client_cancelled", phase="body"), ex)
+    metrics.observe(replace(REC, outcome="upstream_error", phase="headers", status=502), ex)
     out: dict[str, set[str]] = {}
     for family in metrics.registry.collect():
         labels = {k for s in family.samples for k in s.labels}
@@ -91,7 +98,10 @@ class DashboardTests(SynchronousTestCase):
             self.assertLessEqual(grouped | filtered, labels, expr)
         # Each kind of figure has a panel: traffic, tokens, spend, TTFT, ledger, pools, GC.
         for family in ("llmgate_requests_total", "llmgate_tokens_total", "llmgate_cost_usd_total",
-                       "llmgate_ttft_seconds_bucket", "llmgate_active_requests", "llmgate_ledger_pending",
+                       "llmgate_ttft_seconds_bucket", "llmgate_gateway_added_first_byte_seconds_bucket",
+                       "llmgate_upstream_headers_seconds_bucket", "llmgate_request_duration_seconds_bucket",
+                       "llmgate_upstream_errors_total", "llmgate_cancellations_total",
+                       "llmgate_active_requests", "llmgate_ledger_pending", "llmgate_ledger_write_failures_total",
                        "llmgate_executor_jobs", "llmgate_gc_pause_seconds_bucket"):
             self.assertIn(family, used)
 
@@ -101,3 +111,4 @@ class DashboardTests(SynchronousTestCase):
         self.assertNotIn("llmgate_request_total", names)
         self.assertNotIn("llmgate_ttft_seconds", names)
         self.assertNotIn("key", names["llmgate_ttft_seconds_bucket"])
+        self.assertIn("key", names["llmgate_cost_usd_total"])

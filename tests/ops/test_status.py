@@ -193,7 +193,8 @@ class WorkersViewTests(SynchronousTestCase):
         self.assertEqual(view["active"], 2.0)
         self.assertEqual(view["outcomes"], {"completed": 4.0, "upstream_error": 1.0})
         self.assertEqual(view["requests"], 5.0)
-        self.assertEqual(view["providers"], {"openai": [8.0, 1.0]})
+        # Requests, errors, tokens, cost.
+        self.assertEqual(view["providers"], {"openai": [5.0, 1.0, 8.0, 1.0]})
         n, q = view["ttft"]
         self.assertEqual(n, 4)
         # Rank 2 of 4 in the bucket (25 ms, 50 ms] holding all four: 25 + 25 * 2/4.
@@ -210,7 +211,7 @@ class WorkersViewTests(SynchronousTestCase):
         clock.advance(NOON)
         view = {
             "active": 3.0, "outcomes": {"completed": 7.0, "upstream_error": 2.0}, "requests": 9.0,
-            "providers": {"<p>": [10.0, 0.5]}, "ttft": (7, {0.5: 12.0, 0.9: 40.0, 0.99: 80.0}), "ledger": {"pending": 1.0},
+            "providers": {"<p>": [9.0, 2.0, 10.0, 0.5]}, "ttft": (7, {0.5: 12.0, 0.9: 40.0, 0.99: 80.0}), "ledger": {"pending": 1.0},
         }
         seen = []
 
@@ -235,3 +236,4 @@ class WorkersViewTests(SynchronousTestCase):
         self.assertNotIn("<p>", body.split("<body>")[1].replace("<p class=muted>", "").replace("<p>Live", ""))
         self.assertIn("<td>12 ms</td><td>40 ms</td><td>80 ms</td>", body)
         self.assertIn("--workers 1", body)
+        self.assertIn("<td class=requests>9</td><td class='errors err'>2</td><td>10</td><td>$0.5000</td>", body)
