@@ -122,7 +122,7 @@ def describe(
     lines.append(f"  ledger: {ledger or 'disabled'}")
     metrics = [e for e in listening if e["setting"] != "--port"]
     lines.append(
-        "  metrics: " + (", ".join(f"http://{e['address'] or e['endpoint']}/metrics" for e in metrics) if metrics else "off")
+        "  metrics: " + (", ".join(f"http://{e['address'] or e['endpoint']}/metrics (status page: /status)" for e in metrics) if metrics else "off")
     )
     facts = {
         "version": __version__,
