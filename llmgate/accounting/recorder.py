@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from llmgate.accounting import tokens
 from llmgate.accounting.bigbody import HeadTail
@@ -460,6 +461,17 @@ class Accounting:
             return
         body = counter.body()
         ends = counter.ends()
+        if body is None and ends is None:
+            reported = _reported(counter)
+            if reported is not None:
+                # The common end of a stream: the provider's usage is
+                # known, nothing to parse or estimate. Recorded at once,
+                # without a Deferred chain per request.
+                try:
+                    self._record(ex, reported)
+                except Exception:
+                    self._failed(Failure(), ex)
+                return
         if body is not None:
             d = self._run(counter.acc.on_body, body, heavy=len(body) > _THREAD_BYTES)
         elif ends is not None:

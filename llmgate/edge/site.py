@@ -283,6 +283,54 @@ class GatewayChannel(http.HTTPChannel):
     _answered = False
     _lost = False
 
+    # Writes held by cork() until uncork(): a list, or None when not corked.
+    _corked: Optional[list[bytes]] = None
+
+    # -- corking -------------------------------------------------------------
+
+    def cork(self) -> None:
+        """
+        Hold this channel's writes until L{uncork}: the relay corks around
+        what it writes in one go (the status line and the first events; the
+        last events and the chunked terminator), so that they leave in one
+        send instead of one each (the transport writes through at once).
+        """
+        if self._corked is None:
+            self._corked = []
+
+    def uncork(self) -> None:
+        """Send what was held since L{cork}, as one write."""
+        held, self._corked = self._corked, None
+        if held and self.transport is not None:
+            self.transport.write(b"".join(held))
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        held = self._corked
+        if held is None:
+            super().writeHeaders(version, code, reason, headers)
+            return
+        # HTTPChannel.writeHeaders, into the held list (Request always
+        # passes a Headers, whose values are already sanitized).
+        held.extend((version, b" ", code, b" ", reason, b"\r\n"))
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                held.extend((name, b": ", value, b"\r\n"))
+        held.append(b"\r\n")
+
+    def write(self, data: bytes) -> None:
+        held = self._corked
+        if held is None:
+            self.transport.write(data)
+        elif data:
+            held.append(data)
+
+    def writeSequence(self, iovec: Any) -> None:
+        held = self._corked
+        if held is None:
+            self.transport.writeSequence(iovec)
+        else:
+            held.extend(iovec)
+
     def connectionMade(self) -> None:
         if type(self.transport) is tcp.Server:
             self.transport.__class__ = _WriteThrough
@@ -457,6 +505,9 @@ class GatewayChannel(http.HTTPChannel):
         super().allContentReceived()
 
     def requestDone(self, request: Any) -> None:
+        # The response is whole: what a relay held goes out before the
+        # channel closes or reads the next request.
+        self.uncork()
         if self.persistent and not self._lost:
             # The next request's headers are due this long after the end of
             # this response.
@@ -466,6 +517,7 @@ class GatewayChannel(http.HTTPChannel):
 
     def connectionLost(self, reason: Any) -> None:
         self._lost = True
+        self._corked = None
         self._disarm()
         super().connectionLost(reason)
         # A body decoder left mid-body (a refused upload) calls back into

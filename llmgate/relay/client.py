@@ -28,10 +28,12 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
+    URI,
     HTTPConnectionPool,
     _HTTP11ClientFactory,
 )
-from twisted.web._newclient import HEADER, HTTP11ClientProtocol, HTTPClientParser
+from twisted.web._newclient import HEADER, HTTP11ClientProtocol, HTTPClientParser, _ensureValidURI
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
@@ -134,6 +136,10 @@ class ProxyHTTPClient(HTTPClient):
     unused or unwanted in a proxy. The response is still treq's.
     """
 
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self._targets: dict[str, tuple[Any, Any, Any, bytes]] = {}
+
     def request(self, method: str, url: Any, **kw: Any) -> Deferred[Any]:
         headers = kw.pop("headers", None)
         data = kw.pop("data", None)
@@ -143,13 +149,50 @@ class ProxyHTTPClient(HTTPClient):
             return super().request(
                 method, url, headers=headers, data=data, unbuffered=unbuffered, allow_redirects=redirects, **kw
             )
-        d = self._agent.request(
+        agent = self._agent
+        target = self._targets.get(url)
+        if target is None:
+            target = self._target(url)
+        uri, endpoint, key, host = target
+        if headers is None:
+            headers = Headers()
+        if not headers.hasHeader(b"host"):
+            # The relay's headers are built fresh for each request: add the
+            # Host in place, where Agent would copy them first.
+            headers.addRawHeader(b"host", host)
+        d = agent._requestWithEndpoint(
+            key,
+            endpoint,
             method.encode("ascii"),
-            url.encode("ascii"),
+            uri,
             headers,
             None if data is None else BytesProducer(data),
+            uri.originForm,
         )
         return d.addCallback(_Response, self._cookiejar)
+
+    # Upstream URLs seen (providers x routes): a handful; the cap only
+    # bounds a configuration that would make them unbounded.
+    _MAX_TARGETS = 512
+
+    def _target(self, url: str) -> tuple[Any, Any, Any, bytes]:
+        """
+        The parsed URL, its endpoint (with its TLS options), pool key and
+        Host value: what Agent.request works out again for every request,
+        kept per upstream URL.
+        """
+        agent = self._agent
+        raw = _ensureValidURI(url.encode("ascii").strip())
+        uri = URI.fromBytes(raw)
+        endpoint = agent._getEndpoint(uri)
+        key = (uri.scheme, uri.host, uri.port)
+        host = agent._computeHostValue(uri.scheme, uri.host, uri.port)
+        target = (uri, endpoint, key, host)
+        targets = self._targets
+        if len(targets) >= self._MAX_TARGETS:
+            targets.clear()
+        targets[url] = target
+        return target
 
 
 # Caps on an upstream response head (status line, header lines, the blank

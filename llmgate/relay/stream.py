@@ -98,7 +98,7 @@ class Coalescer:
         self._call = None
         dirty, self._dirty = self._dirty, []
         for relay in dirty:
-            relay.flush()
+            relay.end_turn()
 
 
 class Watchdog(Service):
@@ -274,6 +274,8 @@ class Relay:
     __slots__ = (
         "_client_gone",
         "_coalescer",
+        "_corked",
+        "_queued",
         "_cut_message",
         "_decoder",
         "_done",
@@ -333,6 +335,10 @@ class Relay:
         self._paused_at: Optional[float] = None
         self._coalescer = coalescer
         self._out: list[bytes] = []
+        # In the coalescer's list for the end of this turn.
+        self._queued = False
+        # The client channel corked by this relay (see _cork), if any.
+        self._corked: Any = None
         # Set when the upstream body came compressed anyway.
         self._decoder: Optional[BodyDecoder] = None
         # An upstream error (non-2xx) body, held until its end to be redacted.
@@ -425,8 +431,15 @@ class Relay:
         if is_sse:
             req.responseHeaders.setRawHeaders(b"cache-control", [b"no-cache"])
             req.responseHeaders.setRawHeaders(b"x-accel-buffering", [b"no"])
-            # Send the status line now: the SDK returns from create() on it.
-            req.write(b"")
+            # Send the status line in this reactor turn: the SDK returns
+            # from create() on it. With the coalescer it is held to the end
+            # of the turn, so the events that came in the same read leave
+            # with it, in one send.
+            if self._coalescer is not None and self._cork():
+                req.write(b"")
+                self._queue()
+            else:
+                req.write(b"")
         if response.code != 200:
             # An upstream error is relayed untouched but counted as no usage.
             ex.counter = None
@@ -546,9 +559,39 @@ class Relay:
                 ex.first_write_at = self.clock.seconds()
             self.request.write(data)
             return
-        if not self._out:
-            self._coalescer.add(self)
+        self._queue()
         self._out.append(data)
+
+    def _queue(self) -> None:
+        if not self._queued:
+            self._queued = True
+            self._coalescer.add(self)  # type: ignore[union-attr]
+
+    def _cork(self) -> bool:
+        """
+        Hold the client channel's writes (L{GatewayChannel.cork}) until
+        L{_uncork}; False if the channel cannot (gone, or a test double).
+        """
+        if self._corked is not None:
+            return True
+        channel = getattr(self.request, "channel", None)
+        if channel is None or getattr(channel, "cork", None) is None:
+            return False
+        channel.cork()
+        self._corked = channel
+        return True
+
+    def _uncork(self) -> None:
+        channel, self._corked = self._corked, None
+        if channel is not None:
+            channel.uncork()
+
+    def end_turn(self) -> None:
+        """The reactor turn ends (the L{Coalescer}): send what it relayed."""
+        self._queued = False
+        self.flush()
+        if self._corked is not None:
+            self._uncork()
 
     def flush(self) -> None:
         """Write what this turn's reads relayed, as one chunk."""
@@ -607,6 +650,15 @@ class Relay:
         self._abort_upstream()
 
     def body_ended(self, reason: Failure) -> None:
+        # The last events and the chunked terminator leave in one send.
+        corked = not self._client_gone and self._cork()
+        try:
+            self._body_ended(reason)
+        finally:
+            if corked:
+                self._uncork()
+
+    def _body_ended(self, reason: Failure) -> None:
         self.flush()
         self._upstream = None
         if self._producing:

@@ -22,12 +22,30 @@ from llmgate.relay.client import (
 )
 
 
-class RecordingAgent:
+class _CountingEndpoints:
+    """An endpoint factory that counts what it is asked."""
+
     def __init__(self) -> None:
+        self.asked: list[bytes] = []
+
+    def endpointForURI(self, uri: Any) -> Any:
+        self.asked.append(uri.toBytes())
+        return object()
+
+
+class RecordingAgent(Agent):
+    """Twisted's Agent up to the pool: records each request it would send."""
+
+    def __init__(self) -> None:
+        self.endpoints = _CountingEndpoints()
+        super().__init__(MemoryReactorClock())
+        self._endpointFactory = self.endpoints
         self.calls: list[tuple[Any, ...]] = []
 
-    def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Deferred[Any]:
-        self.calls.append((method, uri, headers, bodyProducer))
+    def _requestWithEndpoint(
+        self, key: Any, endpoint: Any, method: bytes, parsedURI: Any, headers: Any, bodyProducer: Any, requestPath: bytes
+    ) -> Deferred[Any]:
+        self.calls.append((method, parsedURI.toBytes(), headers, bodyProducer, key, endpoint, requestPath))
         return Deferred()
 
 
@@ -47,11 +65,28 @@ class ProxyClientTests(SynchronousTestCase):
         client.http._agent = agent
         h = Headers({b"x-a": [b"1"]})
         client.http.request("POST", "http://up.test/v1/x", headers=h, data=b"{}", unbuffered=True, allow_redirects=False)
-        [(method, uri, headers, producer)] = agent.calls
-        self.assertEqual((method, uri), (b"POST", b"http://up.test/v1/x"))
+        [(method, uri, headers, producer, key, _, path)] = agent.calls
+        self.assertEqual((method, uri, path, key), (b"POST", b"http://up.test/v1/x", b"/v1/x", (b"http", b"up.test", 80)))
         self.assertIs(headers, h)
         self.assertFalse(headers.hasHeader(b"accept-encoding"))
+        self.assertEqual(headers.getRawHeaders(b"host"), [b"up.test"])
         self.assertEqual(producer.length, 2)
+
+    def test_endpoint_once_per_upstream(self) -> None:
+        """
+        The endpoint (and its TLS options) of an upstream URL is made once
+        and reused by later requests to it; another URL gets its own.
+        """
+        client = UpstreamClient(MemoryReactorClock())
+        agent = RecordingAgent()
+        client.http._agent = agent
+        for url in ("https://up.test/v1/x", "https://up.test/v1/x", "https://up.test:8443/v1/x"):
+            client.http.request("POST", url, headers=Headers(), data=b"{}", unbuffered=True, allow_redirects=False)
+        self.assertEqual(agent.endpoints.asked, [b"https://up.test/v1/x", b"https://up.test:8443/v1/x"])
+        first, second, third = agent.calls
+        self.assertIs(first[5], second[5])
+        self.assertIsNot(first[5], third[5])
+        self.assertEqual([c[2].getRawHeaders(b"host") for c in agent.calls], [[b"up.test"], [b"up.test"], [b"up.test:8443"]])
 
     def test_body_producer_writes_once(self) -> None:
         """The body is written in one call with no cooperator."""

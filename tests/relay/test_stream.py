@@ -6,6 +6,9 @@ front, a hand-driven fake of treq at the back, and a MemoryReactorClock.
 from __future__ import annotations
 
 import json
+from typing import Any
+
+from twisted.internet.testing import StringTransport
 
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.python.failure import Failure
@@ -607,6 +610,8 @@ class CoalescingTests(SynchronousTestCase):
         self.channel, self.transport = self.gw.post("/v1/chat/completions", CHAT)
         self.r = FakeResponse(200, SSE_HEADERS)
         self.gw.http.calls[0]["deferred"].callback(self.r)
+        # The status line leaves at the end of the turn it came in.
+        self.gw.clock.advance(0)
         self.transport.clear()
 
     def test_one_turn_one_chunk(self) -> None:
@@ -638,3 +643,93 @@ class CoalescingTests(SynchronousTestCase):
         self.channel.connectionLost(Failure(ConnectionDone()))
         self.gw.clock.advance(0)
         self.assertEqual(self.transport.value(), b"")
+
+
+class _CountingTransport(StringTransport):
+    """A StringTransport that counts its writes (each one a send)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+    def writeSequence(self, seq: Any) -> None:
+        self.writes += 1
+        super().writeSequence(seq)
+
+
+class FewerSendsTests(SynchronousTestCase):
+    """
+    The client transport writes through at once, so each channel write is
+    a send: the relay groups what it writes in one go.
+    """
+
+    def setUp(self) -> None:
+        self.gw = Gateway(coalesce=True)
+        self.channel = self.gw.site.buildProtocol(None)
+        self.transport = _CountingTransport()
+        self.channel.makeConnection(self.transport)
+        data = json.dumps(CHAT).encode()
+        self.channel.dataReceived(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(data), data)
+        )
+        self.r = FakeResponse(200, SSE_HEADERS)
+        self.transport.writes = 0
+
+    def test_status_line_with_first_events(self) -> None:
+        """
+        The status line and the events that came with the response headers
+        (one upstream read) leave in one write at the end of the turn.
+        """
+        self.gw.http.calls[0]["deferred"].callback(self.r)
+        self.r.send(E1)
+        self.assertEqual(self.transport.value(), b"")
+        self.gw.clock.advance(0)
+        self.assertEqual(self.transport.writes, 1)
+        status, headers, body, complete = parse_response(self.transport.value())
+        self.assertEqual((status, body, complete), (200, E1, False))
+        self.assertEqual(headers[b"content-type"], [b"text/event-stream; charset=utf-8"])
+
+    def test_status_line_alone_same_turn(self) -> None:
+        """
+        With no event yet, the status line still leaves at the end of the
+        turn that brought the response headers (an SDK's create() returns
+        on it).
+        """
+        self.gw.http.calls[0]["deferred"].callback(self.r)
+        self.gw.clock.advance(0)
+        self.assertEqual(self.transport.writes, 1)
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 200 OK\r\n"))
+
+    def test_last_events_with_terminator(self) -> None:
+        """
+        The events of the last read and the chunked terminator leave in
+        one write when the upstream body ends.
+        """
+        self.gw.http.calls[0]["deferred"].callback(self.r)
+        self.gw.clock.advance(0)
+        self.transport.clear()
+        self.transport.writes = 0
+        self.r.send(E1 + E2)
+        self.r.end()
+        self.assertEqual(self.transport.writes, 1)
+        self.assertEqual(self.transport.value(), b"%x\r\n%s\r\n0\r\n\r\n" % (len(E1 + E2), E1 + E2))
+        self.gw.clock.advance(0)
+        self.assertEqual(self.transport.writes, 1)
+
+    def test_whole_response_one_write(self) -> None:
+        """
+        A whole stream read at once (headers, events, end): status line,
+        events and terminator in a single write.
+        """
+        self.gw.http.calls[0]["deferred"].callback(self.r)
+        self.r.send(E1 + E2)
+        self.r.end()
+        self.gw.clock.advance(0)
+        self.assertEqual(self.transport.writes, 1)
+        status, _, body, complete = parse_response(self.transport.value())
+        self.assertEqual((status, body, complete), (200, E1 + E2, True))
