@@ -42,10 +42,56 @@ class Provider:
 
 
 @dataclass(frozen=True)
+class Deployment:
+    """One place a public model is served: a provider, the model name sent
+    to it, and its share of the traffic (L{llmgate.routing.balance})."""
+
+    provider: str
+    upstream_model: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class ModelRoute:
+    """
+    A public model: its deployments (the first is also C{provider} and
+    C{upstream_model}, the single-deployment form) and the public models
+    tried in order when none of them could answer (L{llmgate.routing}).
+    """
+
     name: str
     provider: str
     upstream_model: str
+    deployments: tuple[Deployment, ...] = ()
+    fallbacks: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.deployments:
+            object.__setattr__(self, "deployments", (Deployment(self.provider, self.upstream_model),))
+
+
+@dataclass(frozen=True)
+class Routing:
+    """
+    C{[routing]}: retries and fallbacks before the first byte, and the
+    per-deployment circuit breaker (L{llmgate.routing}).
+
+    @ivar max_attempts: upstream attempts per client request, in all.
+    @ivar deadline: no new attempt starts this long after the request began.
+    @ivar retry_after_cap: a deployment that answered 429/503 with
+        C{retry-after} is skipped for that long, at most this.
+    @ivar breaker_failures: consecutive failures that open a deployment's
+        breaker.
+    @ivar breaker_cooldown: seconds an open breaker waits before one probe.
+    @ivar balance: C{"weighted"} (random by weight) or C{"least_outstanding"}.
+    """
+
+    max_attempts: int = 3
+    deadline: float = 120.0
+    retry_after_cap: float = 60.0
+    breaker_failures: int = 5
+    breaker_cooldown: float = 30.0
+    balance: str = "weighted"
 
 
 @dataclass(frozen=True)
@@ -67,6 +113,7 @@ class Config:
     providers: Mapping[str, Provider]
     models: Mapping[str, ModelRoute]
     timeouts: Timeouts = Timeouts()
+    routing: Routing = Routing()
     max_body_bytes: int = 32 * 1024 * 1024
     # Request bodies being received at once, across all connections.
     max_buffered_body_bytes: int = 256 * 1024 * 1024
@@ -318,6 +365,7 @@ def parse(
             "accounting",
             "prices",
             "metrics",
+            "routing",
         },
         "config",
     )
@@ -366,21 +414,8 @@ def parse(
             ),
         )
 
-    models: dict[str, ModelRoute] = {}
-    for name, table in _expect(data.get("models", {}), dict, "models").items():
-        where = f"models.{name}"
-        _expect(table, dict, where)
-        _no_unknown(table, {"provider", "upstream_model"}, where)
-        prov = table.get("provider")
-        if prov is None:
-            raise ConfigError(f"{where}.provider: missing")
-        _expect(prov, str, f"{where}.provider")
-        if prov not in providers:
-            raise ConfigError(f"{where}.provider: no provider named {prov!r}")
-        upstream = _expect(
-            table.get("upstream_model", name), str, f"{where}.upstream_model"
-        )
-        models[name] = ModelRoute(name, prov, upstream)
+    models = _models(_expect(data.get("models", {}), dict, "models"), providers)
+    routing = _routing(_expect(data.get("routing", {}), dict, "routing"))
 
     t = _expect(data.get("timeouts", {}), dict, "timeouts")
     _no_unknown(t, {"connect", "headers", "idle", "write_stall"}, "timeouts")
@@ -459,6 +494,7 @@ def parse(
         providers=providers,
         models=models,
         timeouts=timeouts,
+        routing=routing,
         max_body_bytes=max_body,
         max_buffered_body_bytes=max_buffered,
         drain_seconds=_positive(server.get("drain_seconds", 25.0), "server.drain_seconds"),
@@ -476,6 +512,90 @@ def parse(
         prices=prices,
         metrics_port=metrics_port,
     )
+
+
+def _deployment(table: Any, name: str, where: str, providers: Mapping[str, Provider]) -> Deployment:
+    _expect(table, dict, where)
+    _no_unknown(table, {"provider", "upstream_model", "weight"}, where)
+    prov = table.get("provider")
+    if prov is None:
+        raise ConfigError(f"{where}.provider: missing")
+    _expect(prov, str, f"{where}.provider")
+    if prov not in providers:
+        raise ConfigError(f"{where}.provider: no provider named {prov!r}")
+    upstream = _expect(table.get("upstream_model", name), str, f"{where}.upstream_model")
+    weight = _expect(table.get("weight", 1), (int, float), f"{where}.weight")
+    if not math.isfinite(weight) or weight <= 0:
+        raise ConfigError(f"{where}.weight: must be a number greater than 0")
+    return Deployment(prov, upstream, float(weight))
+
+
+def _models(tables: Mapping[str, Any], providers: Mapping[str, Provider]) -> dict[str, ModelRoute]:
+    """
+    C{[models.NAME]}: C{provider}/C{upstream_model} (one deployment) or
+    C{deployments = [{provider, upstream_model, weight}, ...]}, and
+    C{fallbacks}: other public models, of the same dialect, tried in order.
+    """
+    models: dict[str, ModelRoute] = {}
+    for name, table in tables.items():
+        where = f"models.{name}"
+        _expect(table, dict, where)
+        _no_unknown(table, {"provider", "upstream_model", "deployments", "fallbacks"}, where)
+        if "deployments" in table:
+            if "provider" in table or "upstream_model" in table:
+                raise ConfigError(
+                    f"{where}: set provider/upstream_model or deployments, not both"
+                )
+            raw = _expect(table["deployments"], list, f"{where}.deployments")
+            if not raw:
+                raise ConfigError(f"{where}.deployments: must name at least one deployment")
+            deps = tuple(
+                _deployment(d, name, f"{where}.deployments[{i}]", providers) for i, d in enumerate(raw)
+            )
+            kinds = {providers[d.provider].kind for d in deps}
+            if len(kinds) > 1:
+                raise ConfigError(f"{where}.deployments: providers of one dialect only (got {', '.join(sorted(kinds))})")
+        else:
+            deps = (_deployment({k: v for k, v in table.items() if k != "fallbacks"}, name, where, providers),)
+        fallbacks = _expect(table.get("fallbacks", []), list, f"{where}.fallbacks")
+        for i, f in enumerate(fallbacks):
+            _expect(f, str, f"{where}.fallbacks[{i}]")
+            if f == name:
+                raise ConfigError(f"{where}.fallbacks[{i}]: a model cannot be its own fallback")
+        models[name] = ModelRoute(name, deps[0].provider, deps[0].upstream_model, deps, tuple(fallbacks))
+    for name, m in models.items():
+        kind = providers[m.provider].kind
+        for i, f in enumerate(m.fallbacks):
+            other = models.get(f)
+            if other is None:
+                raise ConfigError(f"models.{name}.fallbacks[{i}]: no model named {f!r}")
+            if providers[other.provider].kind != kind:
+                raise ConfigError(
+                    f"models.{name}.fallbacks[{i}]: {f!r} is served by {providers[other.provider].kind} "
+                    f"providers, {name!r} by {kind} ones"
+                )
+    return models
+
+
+def _routing(table: Mapping[str, Any]) -> Routing:
+    fields_ = {f.name for f in dataclasses.fields(Routing)}
+    _no_unknown(table, fields_, "routing")
+    out: dict[str, Any] = {}
+    for k in ("max_attempts", "breaker_failures"):
+        if k in table:
+            v = table[k]
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"routing.{k}: must be an integer >= 1")
+            out[k] = v
+    for k in ("deadline", "retry_after_cap", "breaker_cooldown"):
+        if k in table:
+            out[k] = _positive(table[k], f"routing.{k}")
+    if "balance" in table:
+        b = _expect(table["balance"], str, "routing.balance")
+        if b not in ("weighted", "least_outstanding"):
+            raise ConfigError("routing.balance: expected \"weighted\" or \"least_outstanding\"")
+        out["balance"] = b
+    return Routing(**out)
 
 
 def from_environment(env: Mapping[str, str] | None = None) -> Config:

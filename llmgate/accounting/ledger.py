@@ -108,6 +108,12 @@ class UsageRecord:
     @ivar request_id: the gateway's own unique id of the request.
     @ivar client_request_id: the valid C{x-request-id} the client sent, if
         it sent one (clients may repeat ids: it is not a key).
+    @ivar attempt: the upstream attempt that served the request (0 when
+        none was made: a rejected request); on a failed attempt's own
+        record, that attempt's number.
+    @ivar parent_request_id: on a failed attempt's record, the
+        C{request_id} of the client request it was made for (whose record
+        names the attempt that served it); L{None} on a client request's.
     """
 
     request_id: str
@@ -136,6 +142,8 @@ class UsageRecord:
     served_model: Optional[str] = None
     cache_creation_1h_tokens: int = 0
     client_request_id: Optional[str] = None
+    attempt: int = 1
+    parent_request_id: Optional[str] = None
 
 
 COLUMNS = tuple(f.name for f in fields(UsageRecord))
@@ -169,6 +177,8 @@ CREATE TABLE IF NOT EXISTS usage (
     served_model TEXT,
     cache_creation_1h_tokens INTEGER NOT NULL DEFAULT 0,
     client_request_id TEXT,
+    attempt INTEGER NOT NULL DEFAULT 1,
+    parent_request_id TEXT,
     owner TEXT
 );
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);

@@ -582,7 +582,22 @@ class Accounting:
             served_model=served,
             cache_creation_1h_tokens=0 if usage is None else usage.cache_creation_1h_tokens,
             client_request_id=ex.client_request_id,
+            attempt=ex.attempt,
+            parent_request_id=ex.parent_request_id,
         )
+
+    def attempt_failed(self, ex: Exchange) -> None:
+        """
+        An upstream attempt that failed before anything reached the client,
+        and was retried (L{llmgate.routing.attempts}): its own record, no
+        tokens (the provider answered an error or nothing), linked to the
+        client request by C{parent_request_id}. It settles no budget and is
+        no request in the metrics: the client request's record does both.
+        """
+        rec = clip_record(self._make_record(ex, None, "upstream_error", ex.upstream_request_id))
+        self._access_log(ex, rec)
+        if self.ledger is not None:
+            self.ledger.record(rec)
 
     def _sink(self, rec: UsageRecord, ex: Optional[Exchange] = None) -> None:
         rec = clip_record(rec)
@@ -638,6 +653,7 @@ class Accounting:
             bytes_in=bytes_in,
             bytes_out=0,
             client_request_id=client_request_id,
+            attempt=0,
         )
         _log_access(clip(method), clip(client), rec)
         self._sink(rec)
@@ -686,6 +702,8 @@ def _log_access(method: str, client: str, rec: UsageRecord) -> None:
         "request_id": rec.request_id,
         "client_request_id": rec.client_request_id,
         "upstream_id": rec.upstream_id,
+        "attempt": rec.attempt,
+        "parent_request_id": rec.parent_request_id,
     }
     tokens_in = "-" if rec.input_tokens is None else rec.input_tokens
     tokens_out = "-" if rec.output_tokens is None else rec.output_tokens
@@ -698,5 +716,7 @@ def _log_access(method: str, client: str, rec: UsageRecord) -> None:
         f"id={rec.request_id}"
         f"{' client_id=' + rec.client_request_id if rec.client_request_id else ''}"
         f"{' upstream_id=' + rec.upstream_id if rec.upstream_id else ''}"
+        f"{f' attempt={rec.attempt}' if rec.attempt > 1 else ''}"
+        f"{' parent=' + rec.parent_request_id if rec.parent_request_id else ''}"
     )
     log.info("{line}", line=line, access=fields)

@@ -10,6 +10,8 @@ the client called.
 from __future__ import annotations
 
 import json
+import math
+import random
 from io import BytesIO
 from typing import Any, Callable, Optional
 
@@ -28,6 +30,9 @@ from llmgate.policy import keys as keymod
 from llmgate.policy.limits import Quotas, estimate_tokens
 from llmgate.relay.headers import upstream_request_headers
 from llmgate.relay.stream import Coalescer, Exchange, Relay, Watchdog, new_exchange
+from llmgate.routing import balance
+from llmgate.routing.attempts import Attempts
+from llmgate.routing.breaker import Breakers
 
 log = Logger(namespace="llmgate.api.resource")
 
@@ -40,8 +45,9 @@ _GET_ROUTES = (b"/v1/models", b"/healthz")
 
 
 class _BadRequest(Exception):
-    def __init__(self, status: int, message: str, code: Optional[str] = None, param: Optional[str] = None, model: str = "") -> None:
+    def __init__(self, status: int, message: str, code: Optional[str] = None, param: Optional[str] = None, model: str = "", headers: Optional[dict[bytes, bytes]] = None) -> None:
         super().__init__(message)
+        self.headers = headers
         self.model = model
         self.status = status
         self.message = message
@@ -123,6 +129,7 @@ class GatewayResource(Resource):
         coalesce: bool = False,
         on_big_body_done: Optional[Callable[[int], Any]] = None,
         quotas: Optional[Quotas] = None,
+        rng: Optional[random.Random] = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -136,6 +143,10 @@ class GatewayResource(Resource):
         # Start it (it is a Service) to enforce the relays' timeouts.
         self.watchdog = Watchdog(clock, self.active)
         self.draining = False
+        # Routing: the deployment pick's randomness (injected by tests) and
+        # each deployment's breaker, kept across reloads.
+        self.rng = rng if rng is not None else random.Random()
+        self.breakers = Breakers(clock, config.routing.breaker_failures, config.routing.breaker_cooldown)
         # Limits and budgets: every usage record settles its request's
         # reservation (the same record the ledger and metrics get).
         self.quotas = quotas if quotas is not None else Quotas(clock)
@@ -151,6 +162,7 @@ class GatewayResource(Resource):
         """
         self.config = config
         self.keys = keymod.store_for(config.keys, config.key_records)
+        self.breakers.configure(config.routing.breaker_failures, config.routing.breaker_cooldown)
 
     # -- dispatch ------------------------------------------------------------
 
@@ -277,6 +289,7 @@ class GatewayResource(Resource):
         if failure.check(_BadRequest):
             e = failure.value
             status, args = e.status, (e.message, e.code, e.param)
+            headers = e.headers
         elif failure.check(Overloaded):
             status, args = 503, ("the gateway is overloaded; retry shortly", None, None)
             headers = {b"retry-after": b"1"}
@@ -308,8 +321,8 @@ class GatewayResource(Resource):
             raise _BadRequest(
                 403, f"this gateway key may not use the model {model!r}", code="permission_error", param="model", model=model
             )
-        routed = self.config.route(endpoint.kind, model)
-        if routed is None:
+        groups = balance.plan(self.config, endpoint.kind, model)
+        if groups is None:
             raise _BadRequest(
                 404,
                 f"the model {model!r} does not exist or you do not have access to it",
@@ -317,7 +330,21 @@ class GatewayResource(Resource):
                 param="model",
                 model=model,
             )
-        provider, upstream_model = routed
+        routing = self.config.routing
+        dep = balance.first(groups, self.breakers, self.rng, routing.balance)
+        if dep is None:
+            # Every deployment's breaker is open (or it asked us to wait):
+            # answer at once rather than make the client wait for a failure.
+            wait = max(1, math.ceil(balance.wait(groups, self.breakers)))
+            raise _BadRequest(
+                503,
+                f"every deployment of the model {model!r} is failing; retry in {wait} s",
+                model=model,
+                headers={b"retry-after": str(wait).encode()},
+            )
+        provider = self.config.providers[dep.provider]
+        upstream_model = dep.upstream_model
+        route = (groups, dep)
         streamed = endpoint.streams and doc.get("stream") is True
         rewrite = False
         if upstream_model != model:
@@ -351,11 +378,11 @@ class GatewayResource(Resource):
                     _serialize, doc, size=len(body), alive=lambda: not request._disconnected
                 )
                 d.addCallback(
-                    lambda new: self._start(request, endpoint, key_name, doc, new, model, provider, upstream_model, streamed, strip_usage)
+                    lambda new: self._start(request, endpoint, key_name, doc, new, model, provider, upstream_model, streamed, strip_usage, route)
                 )
                 return d
             body = _serialize(doc)
-        self._start(request, endpoint, key_name, doc, body, model, provider, upstream_model, streamed, strip_usage)
+        self._start(request, endpoint, key_name, doc, body, model, provider, upstream_model, streamed, strip_usage, route)
         return None
 
     def _start(
@@ -370,6 +397,7 @@ class GatewayResource(Resource):
         upstream_model: str,
         streamed: bool,
         strip_usage: bool,
+        route: Any,
     ) -> None:
         if request._disconnected:
             self.accounting.rejected(
@@ -397,35 +425,26 @@ class GatewayResource(Resource):
         if reservation is not None:
             self.quotas.hold(ex.request_id, reservation)
         ex.counter = self.accounting.counter(ex, strip_usage)
-        headers = upstream_request_headers(
-            request.requestHeaders,
-            dialects.auth_headers(provider.kind, provider.api_key, provider.anthropic_version),
-        )
-        headers.setRawHeaders(b"content-type", [b"application/json"])
-        # The upstream's logs can then be searched by the id the client has.
-        headers.setRawHeaders(REQUEST_ID, [ids.visible.encode("ascii")])
-        url = dialects.upstream_url(provider.kind, provider.base_url, endpoint.path)
-        def done(ex: Exchange) -> None:
-            self.active.discard(relay)
-            self.accounting.finished(ex)
-
-        relay = Relay(
-            request, self.http, self.clock, self.config.timeouts, ex, done, coalescer=self._coalescer
-        )
-        self.active.add(relay)
-        try:
-            relay.start(url, headers, body)
-        except Exception:
-            # Never leave a relay (or the active gauge) behind, and still
-            # record the request once.
-            log.failure("could not start the upstream request")
-            self.active.discard(relay)
-            ex.status, ex.outcome, ex.counter = 500, "gateway_error", None
-            ex.ended = self.clock.seconds()
-            self.accounting.finished(ex)
-            if not request.finished and not request._disconnected:
-                request.write(_write_error(request, endpoint.kind, 500, "internal gateway error"))
-                request.finish()
+        groups, dep = route
+        Attempts(
+            request=request,
+            http=self.http,
+            clock=self.clock,
+            timeouts=self.config.timeouts,
+            routing=self.config.routing,
+            breakers=self.breakers,
+            providers=self.config.providers,
+            rng=self.rng,
+            exchange=ex,
+            groups=groups,
+            doc=doc,
+            body=body,
+            visible_id=ids.visible,
+            accounting=self.accounting,
+            active=self.active,
+            coalescer=self._coalescer,
+            done=self.accounting.finished,
+        ).start(dep)
 
     # -- limits and budgets ---------------------------------------------------
 

@@ -52,6 +52,36 @@ log = Logger(namespace="llmgate.relay.stream")
 # larger one is answered with a 502. Provider error bodies are well under 1 KiB.
 MAX_ERROR_BODY = 64 * 1024
 
+# Statuses that mean "this deployment could not answer now": another one
+# may, and nothing reached the client yet (L{llmgate.routing.attempts}).
+RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 529})
+
+
+def retry_after(headers: Headers) -> Optional[float]:
+    """The seconds of a C{retry-after: N} header (an HTTP date is ignored)."""
+    raw = headers.getRawHeaders(b"retry-after")
+    if not raw:
+        return None
+    try:
+        value = float(raw[0])
+    except ValueError:
+        return None
+    return value if value >= 0 and value == value and value != float("inf") else None
+
+
+class Attempts(TypingProtocol):
+    """
+    Told about the outcome of the relay's upstream attempt before anything
+    reached the client (L{llmgate.routing.attempts.Attempts}).
+    """
+
+    def attempt_failed(self, relay: "Relay", status: int, phase: str, message: str, retry_after: Optional[float]) -> bool:
+        """The attempt failed; True if another attempt takes the client over."""
+
+    def attempt_answered(self, relay: "Relay") -> None:
+        """The upstream answered with a status that is not retried."""
+
+
 # Any line end followed by a line end: the blank line that ends an SSE event.
 _BLANK_LINE = re.compile(rb"(?:\r\n|\r|\n)(?:\r\n|\r|\n)")
 
@@ -188,6 +218,10 @@ class Exchange:
     # upstream read that brought them arrived): for the latency metrics.
     headers_at: Optional[float] = None
     first_write_at: Optional[float] = None
+    # Which upstream attempt this is (L{llmgate.routing}); a failed
+    # attempt's own record names the client-facing request as its parent.
+    attempt: int = 1
+    parent_request_id: Optional[str] = None
 
     @property
     def ttft(self) -> Optional[float]:
@@ -272,6 +306,9 @@ class Relay:
     """
 
     __slots__ = (
+        "_attempts",
+        "_detached",
+        "_started",
         "_client_gone",
         "_coalescer",
         "_corked",
@@ -311,8 +348,14 @@ class Relay:
         done: Callable[[Exchange], None],
         max_event_bytes: int = 1 << 20,
         coalescer: Optional["Coalescer"] = None,
+        attempts: Optional[Attempts] = None,
     ) -> None:
         self.request = request
+        # Asked before a failure is relayed whether another attempt takes
+        # over; L{None} when this is the only attempt.
+        self._attempts = attempts
+        self._detached = False
+        self._started = exchange.started
         self.http = http
         self.clock = clock
         self.timeouts = timeouts
@@ -350,6 +393,9 @@ class Relay:
     def start(self, url: str, headers: Headers, body: bytes) -> None:
         # notifyFinish must be asked for before anything can finish the
         # request (a late call never fires).
+        if self.exchange.attempt > 1:
+            # A later attempt's headers timeout runs from its own start.
+            self._started = self.clock.seconds()
         self.request.notifyFinish().addBoth(self._request_finished)
         d = self.http.request(
             "POST",
@@ -384,6 +430,17 @@ class Relay:
             response.deliverBody(_Discard())
             self._record()
             return
+        if self._attempts is not None:
+            code = response.code
+            if code not in RETRYABLE_STATUSES:
+                self._attempts.attempt_answered(self)
+            elif self._try_again(
+                code, "headers", f"upstream answered {code}",
+                retry_after(response.headers) if code in (429, 503) else None,
+            ):
+                # Its error body is not wanted: close that connection.
+                response.deliverBody(_Discard())
+                return
         ctype = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
         is_sse = ctype.lower().startswith(b"text/event-stream")
         if ex.streamed and response.code == 200 and not is_sse:
@@ -455,12 +512,13 @@ class Relay:
             return
         if self._cut_message is not None:
             self._fail(503, self._cut_message, "headers")
-        elif self._headers_late:
-            self._fail(504, "upstream sent no response headers in time", "headers")
+            return
+        if self._headers_late:
+            status, message, phase = 504, "upstream sent no response headers in time", "headers"
         elif failure.check(TxTimeoutError):
-            self._fail(504, "timed out connecting to the upstream", "connect")
+            status, message, phase = 504, "timed out connecting to the upstream", "connect"
         elif failure.check(ConnectError, DNSLookupError, ConnectingCancelledError):
-            self._fail(502, "upstream unreachable", "connect")
+            status, message, phase = 502, "upstream unreachable", "connect"
         elif failure.check(ResponseFailed) and any(
             r.check(ResponseHeadersTooLarge) for r in failure.value.reasons
         ):
@@ -468,9 +526,27 @@ class Relay:
                 "provider {provider} sent response headers over the caps",
                 provider=self.exchange.provider.name,
             )
-            self._fail(502, "upstream response headers too large", "headers")
+            status, message, phase = 502, "upstream response headers too large", "headers"
         else:
-            self._fail(502, "upstream request failed", "headers")
+            status, message, phase = 502, "upstream request failed", "headers"
+        if not self._try_again(status, phase, message, None):
+            self._fail(status, message, phase)
+
+    def _try_again(self, status: int, phase: str, message: str, after: Optional[float]) -> bool:
+        """
+        Whether another attempt takes over from this failed one (nothing
+        was written to the client yet): then this relay lets go of the
+        request and records nothing (the router records the attempt).
+        """
+        attempts, self._attempts = self._attempts, None
+        if attempts is None or self._client_gone or self._cut_message is not None:
+            return False
+        if not attempts.attempt_failed(self, status, phase, message, after):
+            return False
+        self._detached = True
+        self._recorded = True
+        self._done = None
+        return True
 
     def _internal_error(self, failure: Failure) -> None:
         log.failure("relay error", failure)
@@ -764,7 +840,7 @@ class Relay:
             return
         t = self.timeouts
         if self._pending_d is not None:
-            if now - self.exchange.started >= t.headers:
+            if now - self._started >= t.headers:
                 self._headers_timeout()
             return
         if self._upstream is None:
@@ -795,7 +871,9 @@ class Relay:
     # -- the client side ---------------------------------------------------
 
     def _request_finished(self, result: Any) -> None:
-        if not isinstance(result, Failure):
+        if not isinstance(result, Failure) or self._detached:
+            # (A detached relay's attempt is over: its exchange is the
+            # next attempt's now.)
             return
         # The client went away before we finished: stop paying for it.
         self._client_gone = True

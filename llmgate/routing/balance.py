@@ -1,0 +1,92 @@
+# -*- test-case-name: tests.routing.test_balance -*-
+"""
+Which deployment of a public model a request goes to: the deployments a
+request may use, in order of preference (its own model's, then each
+fallback model's), and the pick among the usable ones of a group.
+
+Balancing is weighted random by default (the RNG is injected, so tests
+choose the draw), or least outstanding requests (ties broken by weight).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from llmgate.config import Config, Deployment
+
+Group = tuple[Deployment, ...]
+
+
+def plan(config: Config, kind: str, model: str) -> Optional[list[Group]]:
+    """
+    The deployment groups for C{model} on a route of dialect C{kind}: its
+    own deployments, then those of each fallback model in order; L{None}
+    if nothing serves it (a model of another dialect, or unknown and no
+    default provider).
+    """
+    m = config.models.get(model)
+    if m is None:
+        for p in config.providers.values():
+            if p.default and p.kind == kind:
+                return [(Deployment(p.name, model),)]
+        return None
+    if config.providers[m.provider].kind != kind:
+        return None
+    groups = [m.deployments]
+    for name in m.fallbacks:
+        fb = config.models.get(name)
+        if fb is not None and config.providers[fb.provider].kind == kind:
+            groups.append(fb.deployments)
+    return groups
+
+
+def key(d: Deployment) -> tuple[str, str]:
+    """The deployment's identity for breakers and the tried set."""
+    return (d.provider, d.upstream_model)
+
+
+def weighted(deps: Sequence[Deployment], rng: Any) -> Deployment:
+    """One of C{deps}, each with a chance proportional to its weight."""
+    if len(deps) == 1:
+        return deps[0]
+    total = sum(d.weight for d in deps)
+    r = rng.random() * total
+    for d in deps:
+        r -= d.weight
+        if r < 0:
+            return d
+    return deps[-1]
+
+
+def first(groups: Sequence[Group], breakers: Any, rng: Any, balance: str = "weighted") -> Optional[Deployment]:
+    """
+    The deployment for a request's first attempt: as L{pick}; when only
+    C{retry-after}s hold every usable one off, one of those anyway (its
+    provider then answers for itself, as without routing): a 429 steers
+    traffic to another deployment, it does not refuse the model.
+    """
+    return pick(groups, breakers, rng, balance) or pick(groups, breakers, rng, balance, skips=False)
+
+
+def pick(
+    groups: Sequence[Group], breakers: Any, rng: Any, balance: str = "weighted", tried: Any = (), skips: bool = True
+) -> Optional[Deployment]:
+    """
+    The deployment for the next attempt: from the first group that has one
+    not tried by this request and not held off by its breaker (or a
+    C{retry-after}, unless C{skips} is false); L{None} when there is none.
+    """
+    for group in groups:
+        usable = [d for d in group if key(d) not in tried and breakers.available(key(d), skips)]
+        if not usable:
+            continue
+        if balance == "least_outstanding":
+            least = min(breakers.outstanding(key(d)) for d in usable)
+            usable = [d for d in usable if breakers.outstanding(key(d)) == least]
+        return weighted(usable, rng)
+    return None
+
+
+def wait(groups: Sequence[Group], breakers: Any) -> float:
+    """Seconds until some deployment of C{groups} may be tried again."""
+    return min(breakers.wait(key(d)) for g in groups for d in g)
