@@ -87,7 +87,7 @@ class Routing:
     """
 
     max_attempts: int = 3
-    deadline: float = 120.0
+    deadline: float = 300.0
     retry_after_cap: float = 60.0
     breaker_failures: int = 5
     breaker_cooldown: float = 30.0

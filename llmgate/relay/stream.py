@@ -293,6 +293,10 @@ class _Discard(Protocol):
     def connectionMade(self) -> None:
         self.transport.stopProducing()
 
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        # The transport may refer back to this protocol (a reference cycle).
+        self.transport = None
+
 
 class Relay:
     """

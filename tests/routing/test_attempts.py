@@ -1,0 +1,212 @@
+"""
+Retries and fallbacks before the first byte, through the in-memory gateway:
+a failed attempt is recorded on its own and the client sees only the
+attempt that served it; after the first byte nothing is retried.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.error import ConnectionRefusedError
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.fakes import SSE_HEADERS, FakeResponse, parse_response
+from tests.routing.helpers import CHAT, DONE, E1, USAGE, FixedRng, host, routed_gateway
+
+JSON = {b"content-type": [b"application/json"]}
+
+
+def answer(gw, i, code=200, headers=None):  # type: ignore[no-untyped-def]
+    r = FakeResponse(code, SSE_HEADERS if headers is None else headers)
+    gw.http.calls[i]["deferred"].callback(r)
+    return r
+
+
+class FailoverTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.gw = routed_gateway()
+        # The first draw picks a (weight 3 of 4).
+        self.gw.resource.rng = FixedRng(0.1)
+
+    def finish_stream(self, r: FakeResponse) -> None:
+        r.send(E1)
+        r.send(USAGE + DONE)
+        r.end()
+        self.gw.clock.advance(0)
+
+    def test_retryable_status_fails_over(self) -> None:
+        """A 500 before the first byte: its body is dropped, b serves, the client sees one clean stream."""
+        gw = self.gw
+        _, transport = gw.post("/v1/chat/completions", CHAT)
+        self.assertEqual(host(gw.http.calls[0]), "a.test")
+        self.assertEqual(json.loads(gw.http.calls[0]["data"])["model"], "gpt-4o-a")
+        bad = answer(gw, 0, 500, JSON)
+        # The failed attempt's connection is closed, its body never read.
+        self.assertTrue(bad.transport.stopped)
+        self.assertEqual(len(gw.http.calls), 2)
+        self.assertEqual(host(gw.http.calls[1]), "b.test")
+        self.assertEqual(json.loads(gw.http.calls[1]["data"])["model"], "gpt-4o-b")
+        # The retried call carries b's own credential and the same request id.
+        self.assertEqual(
+            gw.http.calls[1]["headers"].getRawHeaders(b"x-request-id"),
+            gw.http.calls[0]["headers"].getRawHeaders(b"x-request-id"),
+        )
+        self.finish_stream(answer(gw, 1))
+        status, _, body, complete = parse_response(transport.value())
+        self.assertEqual(status, 200)
+        self.assertTrue(complete)
+        self.assertEqual(body, E1 + DONE)
+        [final] = gw.accounting.exchanges
+        self.assertEqual((final.status, final.outcome, final.attempt, final.provider.name, final.upstream_model), (200, "completed", 2, "b", "gpt-4o-b"))
+        recs = gw.accounting.ledger.records
+        self.assertEqual(len(recs), 2)
+        failed = [r for r in recs if r.parent_request_id is not None][0]
+        served = [r for r in recs if r.parent_request_id is None][0]
+        self.assertEqual(failed.parent_request_id, served.request_id)
+        self.assertEqual(failed.request_id, served.request_id + "-1")
+        self.assertEqual((failed.attempt, failed.provider, failed.upstream_model, failed.outcome, failed.status, failed.phase), (1, "a", "gpt-4o-a", "upstream_error", 500, "headers"))
+        self.assertEqual((served.attempt, served.provider, served.outcome, served.output_tokens), (2, "b", "completed", 1))
+        self.assertEqual(gw.resource.active, set())
+
+    def test_connect_failure_fails_over(self) -> None:
+        """A refused connection is retried on the other deployment."""
+        gw = self.gw
+        _, transport = gw.post("/v1/chat/completions", CHAT)
+        gw.http.calls[0]["deferred"].errback(Failure(ConnectionRefusedError()))
+        self.assertEqual(host(gw.http.calls[1]), "b.test")
+        self.finish_stream(answer(gw, 1))
+        self.assertEqual(parse_response(transport.value())[0], 200)
+        [failed] = [r for r in gw.accounting.ledger.records if r.parent_request_id]
+        self.assertEqual((failed.status, failed.phase), (502, "connect"))
+
+    def test_headers_timeout_fails_over(self) -> None:
+        """No headers within the headers timeout: the next deployment gets its own full timeout."""
+        gw = self.gw
+        _, transport = gw.post("/v1/chat/completions", CHAT)
+        t = gw.cfg.timeouts.headers
+        gw.clock.advance(t + 1)
+        self.assertTrue(gw.http.calls[0]["cancelled"])
+        self.assertEqual(len(gw.http.calls), 2)
+        # The second attempt is not cut by the first one's clock.
+        gw.clock.advance(t - 2)
+        self.assertFalse(gw.http.calls[1]["cancelled"])
+        self.finish_stream(answer(gw, 1))
+        self.assertEqual(parse_response(transport.value())[0], 200)
+        [failed] = [r for r in gw.accounting.ledger.records if r.parent_request_id]
+        self.assertEqual((failed.status, failed.phase), (504, "headers"))
+
+    def test_no_retry_after_first_byte(self) -> None:
+        """A failure after the first event reached the client ends the stream visibly; no second provider."""
+        gw = self.gw
+        _, transport = gw.post("/v1/chat/completions", CHAT)
+        r = answer(gw, 0)
+        r.send(E1)
+        gw.clock.advance(0)
+        r.fail()
+        gw.clock.advance(0)
+        self.assertEqual(len(gw.http.calls), 1)
+        status, _, body, _ = parse_response(transport.value())
+        self.assertEqual(status, 200)
+        self.assertIn(b"error", body.split(E1, 1)[1])
+        self.assertNotIn(DONE, body)
+
+    def test_non_retryable_status_relayed(self) -> None:
+        """A 400 is the client's problem: relayed as is, never retried."""
+        gw = self.gw
+        _, transport = gw.post("/v1/chat/completions", CHAT)
+        r = answer(gw, 0, 400, JSON)
+        r.send(b'{"error":{"message":"bad"}}')
+        r.end()
+        gw.clock.advance(0)
+        self.assertEqual(len(gw.http.calls), 1)
+        self.assertEqual(parse_response(transport.value())[0], 400)
+
+    def test_budget_and_last_error_relayed(self) -> None:
+        """max_attempts bounds the attempts; the last attempt's error is relayed as before."""
+        gw = routed_gateway(
+            routing={"max_attempts": 2},
+            models={
+                "gpt-4o": {"provider": "a", "upstream_model": "m-a", "fallbacks": ["f1", "f2"]},
+                "f1": {"provider": "b", "upstream_model": "m-b"},
+                "f2": {"provider": "b", "upstream_model": "m-c"},
+            },
+        )
+        _, transport = gw.post("/v1/chat/completions", CHAT)
+        answer(gw, 0, 503, JSON)
+        # The fallback model is tried next.
+        self.assertEqual((host(gw.http.calls[1]), json.loads(gw.http.calls[1]["data"])["model"]), ("b.test", "m-b"))
+        last = answer(gw, 1, 503, JSON)
+        last.send(b'{"error":{"message":"overloaded"}}')
+        last.end()
+        gw.clock.advance(0)
+        self.assertEqual(len(gw.http.calls), 2)
+        status, _, body, _ = parse_response(transport.value())
+        self.assertEqual(status, 503)
+        self.assertIn(b"overloaded", body)
+        final = [r for r in gw.accounting.ledger.records if r.parent_request_id is None]
+        self.assertEqual([(r.attempt, r.upstream_model, r.outcome, r.model) for r in final], [(2, "m-b", "upstream_error", "gpt-4o")])
+
+    def test_retry_after_skips_deployment(self) -> None:
+        """A 429 with retry-after moves the request to b, and later requests skip a for that long (capped)."""
+        gw = routed_gateway(routing={"retry_after_cap": 20})
+        gw.resource.rng = FixedRng(0.1, 0.1, 0.1)
+        gw.post("/v1/chat/completions", CHAT)
+        answer(gw, 0, 429, {**JSON, b"retry-after": [b"3600"]})
+        self.assertEqual(host(gw.http.calls[1]), "b.test")
+        self.finish_stream(answer(gw, 1))
+        gw.post("/v1/chat/completions", CHAT)
+        self.assertEqual(host(gw.http.calls[2]), "b.test")
+        self.finish_stream(answer(gw, 2))
+        gw.clock.advance(20)
+        gw.post("/v1/chat/completions", CHAT)
+        self.assertEqual(host(gw.http.calls[3]), "a.test")
+
+    def test_client_gone_before_retry(self) -> None:
+        """A client that left is not retried for: one cancelled record, no second call."""
+        gw = self.gw
+        channel, _ = gw.post("/v1/chat/completions", CHAT)
+        from tests.test_garbage import close
+
+        close(channel)
+        gw.clock.advance(0)
+        self.assertEqual(len(gw.http.calls), 1)
+        [ex] = gw.accounting.exchanges
+        self.assertEqual(ex.outcome, "client_cancelled")
+
+
+class BreakerTests(SynchronousTestCase):
+    def test_all_open_is_503_fast(self) -> None:
+        """After 5 failures the only deployment's breaker opens: 503 in dialect with retry-after, no upstream call, a rejected record; a probe after the cool-down."""
+        gw = routed_gateway(routing={"breaker_failures": 5, "breaker_cooldown": 30})
+        body = {**CHAT, "model": "small"}
+        for i in range(5):
+            gw.post("/v1/chat/completions", body)
+            gw.http.calls[i]["deferred"].errback(Failure(ConnectionRefusedError()))
+            gw.clock.advance(0)
+        _, transport = gw.post("/v1/chat/completions", body)
+        gw.clock.advance(0)
+        self.assertEqual(len(gw.http.calls), 5)
+        status, headers, raw, _ = parse_response(transport.value())
+        self.assertEqual(status, 503)
+        self.assertEqual(headers[b"retry-after"], [b"30"])
+        self.assertIn("small", json.loads(raw)["error"]["message"])
+        last = gw.accounting.ledger.records[-1]
+        self.assertEqual((last.outcome, last.status, last.model), ("rejected", 503, "small"))
+        gw.clock.advance(30)
+        gw.post("/v1/chat/completions", body)
+        self.assertEqual(len(gw.http.calls), 6)
+
+    def test_open_deployment_avoided(self) -> None:
+        """With a's breaker open, gpt-4o goes to b even when the draw favours a."""
+        gw = routed_gateway(routing={"breaker_failures": 2})
+        gw.resource.rng = FixedRng(*([0.1] * 10))
+        for i in range(2):
+            gw.post("/v1/chat/completions", CHAT)
+            self.assertEqual(host(gw.http.calls[-1]), "a.test")
+            gw.http.calls[-1]["deferred"].errback(Failure(ConnectionRefusedError()))
+            answer(gw, -1).end()
+            gw.clock.advance(0)
+        gw.post("/v1/chat/completions", CHAT)
+        self.assertEqual(host(gw.http.calls[-1]), "b.test")

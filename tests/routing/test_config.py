@@ -1,0 +1,104 @@
+"""The [models] deployments/fallbacks and [routing] settings, validated in config.parse."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from llmgate.accounting.ledger import Ledger, UsageRecord, read_records
+from llmgate.config import ConfigError, Deployment, Routing
+from tests.accounting.test_ledger import makeRecord, oldLedgerFile, syncRunner
+from tests.fakes import make_config
+
+
+class DeploymentConfigTests(SynchronousTestCase):
+    def test_deployments_and_fallbacks(self) -> None:
+        """deployments = [...] and fallbacks parse; the first deployment is the model's provider."""
+        cfg = make_config(
+            models={
+                "gpt-4o": {
+                    "deployments": [{"provider": "oai", "upstream_model": "x", "weight": 2}, {"provider": "oai"}],
+                    "fallbacks": ["mini"],
+                },
+                "mini": {"provider": "oai"},
+            }
+        )
+        m = cfg.models["gpt-4o"]
+        self.assertEqual(m.deployments, (Deployment("oai", "x", 2.0), Deployment("oai", "gpt-4o", 1.0)))
+        self.assertEqual((m.provider, m.upstream_model, m.fallbacks), ("oai", "x", ("mini",)))
+        self.assertEqual(cfg.models["mini"].deployments, (Deployment("oai", "mini", 1.0),))
+        self.assertEqual(cfg.routing, Routing())
+
+    def test_errors_name_the_setting(self) -> None:
+        """Each bad routing setting is refused with its name."""
+        cases = [
+            ({"m": {"deployments": []}}, {}, "models.m.deployments"),
+            ({"m": {"deployments": [{"provider": "nope"}]}}, {}, "models.m.deployments[0].provider"),
+            ({"m": {"deployments": [{"provider": "oai", "weight": 0}]}}, {}, "models.m.deployments[0].weight"),
+            ({"m": {"deployments": [{"provider": "oai", "region": "x"}]}}, {}, "models.m.deployments[0].region"),
+            ({"m": {"deployments": [{"provider": "oai"}, {"provider": "ant"}]}}, {}, "models.m.deployments"),
+            ({"m": {"provider": "oai", "deployments": [{"provider": "oai"}]}}, {}, "models.m"),
+            ({"m": {"provider": "oai", "fallbacks": ["ghost"]}}, {}, "models.m.fallbacks[0]"),
+            ({"m": {"provider": "oai", "fallbacks": ["m"]}}, {}, "models.m.fallbacks[0]"),
+            ({"m": {"provider": "oai", "fallbacks": ["c"]}, "c": {"provider": "ant"}}, {}, "models.m.fallbacks[0]"),
+            ({}, {"max_attempts": 0}, "routing.max_attempts"),
+            ({}, {"breaker_cooldown": -1}, "routing.breaker_cooldown"),
+            ({}, {"balance": "latency"}, "routing.balance"),
+            ({}, {"hedge": True}, "routing.hedge"),
+        ]
+        for models, routing, where in cases:
+            doc = {"models": models}
+            if routing:
+                doc["routing"] = routing
+            with self.assertRaises(ConfigError, msg=where) as e:
+                make_config(**doc)
+            self.assertIn(where, str(e.exception))
+
+    def test_routing_settings(self) -> None:
+        """[routing] settings reach the config."""
+        cfg = make_config(routing={"max_attempts": 4, "breaker_failures": 2, "breaker_cooldown": 5, "balance": "least_outstanding", "deadline": 9, "retry_after_cap": 7})
+        self.assertEqual(cfg.routing, Routing(4, 9.0, 7.0, 2, 5.0, "least_outstanding"))
+
+
+class AttemptColumnsMigrationTests(SynchronousTestCase):
+    def test_old_file_gets_attempt_columns(self) -> None:
+        """A ledger file without attempt/parent_request_id gets them: old rows read attempt 1, new rows keep theirs."""
+        d = self.mktemp()
+        os.makedirs(d)
+        path = os.path.join(d, "usage.db")
+        oldLedgerFile(path, drop=("attempt", "parent_request_id"))
+        ledger = Ledger(path, Clock(), run_in_thread=syncRunner)
+        ledger.startService()
+        ledger.record(makeRecord(1, attempt=2, parent_request_id="parent"))
+        self.successResultOf(ledger.stopService())
+        rows = read_records(path)
+        self.assertEqual([(r["attempt"], r["parent_request_id"]) for r in rows], [(1, None), (2, "parent")])
+        self.assertIsInstance(UsageRecord(**rows[1]), UsageRecord)
+        conn = sqlite3.connect(path)
+        self.assertIn("attempt", [r[1] for r in conn.execute("PRAGMA table_info(usage)")])
+        conn.close()
+
+
+class CheckConfigRoutingTests(SynchronousTestCase):
+    def test_check_config_validates_routing(self) -> None:
+        """llmgate check-config runs the same validation: a fallback to an unknown model is one error line."""
+        from tests.test_cli import CheckConfigTests
+
+        t = CheckConfigTests()
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(
+                '[providers.a]\nkind = "openai"\nbase_url = "http://127.0.0.1:1/v1"\n'
+                '[models."gpt-4o"]\ndeployments = [{provider = "a", weight = 2}, {provider = "a", upstream_model = "y"}]\n'
+                'fallbacks = ["gpt-4o-mini"]\n'
+            )
+        code, out, err = t.run_cli("check-config", path)
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("models.gpt-4o.fallbacks[0]: no model named 'gpt-4o-mini'", err)
+        with open(path, "a") as f:
+            f.write('[models."gpt-4o-mini"]\nprovider = "a"\n[routing]\nmax_attempts = 2\n')
+        code, out, err = t.run_cli("check-config", path)
+        self.assertEqual(code, 0, err)
