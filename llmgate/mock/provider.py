@@ -590,8 +590,13 @@ class MockProvider:
         C{path}, C{headers} (lowercased names) and C{body} (bytes).
     """
 
-    def __init__(self, reactor: IReactorTime, seed: int = 0):
+    def __init__(self, reactor: IReactorTime, seed: int = 0, fault: str | None = None):
+        if fault is not None and fault not in _FAULTS:
+            raise ValueError(f"unknown fault {fault!r} (one of: {', '.join(_FAULTS)})")
         self.reactor = reactor
+        # The fault of every request that names none (C{--fault}): a
+        # provider that is down, whatever the gateway forwards.
+        self.fault = fault
         self.resource = _Root(self)
         self.stats: dict[str, int] = dict.fromkeys(_STATS_KEYS, 0)
         self.requests: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
@@ -609,6 +614,8 @@ class MockProvider:
             return self._control(request, method, path)
         headers = {k.decode("latin-1").lower(): ", ".join(v.decode("latin-1") for v in vs)
                    for k, vs in request.requestHeaders.getAllRawHeaders()}
+        if self.fault is not None and "x-mock-fault" not in headers:
+            headers["x-mock-fault"] = self.fault
         self.stats["requests"] += 1
         self.requests.append({"method": method, "path": path, "headers": headers, "body": body})
         seq = next(self._seq)

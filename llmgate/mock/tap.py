@@ -25,6 +25,8 @@ class Options(usage.Options):
         ["port", "p", "tcp:9000:interface=127.0.0.1",
          "Endpoint to listen on (a bare number N means tcp:N:interface=127.0.0.1)."],
         ["seed", None, "0", "Seed for the random fixture slicing.", int],
+        ["fault", None, None,
+         "The x-mock-fault of every request that sends none (e.g. status-500): a failing provider."],
     ]
 
     def postOptions(self) -> None:
@@ -32,13 +34,17 @@ class Options(usage.Options):
         if port.isdigit():
             port = f"tcp:{port}:interface=127.0.0.1"
         self["port"] = port
+        from llmgate.mock.provider import _FAULTS
+
+        if self["fault"] is not None and self["fault"] not in _FAULTS:
+            raise usage.UsageError(f"--fault: one of {', '.join(_FAULTS)}")
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     """One HTTP listener serving a fresh L{MockProvider}."""
     if reactor is None:
         from twisted.internet import reactor
-    mock = MockProvider(reactor, seed=options["seed"])
+    mock = MockProvider(reactor, seed=options["seed"], fault=options["fault"])
     service = MultiService()
     endpoint = serverFromString(reactor, options["port"])
     listener = StreamServerEndpointService(endpoint, Site(mock.resource, reactor=reactor))
