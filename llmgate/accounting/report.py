@@ -62,7 +62,9 @@ _NEWER_COLUMNS = {"served_model"}
 # Output column -> SQL aggregate.  Token sums skip NULLs (requests with no
 # usage at all, e.g. rejected ones); cost is NULL when no cost was known.
 SUMS: List[tuple[str, str]] = [
-    ("requests", "COUNT(*)"),
+    # A failed upstream attempt that was retried has its own row (with a
+    # parent_request_id): it is no client request, and has no cost.
+    ("requests", "COUNT(*) - COUNT(parent_request_id)"),
     ("input_tokens", "TOTAL(input_tokens)"),
     ("output_tokens", "TOTAL(output_tokens)"),
     ("cached_input_tokens", "TOTAL(cached_input_tokens)"),
@@ -70,14 +72,15 @@ SUMS: List[tuple[str, str]] = [
     ("cache_creation_1h_tokens", "TOTAL(cache_creation_1h_tokens)"),
     ("reasoning_tokens", "TOTAL(reasoning_tokens)"),
     ("cost_usd", "SUM(cost_usd)"),
-    ("unknown_cost", "COUNT(*) - COUNT(cost_usd)"),
+    ("unknown_cost", "COUNT(*) - COUNT(cost_usd) - COUNT(parent_request_id)"),
     ("estimated", "TOTAL(source = 'estimated')"),
     ("in_flight", "TOTAL(outcome = 'open')"),
     ("interrupted", "TOTAL(outcome = 'interrupted')"),
+    ("failed_attempts", "COUNT(parent_request_id)"),
 ]
 _INT_SUMS = {name for name, _ in SUMS if name != "cost_usd"}
 # Sums of a column an older ledger file may lack: 0 there.
-_NEWER_SUMS = {"cache_creation_1h_tokens"}
+_NEWER_SUMS = {"cache_creation_1h_tokens", "parent_request_id"}
 
 # Shorter headers for the text table, so it fits a terminal.
 _TEXT_HEADERS = {
@@ -185,7 +188,11 @@ def query(
     select = [
         "%s AS %s" % ("NULL" if b in missing else GROUPS[b][1], GROUPS[b][0]) for b in by
     ]
-    select += ["%s AS %s" % ("0" if name in missing else expr, name) for name, expr in SUMS]
+    if "parent_request_id" in missing:
+        # A file from before retries: every row is a client request.
+        select += ["%s AS %s" % ("0" if name in missing else expr.replace("COUNT(parent_request_id)", "0"), name) for name, expr in SUMS]
+    else:
+        select += ["%s AS %s" % ("0" if name in missing else expr, name) for name, expr in SUMS]
     where, params = [], []
     if since is not None:
         where.append("ts >= ?")
@@ -211,7 +218,7 @@ def query(
     rows = []
     for values in cursor:
         row = dict(zip(names, values))
-        if row["requests"] == 0:
+        if row["requests"] == 0 and not row["failed_attempts"]:
             continue  # aggregate with no GROUP BY over no rows
         for name in _INT_SUMS:
             row[name] = int(row[name])

@@ -113,7 +113,7 @@ class ReportTests(_Fixture):
                 "requests": 2, "input_tokens": 30, "output_tokens": 12,
                 "cached_input_tokens": 4, "cache_creation_tokens": 0,
                 "cache_creation_1h_tokens": 0, "reasoning_tokens": 0, "cost_usd": 0.75, "unknown_cost": 0,
-                "estimated": 0, "in_flight": 0, "interrupted": 0,
+                "estimated": 0, "in_flight": 0, "interrupted": 0, "failed_attempts": 0,
             },
         )
 

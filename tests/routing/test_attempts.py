@@ -97,6 +97,17 @@ class FailoverTests(SynchronousTestCase):
         [failed] = [r for r in gw.accounting.ledger.records if r.parent_request_id]
         self.assertEqual((failed.status, failed.phase), (504, "headers"))
 
+    def test_deadline_stops_retries(self) -> None:
+        """Past [routing] deadline no new attempt starts: the headers timeout's 504 is relayed."""
+        gw = routed_gateway(routing={"deadline": 60})
+        gw.resource.rng = FixedRng(0.1)
+        _, transport = gw.post("/v1/chat/completions", CHAT)
+        gw.clock.advance(gw.cfg.timeouts.headers + 1)
+        gw.clock.advance(0)
+        self.assertEqual(len(gw.http.calls), 1)
+        self.assertEqual(parse_response(transport.value())[0], 504)
+        self.assertEqual([r.parent_request_id for r in gw.accounting.ledger.records], [None])
+
     def test_no_retry_after_first_byte(self) -> None:
         """A failure after the first event reached the client ends the stream visibly; no second provider."""
         gw = self.gw

@@ -102,3 +102,30 @@ class CheckConfigRoutingTests(SynchronousTestCase):
             f.write('[models."gpt-4o-mini"]\nprovider = "a"\n[routing]\nmax_attempts = 2\n')
         code, out, err = t.run_cli("check-config", path)
         self.assertEqual(code, 0, err)
+
+
+class ReportTests(SynchronousTestCase):
+    def test_failed_attempts_are_no_requests(self) -> None:
+        """llmgate usage counts a retried request once, and its failed attempt apart (not as unpriced)."""
+        from llmgate.accounting import report
+
+        d = self.mktemp()
+        os.makedirs(d)
+        path = os.path.join(d, "usage.db")
+        ledger = Ledger(path, Clock(), run_in_thread=syncRunner)
+        ledger.startService()
+        served = makeRecord(1, attempt=2, provider="b")
+        failed = makeRecord(
+            2, request_id=served.request_id + "-1", parent_request_id=served.request_id, provider="a",
+            outcome="upstream_error", status=500, cost_usd=None, input_tokens=None, output_tokens=None,
+        )
+        ledger.record(served)
+        ledger.record(failed)
+        self.successResultOf(ledger.stopService())
+        conn = sqlite3.connect(path)
+        [total] = report.query(conn, [])
+        by = {r["provider"]: r for r in report.query(conn, ["provider"])}
+        conn.close()
+        self.assertEqual((total["requests"], total["failed_attempts"], total["unknown_cost"]), (1, 1, 0))
+        self.assertEqual((by["a"]["requests"], by["a"]["failed_attempts"]), (0, 1))
+        self.assertEqual((by["b"]["requests"], by["b"]["failed_attempts"]), (1, 0))
