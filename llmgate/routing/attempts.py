@@ -127,10 +127,11 @@ class Attempts:
         headers.setRawHeaders(b"content-type", [b"application/json"])
         headers.setRawHeaders(REQUEST_ID, [self._visible_id.encode("ascii")])
         url = dialects.upstream_url(provider.kind, provider.base_url, ex.endpoint.path)
-        more = self.n < self.routing.max_attempts
+        # Told of every attempt's outcome, the last one's too (its breaker
+        # counts it); attempt_failed decides whether another may follow.
         relay = Relay(
             self.request, self.http, self.clock, self.timeouts, ex, self._finished,
-            coalescer=self.coalescer, attempts=self if more else None,
+            coalescer=self.coalescer, attempts=self,
         )
         self._relay = relay
         self.active.add(relay)

@@ -188,6 +188,43 @@ class FailoverTests(SynchronousTestCase):
 
 
 class BreakerTests(SynchronousTestCase):
+    def test_last_attempt_counts_for_its_breaker(self) -> None:
+        """With max_attempts = 1 every failure is the last attempt's, and still opens the breaker."""
+        gw = routed_gateway(routing={"max_attempts": 1, "breaker_failures": 2})
+        body = {**CHAT, "model": "small"}
+        for i in range(2):
+            gw.post("/v1/chat/completions", body)
+            answer(gw, i, 502, JSON).end()
+            gw.clock.advance(0)
+        _, transport = gw.post("/v1/chat/completions", body)
+        gw.clock.advance(0)
+        self.assertEqual(len(gw.http.calls), 2)
+        self.assertEqual(parse_response(transport.value())[0], 503)
+
+    def test_anthropic_529_fails_over(self) -> None:
+        """An Anthropic 529 (overloaded) fails over too; the 503 of an all-open model is in the Anthropic shape."""
+        gw = routed_gateway(
+            models={"claude": {"deployments": [{"provider": "ant", "upstream_model": "c1"}, {"provider": "ant", "upstream_model": "c2"}]}}
+        )
+        gw.resource.rng = FixedRng(0.1)
+        body = {"model": "claude", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        _, transport = gw.post("/v1/messages", body)
+        answer(gw, 0, 529, JSON)
+        self.assertEqual(json.loads(gw.http.calls[1]["data"])["model"], "c2")
+        r = answer(gw, 1)
+        r.send(b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+        r.end()
+        gw.clock.advance(0)
+        self.assertEqual(parse_response(transport.value())[0], 200)
+        for _ in range(5):
+            gw.resource.breakers.failed(("ant", "c1"))
+            gw.resource.breakers.failed(("ant", "c2"))
+        _, transport = gw.post("/v1/messages", body)
+        gw.clock.advance(0)
+        status, _, raw, _ = parse_response(transport.value())
+        self.assertEqual(status, 503)
+        self.assertEqual(json.loads(raw)["type"], "error")
+
     def test_all_open_is_503_fast(self) -> None:
         """After 5 failures the only deployment's breaker opens: 503 in dialect with retry-after, no upstream call, a rejected record; a probe after the cool-down."""
         gw = routed_gateway(routing={"breaker_failures": 5, "breaker_cooldown": 30})
