@@ -90,7 +90,7 @@ def describe(
             lines.append(f"    {p['name']}: {p['kind']} at {p['base_url']}" + (" (default for its dialect)" if p["default"] else ""))
     else:
         lines.append("  providers: none (every request will get 404)")
-    models = {name: f"{m.provider}/{m.upstream_model}" for name, m in sorted(cfg.models.items())}
+    models = {name: _deployments(m) for name, m in sorted(cfg.models.items())}
     defaults = [p["name"] for p in providers if p["default"]]
     lines.append(
         "  models: " + (", ".join(f"{k} -> {v}" for k, v in models.items()) or "no mapped models")
@@ -156,3 +156,17 @@ class StartupBlock(Service):
         super().startService()
         text, facts = describe(self._cfg, listeners=self._listeners, **self._kw)
         _log.info("{text}", text=text, startup=facts)
+
+
+def _deployments(m: Any) -> str:
+    """C{provider/model}, or C{a/x*2 | b/y} for several (with weights), then C{; fallbacks f, g}."""
+    deps = getattr(m, "deployments", ()) or ()
+    if len(deps) <= 1:
+        text = f"{m.provider}/{m.upstream_model}"
+    else:
+        text = " | ".join(
+            f"{d.provider}/{d.upstream_model}" + ("" if d.weight == 1 else f"*{d.weight:g}") for d in deps
+        )
+    if getattr(m, "fallbacks", ()):
+        text += " (fallbacks " + ", ".join(m.fallbacks) + ")"
+    return text

@@ -129,3 +129,18 @@ class ReportTests(SynchronousTestCase):
         self.assertEqual((total["requests"], total["failed_attempts"], total["unknown_cost"]), (1, 1, 0))
         self.assertEqual((by["a"]["requests"], by["a"]["failed_attempts"]), (0, 1))
         self.assertEqual((by["b"]["requests"], by["b"]["failed_attempts"]), (1, 0))
+
+
+class StartupLineTests(SynchronousTestCase):
+    def test_models_line_shows_deployments(self) -> None:
+        """The start-up block names every deployment (with its weight) and the fallbacks."""
+        from llmgate.ops.startup import _deployments
+
+        cfg = make_config(
+            models={
+                "g": {"deployments": [{"provider": "oai", "weight": 2}, {"provider": "oai", "upstream_model": "y"}], "fallbacks": ["h"]},
+                "h": {"provider": "oai"},
+            }
+        )
+        self.assertEqual(_deployments(cfg.models["g"]), "oai/g*2 | oai/y (fallbacks h)")
+        self.assertEqual(_deployments(cfg.models["h"]), "oai/h")
