@@ -201,6 +201,15 @@ class BreakerTests(SynchronousTestCase):
         self.assertEqual(len(gw.http.calls), 2)
         self.assertEqual(parse_response(transport.value())[0], 503)
 
+    def test_reload_keeps_breaker_state(self) -> None:
+        """A reload (SIGHUP) takes the new breaker settings and keeps each deployment's open breaker."""
+        gw = routed_gateway(routing={"breaker_failures": 1})
+        gw.resource.breakers.failed(("b", "small-b"))
+        new = routed_gateway(routing={"breaker_failures": 9, "breaker_cooldown": 5}).cfg
+        gw.resource.reconfigure(new)
+        self.assertEqual((gw.resource.breakers.failures, gw.resource.breakers.cooldown), (9, 5.0))
+        self.assertTrue(gw.resource.breakers.is_open(("b", "small-b")))
+
     def test_anthropic_529_fails_over(self) -> None:
         """An Anthropic 529 (overloaded) fails over too; the 503 of an all-open model is in the Anthropic shape."""
         gw = routed_gateway(
