@@ -111,3 +111,32 @@ class RoutingE2ETests(SynchronousTestCase):
         self.assertLess(elapsed, 0.5)
         rows = self.records(4)
         self.assertEqual([(r["status"], r["outcome"]) for r in rows][-1], (503, "rejected"))
+
+
+class StalledHeadersE2ETests(SynchronousTestCase):
+    def test_stalled_provider_fails_over(self) -> None:
+        """A provider that never sends headers is left after timeouts.headers; the SDK gets the other's answer."""
+        d = tempfile.mkdtemp(prefix="llmgate-e2e-routing-")
+        good = Daemon("llmgate-mock", ["--port", "tcp:0:interface=127.0.0.1"], d)
+        self.addCleanup(good.stop)
+        stall = Daemon("llmgate-mock", ["--port", "tcp:0:interface=127.0.0.1", "--fault", "stall-headers"], d)
+        self.addCleanup(stall.stop)
+        conf = os.path.join(d, "llmgate.toml")
+        with open(conf, "w") as f:
+            f.write(
+                provider("good", good.port) + provider("stall", stall.port)
+                + '[models."m"]\nprovider = "stall"\nfallbacks = ["m2"]\n'
+                + '[models."m2"]\nprovider = "good"\n'
+                + "[timeouts]\nheaders = 1\n"
+                + f'[ledger]\npath = "{os.path.join(d, "usage.db")}"\n'
+            )
+        gw = Daemon("llmgate", ["--config", conf, "--port", "tcp:0:interface=127.0.0.1"], d, env={"E2E_UPSTREAM_KEY": KEY})
+        self.addCleanup(gw.stop)
+        oai = openai.OpenAI(base_url=gw.url("/v1"), api_key="client-key", max_retries=0, timeout=20)
+        t0 = time.monotonic()
+        r = oai.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], extra_headers={"x-mock-tokens": "3"})
+        elapsed = time.monotonic() - t0
+        self.assertEqual(r.choices[0].message.content, mock_text(3))
+        # The headers timeout (1 s, enforced by a once-a-second sweep), then the fallback.
+        self.assertGreater(elapsed, 0.9)
+        self.assertLess(elapsed, 4)
