@@ -30,6 +30,7 @@ from llmgate.ops.executors import BoundedExecutor
 from llmgate.ops.memory import Trimmer, tune_malloc
 from llmgate.ops.threads import ThreadRunner
 from llmgate.policy.budgets import SpendLoader
+from llmgate.policy.limits import Quotas
 from llmgate.reload import Reloader
 from llmgate.service import Listener, OrderedMultiService
 from llmgate.edge.site import GatewaySite
@@ -214,9 +215,10 @@ def build(
         in_thread=estimate_pool,
     )
 
+    quotas = Quotas(reactor, _shared_state(cfg, reactor, top, metrics))
     root = GatewayResource(
         cfg, upstream.http, reactor, accounting, parse_in_thread=parse_pool.submit, coalesce=True,
-        on_big_body_done=trimmer.freed,
+        on_big_body_done=trimmer.freed, quotas=quotas,
     )
     root.watchdog.setServiceParent(top)
     # Budgets go on from the spend in the ledger (started above).
@@ -242,6 +244,22 @@ def build(
         ep = endpoints.serverFromString(reactor, cfg.metrics_port)
         Listener("[metrics] port", cfg.metrics_port, ep, msite, reactor).setServiceParent(top)
     return top
+
+
+def _shared_state(cfg: configmod.Config, reactor: Any, top: Any, metrics: Any) -> Any:
+    """
+    The limit state: L{None} (in this process) or, with C{[state]
+    redis_url}, a Redis connection.  Started here, before the listeners,
+    so it stops after the drain and the last settles reach Redis.
+    """
+    if not cfg.state_redis_url:
+        return None
+    from llmgate.policy import redis as redisstate
+
+    state = redisstate.from_config(reactor, cfg.state_redis_url, cfg.state_timeout, cfg.state_on_error)
+    state.setServiceParent(top)
+    metrics.registry.register(state)
+    return state
 
 
 def _reload_refusal(new: configmod.Config, bare_public: bool) -> Optional[str]:
