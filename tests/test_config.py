@@ -238,13 +238,13 @@ class ListenEndpointTests(SynchronousTestCase):
 class StateTests(SynchronousTestCase):
     def test_defaults(self) -> None:
         """Without [state] the limits live in memory; fail_closed and a 50 ms timeout are the defaults."""
-        cfg = c.parse({"providers": {"o": provider()}})
+        cfg = c.parse(provider(), {})
         self.assertEqual((cfg.state_redis_url, cfg.state_timeout, cfg.state_on_error), (None, 0.05, "fail_closed"))
 
     def test_settings(self) -> None:
         """[state] redis_url, timeout and on_error are read."""
-        cfg = c.parse({"providers": {"o": provider()}, "state": {
-            "redis_url": "redis://127.0.0.1:6380/1", "timeout": 0.2, "on_error": "fail_open"}})
+        cfg = c.parse({**provider(), "state": {
+            "redis_url": "redis://127.0.0.1:6380/1", "timeout": 0.2, "on_error": "fail_open"}}, {})
         self.assertEqual((cfg.state_redis_url, cfg.state_timeout, cfg.state_on_error),
                          ("redis://127.0.0.1:6380/1", 0.2, "fail_open"))
 
@@ -258,5 +258,5 @@ class StateTests(SynchronousTestCase):
             ({"url": "redis://h"}, "state.url"),
         ):
             with self.assertRaises(c.ConfigError) as e:
-                c.parse({"providers": {"o": provider()}, "state": state})
+                c.parse({**provider(), "state": state}, {})
             self.assertIn(where, str(e.exception))
