@@ -6,7 +6,9 @@ real redis-server on loopback (started here, on a free port).
 
 For each concurrency (requests admitted at once) it prints the mean wall
 time per operation (a reserve or a settle) and, at concurrency 1, the
-latency percentiles of one reserve+settle pair.
+latency percentiles of one reserve+settle pair; then redis-server's own
+time per script call (INFO commandstats), the part that is not the client
+or the loopback.
 """
 
 from __future__ import annotations
@@ -73,6 +75,10 @@ def run(args: argparse.Namespace, server: RedisServer) -> defer.Deferred[None]:
             pct = lambda p: samples[min(len(samples) - 1, int(p * len(samples)))] * 1e6  # noqa: E731
             line += f"; pair latency p50 {pct(0.5):.0f} us, p99 {pct(0.99):.0f} us"
         print(line, flush=True)
+    stats = yield state.client.call("INFO", "commandstats")
+    for line in stats.decode().splitlines():
+        if line.startswith(("cmdstat_evalsha", "cmdstat_eval:")):
+            print("redis-server side:", line, flush=True)
     yield state.stopService()
 
 

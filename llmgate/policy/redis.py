@@ -235,6 +235,7 @@ class RedisState(Service):
         self._last_log: Optional[float] = None
         self._seen: dict[str, Scope] = {}
         self._inflight: set[defer.Deferred[Any]] = set()
+        self._starts: dict[str, tuple[int, int]] = {}
         self._totals: Optional[dict[str, dict[str, float]]] = None
         self._reserve = Script(RESERVE)
         self._settle = Script(SETTLE)
@@ -290,7 +291,15 @@ class RedisState(Service):
     # -- MemoryState's operations ----------------------------------------------
 
     def _spend_key(self, key: str, period: str, now: float) -> str:
-        return f"{self.prefix}s:{key}:{period}:{int(period_start(period, now))}"
+        return f"{self.prefix}s:{key}:{period}:{self._start(period, now)}"
+
+    def _start(self, period: str, now: float) -> int:
+        """L{period_start} as an int, computed once per UTC day (it is on every call's path)."""
+        day = int(now // 86400)
+        got = self._starts.get(period)
+        if got is None or got[0] != day:
+            got = self._starts[period] = (day, int(period_start(period, now)))
+        return got[1]
 
     def reserve(self, now: float, scopes: list[tuple[str, Limits]], tokens: int, key: str,
                 budget: Optional[tuple[str, float]], cost: float) -> defer.Deferred[tuple[Optional[Refusal], Optional[Reservation]]]:

@@ -46,17 +46,12 @@ class ProtocolError(Exception):
 
 def encode(args: tuple[Any, ...]) -> bytes:
     """A command as a RESP array of bulk strings (ints, floats and str encoded as text)."""
-    out = [b"*%d\r\n" % len(args)]
+    out = [f"*{len(args)}\r\n".encode()]
     for a in args:
-        if isinstance(a, bytes):
-            b = a
-        elif isinstance(a, str):
-            b = a.encode()
-        elif isinstance(a, float):
-            b = repr(a).encode()
-        else:
-            b = str(a).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+        b = a if isinstance(a, bytes) else (a if isinstance(a, str) else repr(a) if isinstance(a, float) else str(a)).encode()
+        out.append(b"$%d\r\n" % len(b))
+        out.append(b)
+        out.append(b"\r\n")
     return b"".join(out)
 
 
@@ -119,7 +114,8 @@ class RESPProtocol(Protocol):
 
     def _expired(self, d: defer.Deferred[Any]) -> None:
         # The late reply is still read (and dropped): the slot stays.
-        d.errback(RedisTimeout(f"no reply from redis within {self.timeout:g}s"))
+        if not d.called:
+                d.errback(RedisTimeout(f"no reply from redis within {self.timeout:g}s"))
 
     def dataReceived(self, data: bytes) -> None:
         self._buf += data

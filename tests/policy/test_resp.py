@@ -6,6 +6,7 @@ order, a deadline on every call, and failures without a connection.
 from __future__ import annotations
 
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -77,3 +78,52 @@ class RESPTests(SynchronousTestCase):
         """Without a connection a call fails at once: callers apply their policy instead of waiting."""
         client = RedisClient(Clock(), "127.0.0.1", 1)
         self.failureResultOf(client.call("PING"), RedisUnavailable)
+
+
+class ReconnectTests(SynchronousTestCase):
+    def test_backoff_then_reset(self) -> None:
+        """Failed connects are retried after 0.05 s, doubling up to 2 s; a connection (PING answered) resets the delay, and a lost one reconnects."""
+        from twisted.internet.error import ConnectionRefusedError
+        from twisted.internet.testing import MemoryReactorClock
+
+        r = MemoryReactorClock()
+        client = RedisClient(r, "127.0.0.1", 6379, timeout=0.05)
+        client.start()
+        delays = []
+        for _ in range(8):
+            self.assertEqual(len(r.tcpClients), len(delays) + 1)
+            factory = r.tcpClients[-1][2]
+            factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+            (call,) = r.getDelayedCalls()
+            delays.append(round(call.getTime() - r.seconds(), 3))
+            r.advance(call.getTime() - r.seconds())
+        self.assertEqual(delays, [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0])
+        self.assertFalse(client.connected)
+        # Connected: the handshake's PING answered.
+        proto = r.tcpClients[-1][2].buildProtocol(None)
+        tr = StringTransport()
+        proto.makeConnection(tr)
+        self.assertIn(b"PING", tr.value())
+        proto.dataReceived(b"+PONG\r\n")
+        self.assertTrue(client.connected)
+        self.assertEqual(client.connects, 1)
+        proto.connectionLost(None)
+        self.assertFalse(client.connected)
+        (call,) = r.getDelayedCalls()
+        self.assertAlmostEqual(call.getTime() - r.seconds(), 0.05)
+        client.stop()
+        self.assertEqual(r.getDelayedCalls(), [])
+
+    def test_select_and_auth(self) -> None:
+        """The URL's password and database are sent (AUTH, SELECT) before the connection is used."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        r = MemoryReactorClock()
+        client = RedisClient(r, "127.0.0.1", 6379, db=3, password="pw")
+        client.start()
+        proto = r.tcpClients[-1][2].buildProtocol(None)
+        tr = StringTransport()
+        proto.makeConnection(tr)
+        self.assertEqual(tr.value(), encode(("AUTH", "pw")) + encode(("SELECT", 3)) + encode(("PING",)))
+        proto.dataReceived(b"+OK\r\n+OK\r\n+PONG\r\n")
+        self.assertTrue(client.connected)
