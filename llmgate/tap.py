@@ -164,7 +164,7 @@ def build(
     # reloads instead of killing the process before the ledger is flushed.
     Reloader(
         config_path, cfg, apply, reactor, in_thread,
-        check=lambda new: _reload_refusal(new, bare_public),
+        check=lambda new: _reload_refusal(new, bare_public, cfg),
     ).setServiceParent(top)
     # Stopped after everything that hands it work.
     work.setServiceParent(top)
@@ -246,6 +246,10 @@ def build(
     return top
 
 
+def _state_settings(cfg: configmod.Config) -> tuple[Any, ...]:
+    return (cfg.state_redis_url, cfg.state_timeout, cfg.state_on_error)
+
+
 def _shared_state(cfg: configmod.Config, reactor: Any, top: Any, metrics: Any) -> Any:
     """
     The limit state: L{None} (in this process) or, with C{[state]
@@ -262,12 +266,15 @@ def _shared_state(cfg: configmod.Config, reactor: Any, top: Any, metrics: Any) -
     return state
 
 
-def _reload_refusal(new: configmod.Config, bare_public: bool) -> Optional[str]:
+def _reload_refusal(new: configmod.Config, bare_public: bool, current: Optional[configmod.Config] = None) -> Optional[str]:
     """
     A bare C{--port} chosen to listen on every interface because gateway
     keys were configured must not become an open relay by a reload that
-    removes the last key.
+    removes the last key.  The limit state (C{[state]}) is built at start:
+    a reload that changes it is refused rather than silently not applied.
     """
+    if current is not None and _state_settings(new) != _state_settings(current):
+        return "state: [state] settings take effect at start only; restart the gateway to change them"
     if bare_public and not new.keyed:
         return (
             "keys: the new file has no gateway keys, but a bare --port listens on every "
