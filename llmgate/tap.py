@@ -215,7 +215,7 @@ def build(
         in_thread=estimate_pool,
     )
 
-    quotas = Quotas(reactor, _shared_state(cfg, reactor, top, metrics))
+    quotas = Quotas(reactor, _shared_state(cfg, reactor, top, metrics, in_thread))
     root = GatewayResource(
         cfg, upstream.http, reactor, accounting, parse_in_thread=parse_pool.submit, coalesce=True,
         on_big_body_done=trimmer.freed, quotas=quotas,
@@ -250,7 +250,7 @@ def _state_settings(cfg: configmod.Config) -> tuple[Any, ...]:
     return (cfg.state_redis_url, cfg.state_timeout, cfg.state_on_error)
 
 
-def _shared_state(cfg: configmod.Config, reactor: Any, top: Any, metrics: Any) -> Any:
+def _shared_state(cfg: configmod.Config, reactor: Any, top: Any, metrics: Any, in_thread: Any) -> Any:
     """
     The limit state: L{None} (in this process) or, with C{[state]
     redis_url}, a Redis connection.  Started here, before the listeners,
@@ -261,6 +261,12 @@ def _shared_state(cfg: configmod.Config, reactor: Any, top: Any, metrics: Any) -
     from llmgate.policy import redis as redisstate
 
     state = redisstate.from_config(reactor, cfg.state_redis_url, cfg.state_timeout, cfg.state_on_error)
+    if cfg.ledger_enabled:
+        # After a reconnection (Redis may have restarted empty), the spend
+        # is summed from the ledger again, as it is then.
+        from llmgate.policy.budgets import spend_from_ledger
+
+        state.reload_spend = lambda: in_thread(spend_from_ledger, cfg.ledger_path, reactor.seconds())
     state.setServiceParent(top)
     metrics.registry.register(state)
     return state

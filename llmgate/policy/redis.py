@@ -236,6 +236,13 @@ class RedisState(Service):
         self._seen: dict[str, Scope] = {}
         self._inflight: set[defer.Deferred[Any]] = set()
         self._starts: dict[str, tuple[int, int]] = {}
+        # Whether Redis holds the ledger's spend (set where it was missing)
+        # on this connection: until then budgets go by the on_error policy.
+        self._synced = False
+        self._syncing = False
+        # Returns (a Deferred of) the ledger's spend now: read again after a
+        # reconnection, in case Redis restarted empty.
+        self.reload_spend: Optional[Any] = None
         self._totals: Optional[dict[str, dict[str, float]]] = None
         self._reserve = Script(RESERVE)
         self._settle = Script(SETTLE)
@@ -271,11 +278,39 @@ class RedisState(Service):
         yield c
 
     def _connected(self) -> None:
+        # A new connection may be to a server that lost everything
+        # (restarted without persistence): the spend is set again where
+        # missing, from the ledger as it is now when it can be read.
+        self._synced = False
         self._refresh()
-        if self._totals is not None:
-            self._store_spend(self._totals)
+
+    def _sync_spend(self) -> None:
+        """Put the ledger's spend where Redis has none; budgets go through Redis once done."""
+        if self._syncing or self._totals is None or not self.client.connected:
+            return
+        self._syncing = True
+        d: defer.Deferred[Any]
+        if self.reload_spend is not None and self.client.connects > 1:
+            d = defer.maybeDeferred(self.reload_spend)
+            d.addCallback(self._remember)
+        else:
+            d = defer.succeed(self._totals)
+        d.addCallback(self._store_spend)
+
+        def done(ok: Any) -> None:
+            self._syncing = False
+            self._synced = ok is True
+
+        d.addErrback(lambda f: self._failed(f, "spend load"))
+        d.addBoth(done)
+
+    def _remember(self, totals: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        self._totals = totals
+        return totals
 
     def _refresh(self) -> None:
+        if not self._synced:
+            self._sync_spend()
         if self.client.connected:
             d = self.client.call("SET", f"{self.prefix}w:{self.worker}", "1", "PX", int(self.lease * 1000))
             d.addErrback(self._failed, "lease refresh")
@@ -303,6 +338,10 @@ class RedisState(Service):
 
     def reserve(self, now: float, scopes: list[tuple[str, Limits]], tokens: int, key: str,
                 budget: Optional[tuple[str, float]], cost: float) -> defer.Deferred[tuple[Optional[Refusal], Optional[Reservation]]]:
+        if budget is not None and not self._synced:
+            # Redis may not hold the spend yet (just reconnected): policy.
+            return defer.succeed(None).addCallback(
+                lambda _: self._reserve_failed(_NotSynced(), now, scopes, tokens, key, budget, cost))
         keys: list[str] = []
         args: list[Any] = [repr(now), self.worker, repr(self.lease), self.prefix, tokens, repr(cost),
                            budget[0] if budget else "", repr(budget[1]) if budget else "0", len(scopes)]
@@ -379,11 +418,13 @@ class RedisState(Service):
         """
         self.local.load_spend(now, totals)
         self._totals = totals
-        if self.client.connected:
-            self._store_spend(totals)
+        self._synced = False
+        self._sync_spend()
 
-    def _store_spend(self, totals: dict[str, dict[str, float]]) -> None:
+    def _store_spend(self, totals: dict[str, dict[str, float]]) -> defer.Deferred[bool]:
+        """C{SET NX} every period's spend: fires True once all are answered."""
         now = self.clock.seconds()
+        calls = []
         for key, per in totals.items():
             for p, v in per.items():
                 if p not in PERIODS or v <= 0:
@@ -391,7 +432,10 @@ class RedisState(Service):
                 args: list[Any] = ["SET", self._spend_key(key, p, now), repr(float(v)), "NX"]
                 if p in _SPEND_TTL:
                     args += ["EX", _ttl(p, now)]
-                self.client.call(*args).addErrback(self._failed, "spend load")
+                calls.append(self.client.call(*args))
+        d = defer.gatherResults(calls, consumeErrors=True)
+        d.addCallback(lambda _: True)
+        return d
 
     def quota(self, now: float, sid: str, limits: Limits) -> Optional[Scope]:
         """The levels seen in this scope's last reply (headers only)."""
@@ -399,6 +443,14 @@ class RedisState(Service):
         if st is not None:
             st.refill(now, limits)
         return st
+
+
+class _NotSynced:
+    """Stands for a failure: the spend is not in Redis yet."""
+
+    @staticmethod
+    def getErrorMessage() -> str:
+        return "the ledger's spend is not in redis yet (just connected)"
 
 
 def _cap(v: Optional[int]) -> int:

@@ -159,16 +159,31 @@ class RedisStateTests(TestCase):
 
     @defer.inlineCallbacks
     def test_spend_reloaded_after_redis_restart(self) -> None:
-        """Redis restarted empty: on reconnecting, the ledger's spend is set again, so the budget still holds."""
+        """
+        Redis restarted empty: on reconnecting the ledger is summed again
+        (as it is now) and set where missing; until it is in, budgeted
+        requests follow the policy (503 here) while others go through.
+        """
         q = yield self.worker()
-        q.state.load_spend(self.clock.seconds(), {"k": {"day": 0.95, "month": 0.95, "total": 0.95}})
+        q.state.load_spend(self.clock.seconds(), {"k": {"day": 0.5, "month": 0.5, "total": 0.5}})
+        ledger_now: defer.Deferred[Any] = defer.Deferred()
+        q.state.reload_spend = lambda: ledger_now
         key = KeyRecord("k", b"x" * 32, budget_usd=1.0, period="day")
+        free = KeyRecord("f", b"x" * 32, limits=Limits(rpm=10))
         self.server.kill()
         self.server.start()
         yield self.until(lambda: q.state.client.connects >= 2)
-        yield self.until(lambda: self.server.command("EXISTS", f"llmgate:s:k:day:{int(T0)}") == b":1\r\n")
+        v = yield q.admit(key, "m", "openai", 10, 0.1)
+        self.assertEqual(v.status, 503)
+        w = yield q.admit(free, "m", "openai", 10, None)
+        self.assertIsNotNone(w.reservation)
+        ledger_now.callback({"k": {"day": 0.95, "month": 0.95, "total": 0.95}})
+        yield self.until(lambda: q.state._synced)
+        self.assertEqual(self.server.command("GET", f"llmgate:s:k:day:{int(T0)}"), b"$4\r\n0.95\r\n")
         v = yield q.admit(key, "m", "openai", 10, 0.1)
         self.assertEqual(v.code, "insufficient_quota")
+        v = yield q.admit(key, "m", "openai", 10, 0.04)
+        self.assertIsNotNone(v.reservation)
 
     @defer.inlineCallbacks
     def test_noscript_falls_back_to_eval(self) -> None:
@@ -232,6 +247,28 @@ class RedisStateTests(TestCase):
             self.server.resume()
         self.assertEqual(v.status, 503)
         self.assertTrue(0.09 <= took < 0.5, took)
+
+    def test_failures_logged_at_most_every_ten_seconds(self) -> None:
+        """Each failed call is counted; the log says so at most once per 10 s (a dead Redis does not flood it)."""
+        from twisted.internet.task import Clock
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        clock = Clock()
+        clock.advance(T0)
+        state = RedisState(clock, RedisClient(clock, "127.0.0.1", 1), on_error="fail_open")
+        q = Quotas(clock, state)
+        q.load_spend({})
+        key = KeyRecord("k", b"x" * 32, limits=Limits(rpm=1000))
+        for _ in range(5):
+            self.assertIsNotNone(self.successResultOf(q.admit(key, "m", "openai", 1, None)).reservation)
+        clock.advance(10)
+        self.successResultOf(q.admit(key, "m", "openai", 1, None))
+        logged = [e for e in events if "redis {what} failed" in e.get("log_format", "")]
+        self.assertEqual(state.errors, 6)
+        self.assertEqual([e["n"] for e in logged], [1, 6])
 
     def test_from_config(self) -> None:
         """The config's URL, timeout and policy reach the client and the state."""
