@@ -411,3 +411,33 @@ class SharedStateTests(SynchronousTestCase):
         self.assertEqual(len(gw.http.calls), 0)
         self.assertEqual(state.mem.scopes["lim"].active, 0)
         self.assertEqual([r.outcome for r in ledger.records], ["client_cancelled"])
+
+
+class SharedGarbageTests(SynchronousTestCase):
+    def test_no_cycles_with_a_shared_state(self) -> None:
+        """Admission through a shared state's Deferred (admitted, refused 503, client gone meanwhile) leaves no cyclic garbage."""
+        from tests.test_garbage import close, cyclic_garbage
+
+        gw, ledger, state = shared_gateway(LIMITED)
+
+        def scenario() -> None:
+            for mode in ("ok", "unavailable", "gone"):
+                channel, _ = gw.post("/v1/chat/completions", {"model": "public-model", "messages": [], "max_tokens": 5},
+                                     headers={"authorization": "Bearer lg-lim"})
+                if mode == "gone":
+                    close(channel)
+                state.answer(unavailable=mode == "unavailable")
+                for call in gw.http.calls:
+                    answer(gw, call, 1, 1)
+                gw.http.calls.clear()
+                close(channel)
+            for _ in range(3):
+                gw.clock.advance(0)
+            gw.accounting.exchanges.clear()
+            ledger.records.clear()
+
+        scenario()
+        found = cyclic_garbage(scenario)
+        self.assertEqual(found, {}, f"cyclic garbage: {dict(found)}")
+        self.assertEqual(gw.resource.quotas.held, 0)
+        self.assertEqual(state.mem.scopes["lim"].active, 0)

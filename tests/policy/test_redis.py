@@ -270,6 +270,45 @@ class RedisStateTests(TestCase):
         self.assertEqual(state.errors, 6)
         self.assertEqual([e["n"] for e in logged], [1, 6])
 
+    @defer.inlineCallbacks
+    def test_no_cyclic_garbage(self) -> None:
+        """Reserves and settles through Redis (admitted and refused) leave no cyclic garbage."""
+        import gc
+        from collections import Counter
+
+        q = yield self.worker()
+        key = KeyRecord("k", b"x" * 32, limits=Limits(rpm=10**6, concurrency=1), budget_usd=100.0, period="day")
+
+        def one(i: int) -> Any:
+            d = q.admit(key, "m", "openai", 10, 0.01)
+
+            def got(v: Any) -> Any:
+                if v.reservation is not None:
+                    q.hold(str(i), v.reservation)
+                    return q.admit(key, "m", "openai", 10, 0.01).addCallback(  # refused: concurrency
+                        lambda _: q.settle(record(str(i), 1, 1, 0.001)))
+                return None
+
+            return d.addCallback(got)
+
+        for i in range(5):
+            yield one(i)
+        yield self.until(lambda: not q.state._inflight)
+        gc.collect()
+        gc.disable()
+        try:
+            for i in range(5, 25):
+                yield one(i)
+            yield self.until(lambda: not q.state._inflight)
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            found = Counter(type(o).__qualname__ for o in gc.garbage)
+        finally:
+            gc.set_debug(0)
+            del gc.garbage[:]
+            gc.enable()
+        self.assertEqual(found, Counter())
+
     def test_from_config(self) -> None:
         """The config's URL, timeout and policy reach the client and the state."""
         s = from_config(reactor, "redis://127.0.0.1:7/3", 0.07, "fail_open")
