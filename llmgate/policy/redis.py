@@ -236,6 +236,10 @@ class RedisState(Service):
         self._seen: dict[str, Scope] = {}
         self._inflight: set[defer.Deferred[Any]] = set()
         self._starts: dict[str, tuple[int, int]] = {}
+        # What this worker holds (sent reserves included): its own fields'
+        # values, written over them at every lease refresh.
+        self._held_conc: dict[str, int] = {}
+        self._held_cost: dict[str, float] = {}
         # Whether Redis holds the ledger's spend (set where it was missing)
         # on this connection: until then budgets go by the on_error policy.
         self._synced = False
@@ -314,6 +318,32 @@ class RedisState(Service):
         if self.client.connected:
             d = self.client.call("SET", f"{self.prefix}w:{self.worker}", "1", "PX", int(self.lease * 1000))
             d.addErrback(self._failed, "lease refresh")
+            self._restate()
+
+    def _restate(self) -> None:
+        """
+        Write this worker's own truth over its fields: the concurrent
+        requests it holds per scope and the cost it has reserved per key.
+        A settle lost on the way (connection dropped before Redis read it)
+        would otherwise hold a slot for as long as the worker lives.
+        """
+        for table, held, cmd in (("c", self._held_conc, "HSET"), ("r", self._held_cost, "HSET")):
+            for name, n in list(held.items()):
+                h = f"{self.prefix}{table}:{name}"
+                if (n if table == "c" else abs(n) > 1e-9):
+                    call = self.client.call(cmd, h, self.worker, n if table == "c" else repr(n))
+                else:
+                    call = self.client.call("HDEL", h, self.worker)
+                    del held[name]
+                call.addErrback(self._failed, "restate")
+
+    def _claim(self, scopes: list[tuple[str, Limits]], key: str, cost: float, sign: int) -> None:
+        """Count (or uncount) a reservation in this worker's own truth (L{_restate})."""
+        for sid, limits in scopes:
+            if limits.concurrency is not None:
+                self._held_conc[sid] = self._held_conc.get(sid, 0) + sign
+        if cost > 0:
+            self._held_cost[key] = self._held_cost.get(key, 0.0) + sign * cost
 
     def _failed(self, f: Any, what: str) -> None:
         self.errors += 1
@@ -350,10 +380,16 @@ class RedisState(Service):
             args += [_cap(limits.rpm), _cap(limits.tpm), _cap(limits.concurrency)]
         keys.append(f"{self.prefix}r:{key}")
         keys.append(self._spend_key(key, budget[0] if budget else "total", now))
+        self._claim(scopes, key, cost, 1)
         d = self._reserve.run(self.client, keys, args)
         d.addCallback(self._reserved, now, scopes, tokens, key, cost)
+        d.addErrback(self._unclaim, scopes, key, cost)
         d.addErrback(self._reserve_failed, now, scopes, tokens, key, budget, cost)
         return d
+
+    def _unclaim(self, f: Any, scopes: list[tuple[str, Limits]], key: str, cost: float) -> Any:
+        self._claim(scopes, key, cost, -1)
+        return f
 
     def _reserved(self, reply: list[Any], now: float, scopes: list[tuple[str, Limits]], tokens: int, key: str,
                   cost: float) -> tuple[Optional[Refusal], Optional[Reservation]]:
@@ -371,6 +407,7 @@ class RedisState(Service):
         if verdict == "ok":
             conc = tuple(limits.concurrency is not None for _, limits in scopes)
             return None, SharedReservation(tuple(sid for sid, _ in scopes), tokens, key, cost, conc)
+        self._claim(scopes, key, cost, -1)
         if verdict == "concurrency":
             return Refusal("concurrency", 1.0, f"too many concurrent requests for this key (limit {b})"), None
         if verdict == "requests":
@@ -393,6 +430,11 @@ class RedisState(Service):
             return None
         # The local spend follows, for a fail_open admission later.
         self.local._spend(res.key, now).add(cost)
+        for sid, c in zip(res.scopes, res.concurrent):
+            if c:
+                self._held_conc[sid] = self._held_conc.get(sid, 0) - 1
+        if res.cost > 0:
+            self._held_cost[res.key] = self._held_cost.get(res.key, 0.0) - res.cost
         keys: list[str] = []
         for sid in res.scopes:
             keys += [f"{self.prefix}b:{sid}", f"{self.prefix}c:{sid}"]

@@ -146,6 +146,32 @@ class RedisStateTests(TestCase):
         self.assertIsNotNone(ok.reservation)
 
     @defer.inlineCallbacks
+    def test_lost_settle_healed_on_reconnect(self) -> None:
+        """
+        A settle lost with its connection does not hold the slot and the
+        reserved cost while the worker lives: on reconnecting (and at every
+        lease refresh) the worker writes its true counts over its fields.
+        """
+        q = yield self.worker()
+        key = KeyRecord("k", b"x" * 32, limits=Limits(concurrency=1), budget_usd=1.0, period="total")
+        v = yield q.admit(key, "m", "openai", 10, 0.9)
+        q.hold("r", v.reservation)
+        self.assertEqual(self.server.command("HGET", "llmgate:c:k", q.state.worker), b"$1\r\n1\r\n")
+        q.state.client.proto.transport.abortConnection()
+        yield self.until(lambda: not q.state.client.connected)
+        q.settle(record("r", 1, 1, 0.01))  # lost: no connection
+        self.assertEqual(self.server.command("HGET", "llmgate:c:k", q.state.worker), b"$1\r\n1\r\n")
+        yield self.until(lambda: q.state.client.connected)
+        yield self.until(lambda: self.server.command("HEXISTS", "llmgate:c:k", q.state.worker) == b":0\r\n")
+        self.assertEqual(self.server.command("HEXISTS", "llmgate:r:k", q.state.worker), b":0\r\n")
+        ok = yield q.admit(key, "m", "openai", 10, 0.05)
+        self.assertIsNotNone(ok.reservation)
+        q.state._refresh()  # an in-flight reservation is written as it is
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(self.server.command("HGET", "llmgate:c:k", q.state.worker), b"$1\r\n1\r\n")
+        self.assertEqual(self.server.command("HGET", "llmgate:r:k", q.state.worker), b"$4\r\n0.05\r\n")
+
+    @defer.inlineCallbacks
     def test_spend_rebuilt_from_ledger_only_when_missing(self) -> None:
         """The ledger's sums are set where Redis has no spend for the period, and never over a running count."""
         self.server.command("SET", f"llmgate:s:k:day:{int(T0)}", "0.25")
