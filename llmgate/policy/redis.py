@@ -17,9 +17,18 @@ L{MemoryState <llmgate.policy.limits.MemoryState>}:
     the others, so the slots of a killed worker free themselves.
   - C{<p>r:<key>}: the cost reserved by requests in flight, per worker,
     with the same leases: a dead worker's reservations expire with it.
+    A live worker writes its own true values over its fields at every
+    lease refresh and reconnection, so a settle lost with a connection
+    does not hold a slot for as long as the worker lives.
   - C{<p>s:<key>:<period>:<start>}: settled spend per budget period, with a
-    TTL past the period's end (none for C{total}).  At start, a period's
-    spend missing in Redis is set from the ledger's sum (C{SET NX}).
+    TTL past the period's end (none for C{total}).  At start, and after
+    every reconnection (Redis may have restarted empty), a period's spend
+    missing in Redis is set from the ledger's sum (C{SET NX}); until that
+    is done, requests of keys with a budget follow the C{on_error} policy.
+
+The scripts read keys beyond their declared C{KEYS} (the other workers'
+leases), so the server must be a single Redis (or a primary), not a
+Redis Cluster.
 
 When Redis is down or slow (each call has a deadline, C{[state] timeout})
 the C{on_error} policy decides: C{fail_closed} (the default: a budget is a
