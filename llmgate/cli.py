@@ -40,8 +40,19 @@ def _usage(args: argparse.Namespace) -> int:
     return report.run(args)
 
 
+def _version() -> str:
+    import platform
+
+    from llmgate import __version__
+
+    # Not llmgate.tap's version_line: importing the daemon's modules would
+    # make every `llmgate usage` pay for them.
+    return f"llmgate {__version__} (Python {platform.python_version()})"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmgate", description=__doc__.strip())
+    p.add_argument("--version", action="version", version=_version(), help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("check-config", help="validate a TOML config file")
     c.add_argument("path")

@@ -94,6 +94,7 @@ class Listener(StreamServerEndpointService):
     def privilegedStartService(self) -> None:
         Service.privilegedStartService(self)
         self._waitingForPort = self.endpoint.listen(self.factory)
+        self._waitingForPort.addCallback(self._bound)
         now: list[Failure] = []
         self._starting = True
         self._waitingForPort.addErrback(self._cannot_listen, now)
@@ -101,6 +102,13 @@ class Listener(StreamServerEndpointService):
         if now:
             # twistd has not run the reactor yet: leave before it does.
             raise ListenFailed(f"{_reason(now[0].value)}: {self.desc} ({self.setting})")
+
+    # The listening port once bound (for the start-up block's addresses).
+    port: Any = None
+
+    def _bound(self, port: Any) -> Any:
+        self.port = port
+        return port
 
     def _cannot_listen(self, failure: Failure, now: list[Failure]) -> None:
         if failure.check(CancelledError):

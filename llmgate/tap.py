@@ -25,9 +25,10 @@ from llmgate.accounting.ledger import Ledger
 from llmgate.ops.metrics import Metrics, MetricsResource
 from llmgate.accounting.prices import PriceTable
 from llmgate.ops.drain import Drain
-from llmgate.ops import gcstats
+from llmgate.ops import gcstats, logformat, status
 from llmgate.ops.executors import BoundedExecutor
 from llmgate.ops.memory import Trimmer, tune_malloc
+from llmgate.ops.startup import StartupBlock
 from llmgate.ops.threads import ThreadRunner
 from llmgate.policy.budgets import SpendLoader
 from llmgate.policy.limits import Quotas
@@ -61,6 +62,8 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", None, "Path of a TOML config file."],
+        ["log-format", None, "text",
+         "text, or json: one JSON object per line (access lines with their fields as keys)."],
         ["workers", "w", "auto",
          "Worker processes serving the ports: auto (one per CPU) or a number; "
          "1 serves in this process, as without workers."],
@@ -81,9 +84,20 @@ class Options(usage.Options):
 
     opt_p = opt_port
 
+    def opt_version(self) -> None:
+        "Print llmgate's version (and Twisted's and Python's) and exit."
+        print(version_line())
+        raise SystemExit(0)
+
     def postOptions(self) -> None:
         if self["demo"] and self["config"]:
             raise usage.UsageError("--demo and --config are exclusive")
+        if self["log-format"] not in logformat.FORMATS:
+            raise usage.UsageError("--log-format must be text or json")
+        self["log_format"] = self["log-format"]
+        parent = getattr(self, "parent", None)
+        if self["log_format"] == "json" and parent is not None:
+            logformat.use_for_twistd(parent)
         self["loaded"] = None
         try:
             if self["config"]:
@@ -110,6 +124,22 @@ class Options(usage.Options):
                     # auto: serve such endpoints from one process, as before.
                     self["worker_count"] = 1
                     break
+
+
+def key_names(cfg: configmod.Config) -> list[str]:
+    """The configured gateway key names (config and key file): the metrics' key labels."""
+    return [k.name for k in cfg.keys] + [r.name for r in cfg.key_records]
+
+
+def version_line() -> str:
+    """C{llmgate X (Twisted Y, Python Z)}: what C{--version} prints."""
+    import platform
+
+    import twisted
+
+    from llmgate import __version__
+
+    return f"llmgate {__version__} (Twisted {twisted.__version__}, Python {platform.python_version()})"
 
 
 class _ListeningPort(service.Service):
@@ -159,6 +189,9 @@ def build(
         # Costed when a request is recorded: a price changed by a reload
         # applies to the requests that finish after it.
         accounting.prices = PriceTable.from_config(dict(new.prices))
+        # Key labels follow the configured names (a removed key's late
+        # requests count as "other").
+        metrics.keys = frozenset(key_names(new))
 
     # First child, so it stops last: a SIGHUP during the drain still
     # reloads instead of killing the process before the ledger is flushed.
@@ -193,7 +226,7 @@ def build(
     parse_pool.on_release = trimmer.freed
     upstream = UpstreamClient(reactor, connect_timeout=cfg.timeouts.connect)
     upstream.setServiceParent(top)
-    metrics = Metrics(models=cfg.models)
+    metrics = Metrics(models=cfg.models, keys=key_names(cfg))
     metrics.watch_executor(parse_pool)
     metrics.watch_executor(estimate_pool)
     pauses = gcstats.GCPauses()
@@ -233,17 +266,37 @@ def build(
         for fd, family in adopt or ():
             AdoptedPort(reactor, fd, family, site).setServiceParent(top)
         return top
+    top.listeners = []  # type: ignore[attr-defined]
     for desc in ports:
         ep = endpoints.serverFromString(reactor, desc)
-        Listener("--port", desc, ep, site, reactor).setServiceParent(top)
+        lst = Listener("--port", desc, ep, site, reactor)
+        lst.setServiceParent(top)
+        top.listeners.append(lst)  # type: ignore[attr-defined]
     if cfg.metrics_port:
         # On its own listener: metrics name keys and models, which are not
         # for every client of the gateway to read.
-        msite = Site(MetricsResource(metrics.registry), reactor=reactor)
+        # -- the status page (llmgate.ops.status) beside /metrics --
+        metrics.board = status.StatusBoard(reactor)
+        admin = status.AdminRoot(
+            MetricsResource(metrics.registry, before=metrics.sync_ledger),
+            status.StatusResource(
+                metrics.board, lambda: len(root.active), lambda: root.quotas, lambda: root.keys.by_name.values()
+            ),
+        )
+        msite = Site(admin, reactor=reactor)
         msite.log = lambda request: None  # type: ignore[method-assign]
         ep = endpoints.serverFromString(reactor, cfg.metrics_port)
-        Listener("[metrics] port", cfg.metrics_port, ep, msite, reactor).setServiceParent(top)
+        lst = Listener("[metrics] port", cfg.metrics_port, ep, msite, reactor)
+        lst.setServiceParent(top)
+        top.listeners.append(lst)  # type: ignore[attr-defined]
     return top
+
+
+def _startup_block(options: Options, cfg: configmod.Config, workers: int, listeners: list[Any]) -> StartupBlock:
+    return StartupBlock(
+        cfg, listeners, demo=bool(options["demo"]), workers=workers,
+        raw_ports=options["raw_ports"], config_path=options["config"],
+    )
 
 
 def _state_settings(cfg: configmod.Config) -> tuple[Any, ...]:
@@ -315,9 +368,12 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
             "no providers configured: every request will get 404. Set OPENAI_API_KEY "
             "or ANTHROPIC_API_KEY (and *_BASE_URL), pass --config, or try --demo."
         )
-    build(
+    tree = build(
         cfg, reactor, options["ports"], config_path=options["config"], bare_public=options["bare_public"]
-    ).setServiceParent(top)
+    )
+    tree.setServiceParent(top)
+    # Last: logs once every listener is bound.
+    _startup_block(options, cfg, 1, tree.listeners).setServiceParent(top)
     _tune_gc()
     tune_malloc()
     return top
@@ -391,11 +447,21 @@ def _supervisor(options: Options, reactor: Any) -> service.MultiService:
     # copies of the sockets close first, then the workers drain.
     for h in held:
         h.setServiceParent(top)
+    shown: list[Any] = list(held)
     if cfg.metrics_port:
-        msite = Site(AggregateMetricsResource(metrics_dir.get, in_thread), reactor=reactor)
+        msite = Site(
+            status.AdminRoot(
+                AggregateMetricsResource(metrics_dir.get, in_thread),
+                status.WorkersStatusResource(options["worker_count"], metrics_dir.get, in_thread, reactor),
+            ),
+            reactor=reactor,
+        )
         msite.log = lambda request: None  # type: ignore[method-assign]
         ep = endpoints.serverFromString(reactor, cfg.metrics_port)
-        Listener("[metrics] port", cfg.metrics_port, ep, msite, reactor).setServiceParent(top)
+        lst = Listener("[metrics] port", cfg.metrics_port, ep, msite, reactor)
+        lst.setServiceParent(top)
+        shown.append(lst)
+    _startup_block(options, cfg, options["worker_count"], shown).setServiceParent(top)
     return top
 
 

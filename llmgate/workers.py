@@ -49,6 +49,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from llmgate.ops.logformat import RAW, json_observer
 from llmgate.service import Listener
 
 _log = Logger(namespace="llmgate.workers")
@@ -185,7 +186,13 @@ class _WorkerProtocol(ProcessProtocol):
 
     def _relay(self, line: bytes) -> None:
         if line:
-            _relayed.info("{line}", line=line.decode("utf-8", "replace"))
+            text = line.decode("utf-8", "replace")
+            if text[:1] == "{":
+                # A worker's JSON line (--log-format json): written as it
+                # is by a JSON observer, as text by a text one.
+                _relayed.info("{line}", line=text, **{RAW: text})
+            else:
+                _relayed.info("{line}", line=text)
 
     def processEnded(self, reason: Failure) -> None:
         for fd, rest in self._out.items():
@@ -479,6 +486,7 @@ class WorkerOptions(usage.Options):
         ["sockets", None, "", "family,... of the sockets at fds 4, 5, ..."],
         ["config", None, None, "The --config file."],
         ["demo-upstream", None, None, "The supervisor's mock provider (--demo)."],
+        ["log-format", None, "text", "text or json (the supervisor's --log-format)."],
     ]
     optFlags = [["bare-public", None, "A bare --port listens on every interface."]]
 
@@ -497,6 +505,8 @@ def worker_argv(index: int, families: Sequence[int], options: Any, demo_url: Opt
         argv += ["--demo-upstream", demo_url]
     if options["bare_public"]:
         argv.append("--bare-public")
+    if options.get("log_format", "text") != "text":
+        argv += ["--log-format", options["log_format"]]
     return argv
 
 
@@ -536,8 +546,12 @@ def _die_with_parent(parent: int) -> None:
         raise SystemExit(1)
 
 
-def _logging(index: int) -> None:
+def _logging(index: int, log_format: str = "text") -> None:
     from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    if log_format == "json":
+        globalLogBeginner.beginLoggingTo([json_observer(sys.stdout, worker=index)], redirectStandardIO=False)
+        return
 
     # Relayed lines get the supervisor's timestamp: no second one.
     relayed = os.environ.get("LLMGATE_WORKER_RELAYED") == "1"
@@ -567,7 +581,7 @@ def worker_main(argv: Optional[list[str]] = None) -> None:
         print(f"llmgate worker: {e}", file=sys.stderr)
         raise SystemExit(2)
     _die_with_parent(opts["parent"])
-    _logging(opts["index"])
+    _logging(opts["index"], opts["log-format"])
     from twisted.internet import reactor
 
     from llmgate import tap

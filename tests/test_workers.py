@@ -316,7 +316,7 @@ class OptionsTests(SynchronousTestCase):
         reactor = MemoryReactorClock()
         top = tap.makeService(o, reactor=reactor)
         kinds = [type(s).__name__ for s in top]
-        self.assertEqual(kinds, ["_ListeningPort", "_TempDir", "ThreadRunner", "HupForwarder", "Supervisor", "HeldListener"])
+        self.assertEqual(kinds, ["_ListeningPort", "_TempDir", "ThreadRunner", "HupForwarder", "Supervisor", "HeldListener", "StartupBlock"])
         self.assertEqual(len(reactor.tcpServers), 1)  # the mock provider
         sup = [s for s in top if isinstance(s, workers.Supervisor)][0]
         self.assertEqual(sup.count, 2)

@@ -105,6 +105,9 @@ class UsageRecord:
     @ivar cache_creation_1h_tokens: the part of C{cache_creation_tokens}
         written to Anthropic's 1-hour cache (priced apart); 0 in rows
         written before this column existed.
+    @ivar request_id: the gateway's own unique id of the request.
+    @ivar client_request_id: the valid C{x-request-id} the client sent, if
+        it sent one (clients may repeat ids: it is not a key).
     """
 
     request_id: str
@@ -132,6 +135,7 @@ class UsageRecord:
     bytes_out: int
     served_model: Optional[str] = None
     cache_creation_1h_tokens: int = 0
+    client_request_id: Optional[str] = None
 
 
 COLUMNS = tuple(f.name for f in fields(UsageRecord))
@@ -164,6 +168,7 @@ CREATE TABLE IF NOT EXISTS usage (
     bytes_out INTEGER NOT NULL,
     served_model TEXT,
     cache_creation_1h_tokens INTEGER NOT NULL DEFAULT 0,
+    client_request_id TEXT,
     owner TEXT
 );
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);

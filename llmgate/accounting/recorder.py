@@ -529,8 +529,9 @@ class Accounting:
             cost = self.cost(ex, served, usage)
         # Logged here, once counted: a body's served model is known only
         # after it was parsed (maybe in a thread).
-        self._access_log(ex, outcome, served)
-        self._sink(self._make_record(ex, usage, outcome, upstream_id, cost, served))
+        rec = clip_record(self._make_record(ex, usage, outcome, upstream_id, cost, served))
+        self._access_log(ex, rec)
+        self._sink(rec, ex)
 
     def _make_record(
         self,
@@ -568,19 +569,30 @@ class Accounting:
             bytes_out=ex.bytes_out,
             served_model=served,
             cache_creation_1h_tokens=0 if usage is None else usage.cache_creation_1h_tokens,
+            client_request_id=ex.client_request_id,
         )
 
-    def _sink(self, rec: UsageRecord) -> None:
+    def _sink(self, rec: UsageRecord, ex: Optional[Exchange] = None) -> None:
         rec = clip_record(rec)
         if self.on_settle is not None:
             self.on_settle(rec)
         if self.metrics is not None:
-            self.metrics.observe(rec)
+            self.metrics.observe(rec, ex)
         if self.ledger is not None:
             self.ledger.record(rec)
 
     def rejected(
-        self, route: str, status: int, key_name: str = "", model: str = "", bytes_in: int = 0, outcome: str = "rejected"
+        self,
+        route: str,
+        status: int,
+        key_name: str = "",
+        model: str = "",
+        bytes_in: int = 0,
+        outcome: str = "rejected",
+        request_id: Optional[str] = None,
+        client_request_id: Optional[str] = None,
+        method: str = "POST",
+        client: str = "",
     ) -> None:
         """
         Record a request the gateway answered itself without calling an
@@ -589,54 +601,90 @@ class Accounting:
         """
         now = time.time()
         route, model = clip(route), clip(model)
-        log.info(
-            "POST {route} model={model} key={key} status={status} outcome={outcome}",
+        rec = UsageRecord(
+            request_id=request_id or uuid.uuid4().hex,
+            ts=now,
+            key_name=key_name,
             route=route,
-            outcome=outcome,
-            model=model or "-",
-            key=key_name or "-",
+            model=model,
+            provider="",
+            upstream_model="",
+            upstream_id=None,
             status=status,
+            streamed=False,
+            outcome=outcome,
+            phase=None,
+            input_tokens=None,
+            output_tokens=None,
+            cached_input_tokens=0,
+            cache_creation_tokens=0,
+            reasoning_tokens=0,
+            source=None,
+            cost_usd=None,
+            ttft_ms=None,
+            duration_ms=0.0,
+            bytes_in=bytes_in,
+            bytes_out=0,
+            client_request_id=client_request_id,
         )
-        self._sink(
-            UsageRecord(
-                request_id=uuid.uuid4().hex,
-                ts=now,
-                key_name=key_name,
-                route=route,
-                model=model,
-                provider="",
-                upstream_model="",
-                upstream_id=None,
-                status=status,
-                streamed=False,
-                outcome=outcome,
-                phase=None,
-                input_tokens=None,
-                output_tokens=None,
-                cached_input_tokens=0,
-                cache_creation_tokens=0,
-                reasoning_tokens=0,
-                source=None,
-                cost_usd=None,
-                ttft_ms=None,
-                duration_ms=0.0,
-                bytes_in=bytes_in,
-                bytes_out=0,
-            )
-        )
+        _log_access(clip(method), clip(client), rec)
+        self._sink(rec)
 
-    def _access_log(self, ex: Exchange, outcome: str, served: Optional[str]) -> None:
-        # One pre-built line and a single format field: twisted.logger's
-        # PEP 3101 formatting of a dozen fields cost ~5% of the CPU per
-        # request at a thousand requests a second.
-        ttft = ex.ttft
-        log.info(
-            "{line}",
-            line=(
-                f"POST {ex.endpoint.path.decode()} model={clip(ex.model)} provider={ex.provider.name} "
-                f"served={clip(served) if served else '-'} key={ex.key_name} status={ex.status} outcome={outcome}"
-                f"{'/' + ex.phase if ex.phase else ''} stream={int(ex.streamed)} "
-                f"ttft_ms={'-' if ttft is None else f'{ttft * 1000:.1f}'} ms={ex.duration * 1000:.1f} "
-                f"bytes_out={ex.bytes_out} id={ex.request_id}"
-            ),
-        )
+    # -- access log (one line per request) -----------------------------------
+
+    def _access_log(self, ex: Exchange, rec: UsageRecord) -> None:
+        _log_access("POST", ex.client, rec)
+
+
+def _fmt_ms(ms: Optional[float]) -> str:
+    return "-" if ms is None else f"{ms:.1f}"
+
+
+def _log_access(method: str, client: str, rec: UsageRecord) -> None:
+    """
+    One access event per request, from its (clipped) usage record: a
+    pre-built text line (C{line}), and the same facts as plain fields
+    (C{access}) for the JSON log format (L{llmgate.ops.logformat}).
+
+    The text is built here, with a single format field: twisted.logger's
+    PEP 3101 formatting of a dozen fields cost ~5% of the CPU per request
+    at a thousand requests a second.
+    """
+    phase = rec.phase
+    cost = rec.cost_usd
+    fields = {
+        "method": method,
+        "route": rec.route,
+        "client": client or None,
+        "key": rec.key_name or None,
+        "model": rec.model or None,
+        "served_model": rec.served_model,
+        "provider": rec.provider or None,
+        "status": rec.status,
+        "outcome": rec.outcome,
+        "phase": phase,
+        "stream": rec.streamed,
+        "input_tokens": rec.input_tokens,
+        "output_tokens": rec.output_tokens,
+        "cost_usd": cost,
+        "ttft_ms": None if rec.ttft_ms is None else round(rec.ttft_ms, 1),
+        "duration_ms": round(rec.duration_ms, 1),
+        "bytes_in": rec.bytes_in,
+        "bytes_out": rec.bytes_out,
+        "request_id": rec.request_id,
+        "client_request_id": rec.client_request_id,
+        "upstream_id": rec.upstream_id,
+    }
+    tokens_in = "-" if rec.input_tokens is None else rec.input_tokens
+    tokens_out = "-" if rec.output_tokens is None else rec.output_tokens
+    line = (
+        f"{method} {rec.route} client={client or '-'} key={rec.key_name or '-'} model={rec.model or '-'} "
+        f"provider={rec.provider or '-'} served={rec.served_model or '-'} status={rec.status} "
+        f"outcome={rec.outcome}{'/' + phase if phase else ''} stream={int(rec.streamed)} "
+        f"in={tokens_in} out={tokens_out} cost={'-' if cost is None else f'{cost:.6f}'} "
+        f"ttft_ms={_fmt_ms(rec.ttft_ms)} ms={rec.duration_ms:.1f} bytes_out={rec.bytes_out} "
+        f"id={rec.request_id}"
+        f"{' client_id=' + rec.client_request_id if rec.client_request_id else ''}"
+        f"{' upstream_id=' + rec.upstream_id if rec.upstream_id else ''}"
+    )
+    log.info("{line}", line=line, access=fields)

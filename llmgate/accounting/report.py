@@ -15,6 +15,12 @@ loss), found open when it started again; their tokens are what was known
 then, estimated.  (Open rows of a gateway that died and has not started
 again still show as C{in_flight}.)
 
+Requests the gateway refused itself (outcome C{rejected}: bad key, bad
+body, unknown model, over a limit) reached no provider and cost nothing;
+they are left out unless C{--include-rejected} is given, and the text
+table says how many were left out.  (A client that hung up before its
+request was relayed is C{client_cancelled}, still counted.)
+
 C{--by served_model} groups by the model the provider's response named
 (a router or fallback list may serve another model than the one asked
 for); requests whose response named none (rejected ones, rows written
@@ -26,7 +32,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
+import os
 import sqlite3
 import sys
 from datetime import datetime, timezone
@@ -117,6 +125,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FIELDS",
         help="comma list of %s (default: %%(default)s)" % (",".join(GROUPS),),
     )
+    parser.add_argument(
+        "--include-rejected",
+        action="store_true",
+        help="count the requests the gateway refused itself (outcome rejected), "
+        "left out by default",
+    )
     fmt = parser.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print JSON")
     fmt.add_argument("--csv", action="store_true", help="print CSV")
@@ -157,6 +171,7 @@ def query(
     by: Sequence[str],
     since: Optional[float] = None,
     until: Optional[float] = None,
+    include_rejected: bool = True,
 ) -> List[Dict[str, Any]]:
     """
     One dict per group, sorted by the group columns.  C{by} may be empty:
@@ -178,6 +193,8 @@ def query(
     if until is not None:
         where.append("ts < ?")
         params.append(until)
+    if not include_rejected:
+        where.append("outcome != 'rejected'")
     sql = "SELECT %s FROM usage" % (", ".join(select),)
     if where:
         sql += " WHERE " + " AND ".join(where)
@@ -203,6 +220,23 @@ def query(
             row["cost_usd"] = round(row["cost_usd"], 10)
         rows.append(row)
     return rows
+
+
+def count_rejected(conn: sqlite3.Connection, since: Optional[float] = None, until: Optional[float] = None) -> int:
+    """How many requests in the range the gateway refused itself."""
+    sql, params = "SELECT COUNT(*) FROM usage WHERE outcome = 'rejected'", []
+    if since is not None:
+        sql += " AND ts >= ?"
+        params.append(since)
+    if until is not None:
+        sql += " AND ts < ?"
+        params.append(until)
+    try:
+        return int(conn.execute(sql, params).fetchone()[0])
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):
+            return 0
+        raise
 
 
 def total(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -277,8 +311,10 @@ def run(args: argparse.Namespace) -> int:
             "creates it on its first write)\n" % (args.ledger,)
         )
         return 1
+    include = bool(getattr(args, "include_rejected", False))
     try:
-        rows = query(conn, by, since, until)
+        rows = query(conn, by, since, until, include_rejected=include)
+        left_out = 0 if include else count_rejected(conn, since, until)
     except sqlite3.DatabaseError as e:
         err.write("llmgate usage: cannot read %s: %s\n" % (args.ledger, e))
         return 1
@@ -286,12 +322,34 @@ def run(args: argparse.Namespace) -> int:
         conn.close()
 
     groupCols = [GROUPS[b][0] for b in by]
+    try:
+        _write(args, out, groupCols, rows, left_out, include)
+        out.flush()
+    except BrokenPipeError:
+        # The reader went away (`llmgate usage | head -1`): it has what it
+        # wanted.  Point stdout at /dev/null so the interpreter's last
+        # flush does not fail again, and exit quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, out.fileno())
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass
+        finally:
+            os.close(devnull)
+    return 0
+
+
+def _write(
+    args: argparse.Namespace, out: TextIO, groupCols: List[str], rows: List[Dict[str, Any]], left_out: int, include: bool
+) -> None:
     if args.json:
         doc = {
             "ledger": args.ledger,
             "by": groupCols,
             "since": args.since,
             "until": args.until,
+            "include_rejected": include,
+            "rejected_left_out": left_out,
             "rows": rows,
             "total": total(rows),
         }
@@ -307,7 +365,11 @@ def run(args: argparse.Namespace) -> int:
             )
     else:
         write_table(out, groupCols, rows)
-    return 0
+        if left_out:
+            out.write(
+                "(%d request%s the gateway refused itself not counted: --include-rejected)\n"
+                % (left_out, "" if left_out == 1 else "s")
+            )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

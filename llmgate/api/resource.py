@@ -22,6 +22,7 @@ from llmgate import dialects
 from llmgate.accounting.usage import Usage
 from llmgate.api.body import BodyError, parse_body
 from llmgate.config import Config, Provider
+from llmgate.edge.requestid import HEADER as REQUEST_ID, ids_for
 from llmgate.ops.executors import Overloaded
 from llmgate.policy import keys as keymod
 from llmgate.policy.limits import Quotas, estimate_tokens
@@ -66,6 +67,29 @@ def _write_error(request: Any, kind: str, status: int, message: str, code: Optio
     for name, value in (headers or {}).items():
         request.responseHeaders.setRawHeaders(name, [value])
     return body
+
+
+def _client_host(request: Any) -> str:
+    """The client's address (IP, or a Unix socket's path) for the access log."""
+    try:
+        addr = request.getClientAddress()
+    except Exception:
+        return ""
+    host = getattr(addr, "host", None) or getattr(addr, "name", None)
+    if isinstance(host, bytes):
+        host = host.decode("utf-8", "replace")
+    return host if isinstance(host, str) else ""
+
+
+def _who(request: Any) -> dict[str, Any]:
+    """The request's ids, method and client, for a rejected request's record."""
+    ids = ids_for(request)
+    return {
+        "request_id": ids.gateway,
+        "client_request_id": ids.client,
+        "method": request.method.decode("latin-1"),
+        "client": _client_host(request),
+    }
 
 
 class GatewayResource(Resource):
@@ -131,6 +155,7 @@ class GatewayResource(Resource):
     # -- dispatch ------------------------------------------------------------
 
     def render(self, request: Any) -> Any:
+        ids_for(request)
         path = request.path.split(b"?", 1)[0]
         if len(path) > 1:
             path = path.rstrip(b"/")
@@ -238,7 +263,7 @@ class GatewayResource(Resource):
 
     def _rejected(self, request: Any, path: bytes, status: int, key_name: str = "", model: str = "", outcome: str = "rejected") -> None:
         self.accounting.rejected(
-            path.decode("latin-1"), status, key_name, model, request.received, outcome=outcome
+            path.decode("latin-1"), status, key_name, model, request.received, outcome=outcome, **_who(request)
         )
 
     def _relay_failed(self, failure: Any, request: Any, endpoint: dialects.Endpoint, key_name: str) -> None:
@@ -268,7 +293,8 @@ class GatewayResource(Resource):
         if request._disconnected:
             # Gone while its body was being parsed: still one record.
             self.accounting.rejected(
-                endpoint.path.decode(), 0, key_name, str(doc.get("model", "")), len(body), outcome="client_cancelled"
+                endpoint.path.decode(), 0, key_name, str(doc.get("model", "")), len(body), outcome="client_cancelled",
+                **_who(request),
             )
             return None
         model = doc.get("model")
@@ -346,7 +372,9 @@ class GatewayResource(Resource):
         strip_usage: bool,
     ) -> None:
         if request._disconnected:
-            self.accounting.rejected(endpoint.path.decode(), 0, key_name, model, len(body), outcome="client_cancelled")
+            self.accounting.rejected(
+                endpoint.path.decode(), 0, key_name, model, len(body), outcome="client_cancelled", **_who(request)
+            )
             return
         reservation = self._reserve(request, endpoint, key_name, doc, len(body), model, upstream_model)
         if isinstance(reservation, Deferred):
@@ -383,7 +411,11 @@ class GatewayResource(Resource):
     ) -> None:
         if reservation is False:
             return
+        ids = ids_for(request)
         ex = new_exchange(
+            request_id=ids.gateway,
+            client_request_id=ids.client,
+            client=_client_host(request),
             started=self.clock.seconds(),
             key_name=key_name,
             endpoint=endpoint,
@@ -402,6 +434,8 @@ class GatewayResource(Resource):
             dialects.auth_headers(provider.kind, provider.api_key, provider.anthropic_version),
         )
         headers.setRawHeaders(b"content-type", [b"application/json"])
+        # The upstream's logs can then be searched by the id the client has.
+        headers.setRawHeaders(REQUEST_ID, [ids.visible.encode("ascii")])
         url = dialects.upstream_url(provider.kind, provider.base_url, endpoint.path)
         def done(ex: Exchange) -> None:
             self.active.discard(relay)

@@ -28,6 +28,7 @@ from twisted.internet.task import LoopingCall
 from twisted.web import http, server
 
 from llmgate import dialects
+from llmgate.edge.requestid import ids_for
 from llmgate.edge import admission
 from llmgate.edge.budget import MAX_BUFFERED_BYTES, BodyBudget
 
@@ -198,10 +199,15 @@ class GatewayRequest(server.Request):
         self.content = BytesIO()
         route = self._route().decode("latin-1")
         channel = self.channel
-        channel.refuse(status, message, code, headers)
+        ids = ids_for(self)
+        channel.refuse(status, message, code, headers + ((b"X-Request-Id", ids.visible.encode("ascii")),))
         accounting = getattr(getattr(channel.site, "resource", None), "accounting", None)
         if accounting is not None:
-            accounting.rejected(route, status, "", "", self.received)
+            accounting.rejected(
+                route, status, "", "", self.received, request_id=ids.gateway, client_request_id=ids.client,
+                method=(channel._command or b"-").decode("latin-1"),
+                client=getattr(self.getClientAddress(), "host", "") or "",
+            )
 
     def _route(self) -> bytes:
         path = (getattr(self.channel, "_path", b"") or b"").split(b"?", 1)[0]

@@ -42,44 +42,105 @@ MAX_MODELS = 256
 _ROUTES = frozenset(p.decode() for p in ENDPOINTS)
 
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# The gateway's own share of the first token's latency: sub-millisecond
+# when idle, a reactor turn or more under load.
+_ADDED_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
+# Key label of a request with no key name (refused before its key was
+# checked), and of a name that is not configured (a key removed by a
+# reload while its requests ran): bounded either way.
+NO_KEY = "none"
+OTHER = "other"
+
+
+def upstream_error_reason(rec: Any) -> str:
+    """
+    A bounded reason for an C{upstream_error} record, from where it failed
+    and its status: C{connect} / C{connect_timeout}, C{headers_timeout},
+    C{http_429}, C{http_4xx}, C{http_5xx} (the upstream's status, or the
+    gateway's 502 for a response it could not relay), C{body} (cut
+    mid-response: a stream error event, an idle timeout, a lost
+    connection).
+    """
+    phase, status = rec.phase, rec.status
+    if phase == "connect":
+        return "connect_timeout" if status == 504 else "connect"
+    if phase == "body":
+        return "body"
+    if status == 504:
+        return "headers_timeout"
+    if status == 429:
+        return "http_429"
+    if 400 <= status < 500:
+        return "http_4xx"
+    return "http_5xx"
 
 
 class Metrics:
     """The gateway's metrics."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, models: Iterable[str] = ()) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, models: Iterable[str] = (), keys: Iterable[str] = ()
+    ) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
             "llmgate_requests",
-            "Requests handled, by route, status and outcome.",
-            ["route", "status", "outcome"],
+            "Requests handled, by route, status, outcome, gateway key name and provider.",
+            ["route", "status", "outcome", "key", "provider"],
             registry=r,
         )
         self.tokens = Counter(
             "llmgate_tokens",
-            "Tokens counted, by model, provider, bucket and source.",
-            ["model", "provider", "bucket", "source"],
+            "Tokens counted, by model, provider, bucket, source and gateway key name.",
+            ["model", "provider", "bucket", "source", "key"],
             registry=r,
         )
         self.cost = Counter(
-            "llmgate_cost_usd", "Cost of requests with a known price, USD.", ["model", "provider"], registry=r
+            "llmgate_cost_usd", "Cost of requests with a known price, USD.", ["model", "provider", "key"], registry=r
         )
         self.active = Gauge(
             "llmgate_active_requests", "Requests being relayed now.", registry=r, multiprocess_mode="livesum"
         )
         self.ttft = Histogram(
-            "llmgate_ttft_seconds", "Time to the first relayed byte.", ["route"], buckets=_TTFT_BUCKETS, registry=r
+            "llmgate_ttft_seconds", "Time to the first relayed byte of a stream.", ["route"],
+            buckets=_TTFT_BUCKETS, registry=r,
+        )
+        self.duration = Histogram(
+            "llmgate_request_duration_seconds", "Total duration of relayed requests, admission to end.",
+            ["route", "provider"], buckets=_DURATION_BUCKETS, registry=r,
+        )
+        self.upstream_headers = Histogram(
+            "llmgate_upstream_headers_seconds", "Time from starting an upstream request to its response headers.",
+            ["provider"], buckets=_TTFT_BUCKETS, registry=r,
+        )
+        self.added_first = Histogram(
+            "llmgate_gateway_added_first_byte_seconds",
+            "Latency the gateway adds to the first relayed bytes: from the upstream read that brought "
+            "them to their write to the client.",
+            ["route"], buckets=_ADDED_BUCKETS, registry=r,
+        )
+        self.cancellations = Counter(
+            "llmgate_cancellations", "Requests their client cancelled, by phase.", ["phase"], registry=r
+        )
+        self.upstream_errors = Counter(
+            "llmgate_upstream_errors", "Requests that failed upstream, by provider and reason.",
+            ["provider", "reason"], registry=r,
         )
         self.ledger_pending = Gauge(
             "llmgate_ledger_pending", "Usage records not yet written.", registry=r, multiprocess_mode="livesum"
         )
-        self.ledger_failures = Gauge(
-            "llmgate_ledger_write_failures", "Failed ledger writes since start.", registry=r, multiprocess_mode="sum"
+        # Counters, kept in step with the ledger's own counts by
+        # sync_ledger (before a scrape, or on a worker's timer).
+        self.ledger_failures = Counter(
+            "llmgate_ledger_write_failures", "Failed ledger writes.", registry=r
         )
-        self.ledger_dropped = Gauge(
-            "llmgate_ledger_dropped", "Usage records dropped since start.", registry=r, multiprocess_mode="sum"
+        self.ledger_dropped = Counter(
+            "llmgate_ledger_dropped", "Usage records dropped (the disk failed too long).", registry=r
         )
+        self._ledger: Any = None
+        self._ledger_seen = [0, 0]
         self.executor_jobs = Gauge(
             "llmgate_executor_jobs", "Jobs queued or running on a gateway thread pool.", ["pool"],
             registry=r, multiprocess_mode="livesum",
@@ -93,9 +154,20 @@ class Metrics:
             registry=r, multiprocess_mode="sum",
         )
         self._configured = frozenset(models)
+        self.keys = frozenset(keys)
         self._executors: list[Any] = []
         self._models: set[str] = set()
         self._children: dict[tuple[Any, ...], Any] = {}
+        # -- status page (llmgate.ops.status): a StatusBoard fed below --
+        self.board: Any = None
+
+    def _key(self, name: str) -> str:
+        """A key label: a configured key's name (or "anonymous" without keys)."""
+        if not name:
+            return NO_KEY
+        if name in self.keys or name == "anonymous":
+            return name
+        return OTHER
 
     def _child(self, metric: Any, *labels: str) -> Any:
         # labels() takes a lock and builds a key on every call; cache the
@@ -124,10 +196,26 @@ class Metrics:
         self.executor_rejected.labels(name).set_function(lambda: executor.rejected)
 
     def watch_ledger(self, ledger: Any) -> None:
-        """Report the ledger's state whenever metrics are scraped."""
+        """
+        Report the ledger's state whenever metrics are scraped (the
+        counters through L{sync_ledger}, which L{MetricsResource} calls).
+        """
+        self._ledger = ledger
         self.ledger_pending.set_function(ledger.pending_count)
-        self.ledger_failures.set_function(lambda: ledger.write_failures)
-        self.ledger_dropped.set_function(lambda: ledger.dropped)
+
+    def sync_ledger(self) -> None:
+        """Bring the ledger counters up to the ledger's own counts."""
+        ledger = self._ledger
+        if ledger is None:
+            return
+        seen = self._ledger_seen
+        failures, dropped = ledger.write_failures, ledger.dropped
+        if failures > seen[0]:
+            self.ledger_failures.inc(failures - seen[0])
+            seen[0] = failures
+        if dropped > seen[1]:
+            self.ledger_dropped.inc(dropped - seen[1])
+            seen[1] = dropped
 
     def push_ledger(self, ledger: Any, clock: Any, interval: float = 1.0) -> Service:
         """
@@ -137,23 +225,44 @@ class Metrics:
 
         @return: the service doing it, for the worker's tree.
         """
+        self._ledger = ledger
         return _LedgerGauges(self, ledger, clock, interval)
 
-    def observe(self, rec: Any) -> None:
-        """Account for one finished request's usage record."""
+    def observe(self, rec: Any, ex: Any = None) -> None:
+        """
+        Account for one finished request's usage record, and, for a
+        relayed one, the timings of its L{Exchange
+        <llmgate.relay.stream.Exchange>} C{ex}.
+        """
+        # -- status page (llmgate.ops.status) --
+        if self.board is not None:
+            self.board.observe(rec)
         # Unknown paths come from clients too: label them all "other".
         route = rec.route if rec.route in _ROUTES else "other"
-        self._child(self.requests, route, str(rec.status), rec.outcome).inc()
-        if rec.ttft_ms is not None:
+        key = self._key(rec.key_name)
+        provider = rec.provider
+        outcome = rec.outcome
+        self._child(self.requests, route, str(rec.status), outcome, key, provider).inc()
+        if rec.ttft_ms is not None and rec.streamed:
             self._child(self.ttft, route).observe(rec.ttft_ms / 1000.0)
+        if outcome == "client_cancelled":
+            self._child(self.cancellations, rec.phase or "request").inc()
+        elif outcome == "upstream_error":
+            self._child(self.upstream_errors, provider, upstream_error_reason(rec)).inc()
+        if ex is not None:
+            self._child(self.duration, route, provider).observe(rec.duration_ms / 1000.0)
+            if ex.headers_at is not None:
+                self._child(self.upstream_headers, provider).observe(max(0.0, ex.headers_at - ex.started))
+            if ex.first_write_at is not None and ex.first_byte_at is not None:
+                self._child(self.added_first, route).observe(max(0.0, ex.first_write_at - ex.first_byte_at))
         model = self._model(rec)
         if rec.source is not None:
             for bucket in ("input", "output", "cached_input", "cache_creation", "reasoning"):
                 n = getattr(rec, bucket + "_tokens")
                 if n:
-                    self._child(self.tokens, model, rec.provider, bucket, rec.source).inc(n)
+                    self._child(self.tokens, model, provider, bucket, rec.source, key).inc(n)
         if rec.cost_usd:
-            self._child(self.cost, model, rec.provider).inc(rec.cost_usd)
+            self._child(self.cost, model, provider, key).inc(rec.cost_usd)
 
 
 class MetricsResource(Resource):
@@ -161,11 +270,15 @@ class MetricsResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, before: Callable[[], Any] | None = None) -> None:
+        """@param before: called before each scrape (L{Metrics.sync_ledger})."""
         super().__init__()
         self.registry = registry
+        self._before = before
 
     def render_GET(self, request: Any) -> bytes:
+        if self._before is not None:
+            self._before()
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
         return generate_latest(self.registry)
 
@@ -183,8 +296,7 @@ class _LedgerGauges(Service):
     def update(self) -> None:
         m, ledger = self._metrics, self._ledger
         m.ledger_pending.set(ledger.pending_count())
-        m.ledger_failures.set(ledger.write_failures)
-        m.ledger_dropped.set(ledger.dropped)
+        m.sync_ledger()
         for executor in m._executors:
             m.executor_jobs.labels(executor.name).set(executor.jobs)
             m.executor_bytes.labels(executor.name).set(executor.bytes)

@@ -488,6 +488,14 @@ class RedisState(Service):
         d.addCallback(lambda _: True)
         return d
 
+    @property
+    def spend(self) -> dict[str, Any]:
+        """
+        This process's view of the spend per key (the ledger's at start plus
+        what it settled), for the status page; Redis holds the shared one.
+        """
+        return self.local.spend
+
     def quota(self, now: float, sid: str, limits: Limits) -> Optional[Scope]:
         """The levels seen in this scope's last reply (headers only)."""
         st = self._seen.get(sid)

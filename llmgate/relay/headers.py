@@ -133,4 +133,9 @@ def copy_response_headers(upstream: Headers, downstream: Headers, redact: Option
             # The gateway's quota for the client's key, not the provider
             # account's limits.
             continue
+        if name == b"x-request-id":
+            # The gateway answers with its own x-request-id (see
+            # llmgate.edge.requestid); the provider's keeps its value
+            # under another name.
+            name = b"x-upstream-request-id"
         downstream.setRawHeaders(name, values)

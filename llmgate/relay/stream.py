@@ -179,6 +179,15 @@ class Exchange:
     ended: Optional[float] = None
     bytes_out: int = 0
     upstream_request_id: Optional[str] = None
+    # The client's own valid x-request-id, if it sent one (request_id is
+    # always the gateway's unique id), and the client's address.
+    client_request_id: Optional[str] = None
+    client: str = ""
+    # When the upstream's response headers arrived, and when the first
+    # relayed bytes were written to the client (first_byte_at is when the
+    # upstream read that brought them arrived): for the latency metrics.
+    headers_at: Optional[float] = None
+    first_write_at: Optional[float] = None
 
     @property
     def ttft(self) -> Optional[float]:
@@ -191,9 +200,9 @@ class Exchange:
         return (self.ended or self.started) - self.started
 
 
-def new_exchange(**kw: Any) -> Exchange:
+def new_exchange(request_id: Optional[str] = None, **kw: Any) -> Exchange:
     # 128 random bits as hex, like uuid4().hex without building a UUID.
-    return Exchange(request_id=os.urandom(16).hex(), wall_start=time.time(), **kw)
+    return Exchange(request_id=request_id or os.urandom(16).hex(), wall_start=time.time(), **kw)
 
 
 class _BodyRelay(Protocol):
@@ -358,6 +367,7 @@ class Relay:
     def _got_response(self, response: Any) -> None:
         self._pending_d = None
         ex = self.exchange
+        ex.headers_at = self.clock.seconds()
         ex.status = response.code
         rid = response.headers.getRawHeaders(
             b"x-request-id"
@@ -532,6 +542,8 @@ class Relay:
             ex.first_byte_at = self._last_data
         ex.bytes_out += len(data)
         if self._coalescer is None:
+            if ex.first_write_at is None:
+                ex.first_write_at = self.clock.seconds()
             self.request.write(data)
             return
         if not self._out:
@@ -546,6 +558,9 @@ class Relay:
         self._out = []
         if self._client_gone or self._finished:
             return
+        ex = self.exchange
+        if ex.first_write_at is None:
+            ex.first_write_at = self.clock.seconds()
         self.request.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _whole_events(self, data: bytes) -> bytes:

@@ -30,9 +30,9 @@ def at(day: int, hour: int = 12) -> float:
     return float(timegm((2024, 5, day, hour, 0, 0)))
 
 
-class ReportTests(SynchronousTestCase):
+class _Fixture(SynchronousTestCase):
     """
-    Sums over a ledger written by the real L{Ledger}.
+    A ledger written by the real L{Ledger}.
     """
 
     def setUp(self) -> None:
@@ -68,10 +68,12 @@ class ReportTests(SynchronousTestCase):
             ledger.record(rec)
         self.successResultOf(ledger.stopService())
 
-    def run_usage(self, *argv: str) -> Tuple[int, str, str]:
+    def run_usage(self, *argv: str, include_rejected: bool = True) -> Tuple[int, str, str]:
+        # These tests sum the whole ledger, the rejected row included
+        # (RejectedTests checks the default, which leaves it out).
         parser = argparse.ArgumentParser()
         report.add_arguments(parser)
-        args = parser.parse_args(["--ledger", self.path, *argv])
+        args = parser.parse_args(["--ledger", self.path, *argv] + (["--include-rejected"] if include_rejected else []))
         out, err = io.StringIO(), io.StringIO()
         self.patch(sys, "stdout", out)
         self.patch(sys, "stderr", err)
@@ -83,6 +85,12 @@ class ReportTests(SynchronousTestCase):
         self.assertEqual((code, err), (0, ""))
         rows: List[dict[str, Any]] = json.loads(out)["rows"]
         return rows
+
+
+class ReportTests(_Fixture):
+    """
+    Sums over a ledger written by the real L{Ledger}.
+    """
 
     def test_defaultGroupsByKeyModelDay(self) -> None:
         """
@@ -262,6 +270,53 @@ class ReportTests(SynchronousTestCase):
         self.assertEqual(json.loads(out)["rows"], [])
 
 
+class RejectedTests(_Fixture):
+    """
+    By default the requests the gateway refused itself are left out (and
+    said to be); --include-rejected counts them.  (Inherits the fixture:
+    one rejected row, team-b on May 3.)
+    """
+
+    def test_leftOutByDefault(self) -> None:
+        """The default report leaves the rejected request out and says how many were."""
+        code, out, err = self.run_usage("--json", "--by", "key", include_rejected=False)
+        doc = json.loads(out)
+        self.assertEqual([(r["key"], r["requests"]) for r in doc["rows"]], [("team-a", 4), ("team-b", 1)])
+        self.assertEqual((doc["total"]["requests"], doc["rejected_left_out"]), (5, 1))
+        code, out, err = self.run_usage("--by", "key", include_rejected=False)
+        self.assertEqual(out.splitlines()[-2].split()[:2], ["TOTAL", "5"])
+        self.assertIn("1 request the gateway refused itself not counted: --include-rejected", out.splitlines()[-1])
+
+    def test_byOutcome(self) -> None:
+        """--by outcome with --include-rejected shows the rejected group."""
+        rows = self.json_rows("--by", "outcome")
+        self.assertEqual([(r["outcome"], r["requests"]) for r in rows], [("completed", 5), ("rejected", 1)])
+
+    def test_closedPipe(self) -> None:
+        """
+        `llmgate usage | head -1`: the reader leaves early; the command exits
+        0 with nothing on stderr (no BrokenPipeError traceback).
+        """
+        import subprocess
+
+        ledger = Ledger(self.path, Clock(), run_in_thread=syncRunner)
+        ledger.startService()
+        # Enough groups for well over a pipe buffer (64 KiB) of table.
+        for i in range(3000):
+            ledger.record(makeRecord(i + 100, ts=at(4), model=f"model-{i:05d}"))
+        self.successResultOf(ledger.stopService())
+        p = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from llmgate import cli; sys.exit(cli.main())",
+             "usage", "--ledger", self.path, "--by", "model"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        assert p.stdout is not None and p.stderr is not None
+        self.assertTrue(p.stdout.readline().startswith(b"model "))
+        p.stdout.close()
+        err = p.stderr.read()
+        self.assertEqual((p.wait(30), err), (0, b""))
+
+
 class ServedModelReportTests(SynchronousTestCase):
     """
     C{--by served_model}: the model the responses named, next to the one
@@ -274,7 +329,7 @@ class ServedModelReportTests(SynchronousTestCase):
         self.path = os.path.join(d, "usage.db")
 
     def run_usage(self, *argv: str) -> Tuple[int, str, str]:
-        return ReportTests.run_usage(self, *argv)  # type: ignore[arg-type]
+        return _Fixture.run_usage(self, *argv)  # type: ignore[arg-type]
 
     def test_byServedModel(self) -> None:
         """

@@ -190,7 +190,7 @@ class WorkersTests(SynchronousTestCase):
             with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as r:
                 text = r.read().decode()
             m = re.search(
-                r'llmgate_requests_total\{outcome="completed",route="/v1/chat/completions",status="200"\} (\S+)', text
+                r'llmgate_requests_total\{key="team-e2e",outcome="completed",provider="mock",route="/v1/chat/completions",status="200"\} (\S+)', text
             )
             return float(m.group(1)) if m else 0.0
 

@@ -46,10 +46,10 @@ class MetricsTests(SynchronousTestCase):
         body = parse_response(t.value())[2].decode()
         got = samples(body)
         self.assertEqual(
-            got[("llmgate_requests_total", (("outcome", "completed"), ("route", "/v1/chat/completions"), ("status", "200")))], 1
+            got[("llmgate_requests_total", (("key", "anonymous"), ("outcome", "completed"), ("provider", "oai"), ("route", "/v1/chat/completions"), ("status", "200")))], 1
         )
         self.assertEqual(
-            got[("llmgate_tokens_total", (("bucket", "output"), ("model", "gpt-4o"), ("provider", "oai"), ("source", "reported")))], 7
+            got[("llmgate_tokens_total", (("bucket", "output"), ("key", "anonymous"), ("model", "gpt-4o"), ("provider", "oai"), ("source", "reported")))], 7
         )
         self.assertNotIn("sk-upstream", body)
 
@@ -59,6 +59,7 @@ class MetricsTests(SynchronousTestCase):
 
         class Rec:
             route, status, outcome, ttft_ms, source, cost_usd, provider = "/v1/x", 200, "completed", None, "reported", None, "p"
+            key_name, streamed, phase = "k", False, None
             input_tokens, output_tokens, cached_input_tokens, cache_creation_tokens, reasoning_tokens = 1, 1, 0, 0, 0
 
         metrics = Metrics()
@@ -85,6 +86,7 @@ class ModelLabelTests(SynchronousTestCase):
     def observe(self, metrics: Metrics, model: str, status: int) -> None:
         class Rec:
             route, outcome, ttft_ms, source, cost_usd, provider = "/v1/chat/completions", "client_cancelled", None, "estimated", 0.5, "p"
+            key_name, streamed, phase = "k", False, "body"
             input_tokens, output_tokens, cached_input_tokens, cache_creation_tokens, reasoning_tokens = 3, 1, 0, 0, 0
 
         rec = Rec()
@@ -147,7 +149,7 @@ class MultiprocessTests(SynchronousTestCase):
         class Rec:
             route, status, outcome, ttft_ms, source, cost_usd, provider = (
                 "/v1/chat/completions", 200, "completed", 5.0, "reported", 0.5, "p")
-            model = "m"
+            model, key_name, streamed, phase = "m", "k", True, None
             input_tokens, output_tokens, cached_input_tokens, cache_creation_tokens, reasoning_tokens = 3, 4, 0, 0, 0
 
         rec = Rec()
@@ -179,7 +181,7 @@ class MultiprocessTests(SynchronousTestCase):
         b.observe(self.record(status=502, outcome="upstream_error"))
         a.active.inc(2)
         b.active.inc(1)
-        a.ledger_dropped.set(3)
+        a.ledger_dropped.inc(3)
 
         def scrape() -> dict:  # type: ignore[type-arg]
             calls: list[tuple[object, ...]] = []
@@ -199,12 +201,12 @@ class MultiprocessTests(SynchronousTestCase):
             return samples(parse_response(t.value())[2].decode())
 
         got = scrape()
-        ok = ("llmgate_requests_total", (("outcome", "completed"), ("route", "/v1/chat/completions"), ("status", "200")))
+        ok = ("llmgate_requests_total", (("key", "other"), ("outcome", "completed"), ("provider", "p"), ("route", "/v1/chat/completions"), ("status", "200")))
         self.assertEqual(got[ok], 2)
-        self.assertEqual(got[("llmgate_tokens_total", (("bucket", "output"), ("model", "m"), ("provider", "p"), ("source", "reported")))], 12)
+        self.assertEqual(got[("llmgate_tokens_total", (("bucket", "output"), ("key", "other"), ("model", "m"), ("provider", "p"), ("source", "reported")))], 12)
         self.assertEqual(got[("llmgate_ttft_seconds_count", (("route", "/v1/chat/completions"),))], 3)
         self.assertEqual(got[("llmgate_active_requests", ())], 3)
-        self.assertEqual(got[("llmgate_ledger_dropped", ())], 3)
+        self.assertEqual(got[("llmgate_ledger_dropped_total", ())], 3)
         mark_process_dead(1001, path)
         got = scrape()
         self.assertEqual(got[ok], 2)
@@ -236,3 +238,114 @@ class MultiprocessTests(SynchronousTestCase):
         self.assertEqual(got, (7, 2, 1))
         svc.stopService()
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class OperatorMetricsTests(SynchronousTestCase):
+    """Key and provider labels, latency histograms, cancellations, upstream errors, ledger counters."""
+
+    def gateway(self, keys: tuple[str, ...] = ()) -> tuple[Gateway, Metrics]:
+        gw = Gateway()
+        metrics = Metrics(keys=keys)
+        gw.resource.accounting = Accounting(gw.clock, metrics=metrics)
+        return gw, metrics
+
+    def got(self, metrics: Metrics) -> dict:  # type: ignore[type-arg]
+        out = {}
+        for fam in metrics.registry.collect():
+            for s in fam.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    def test_key_labels_bounded(self) -> None:
+        """Configured key names are labels; a missing name is "none", an unconfigured one "other"."""
+        metrics = Metrics(keys=["team-a"])
+        self.assertEqual(
+            [metrics._key(n) for n in ("team-a", "anonymous", "", "sk-looks-like-a-secret")],
+            ["team-a", "anonymous", "none", "other"],
+        )
+
+    def test_stream_timings(self) -> None:
+        """
+        A relayed stream observes its total duration, the upstream's time to
+        headers, TTFT and the latency the gateway added to the first bytes
+        (the coalescer holds them to the end of the reactor turn).
+        """
+        gw, metrics = self.gateway()
+        gw.post("/v1/chat/completions", {"model": "gpt-4o", "stream": True})
+        gw.clock.advance(0.25)
+        r = FakeResponse(200, SSE_HEADERS)
+        gw.http.calls[0]["deferred"].callback(r)
+        gw.clock.advance(0.5)
+        r.send(b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"x"}}]}\n\n')
+        gw.clock.advance(0.002)  # the turn ends 2 ms later
+        r.send(b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":7}}\n\ndata: [DONE]\n\n')
+        r.end()
+        gw.clock.advance(0)
+        got = self.got(metrics)
+        route = ("route", "/v1/chat/completions")
+        self.assertEqual(got[("llmgate_upstream_headers_seconds_sum", (("provider", "oai"),))], 0.25)
+        self.assertEqual(got[("llmgate_ttft_seconds_sum", (route,))], 0.75)
+        self.assertAlmostEqual(got[("llmgate_gateway_added_first_byte_seconds_sum", (route,))], 0.002)
+        self.assertAlmostEqual(got[("llmgate_request_duration_seconds_sum", (("provider", "oai"), route))], 0.752)
+
+    def test_ttft_only_for_streams(self) -> None:
+        """A non-streaming response observes no TTFT."""
+        gw, metrics = self.gateway()
+        gw.post("/v1/chat/completions", {"model": "gpt-4o"})
+        r = FakeResponse(200, {b"content-type": [b"application/json"]})
+        gw.http.calls[0]["deferred"].callback(r)
+        r.send(b'{"usage":{"prompt_tokens":1,"completion_tokens":1}}')
+        r.end()
+        gw.clock.advance(0)
+        got = self.got(metrics)
+        self.assertNotIn(("llmgate_ttft_seconds_count", (("route", "/v1/chat/completions"),)), got)
+        self.assertEqual(got[("llmgate_request_duration_seconds_count", (("provider", "oai"), ("route", "/v1/chat/completions")))], 1)
+
+    def test_cancellations_and_upstream_errors(self) -> None:
+        """A client hanging up mid-stream counts by phase; upstream 429 and unreachable by reason."""
+        from twisted.internet.error import ConnectionRefusedError, ConnectError
+        from twisted.python.failure import Failure
+
+        gw, metrics = self.gateway()
+        channel, _ = gw.post("/v1/chat/completions", {"model": "gpt-4o", "stream": True})
+        r = FakeResponse(200, SSE_HEADERS)
+        gw.http.calls[0]["deferred"].callback(r)
+        r.send(b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"x"}}]}\n\n')
+        gw.clock.advance(0)
+        channel.connectionLost(Failure(ConnectionRefusedError()))
+        gw.clock.advance(0)
+        gw.post("/v1/chat/completions", {"model": "gpt-4o"})
+        r = FakeResponse(429, {b"content-type": [b"application/json"]})
+        gw.http.calls[1]["deferred"].callback(r)
+        r.send(b"{}")
+        r.end()
+        gw.post("/v1/chat/completions", {"model": "gpt-4o"})
+        gw.http.calls[2]["deferred"].errback(ConnectError())
+        gw.clock.advance(0)
+        got = self.got(metrics)
+        self.assertEqual(got[("llmgate_cancellations_total", (("phase", "body"),))], 1)
+        self.assertEqual(got[("llmgate_upstream_errors_total", (("provider", "oai"), ("reason", "http_429")))], 1)
+        self.assertEqual(got[("llmgate_upstream_errors_total", (("provider", "oai"), ("reason", "connect")))], 1)
+
+    def test_ledger_counters(self) -> None:
+        """Ledger write failures and drops are _total counters, brought up to date before a scrape."""
+        class FakeLedger:
+            write_failures, dropped = 0, 0
+
+            def pending_count(self) -> int:
+                return 0
+
+        ledger = FakeLedger()
+        metrics = Metrics()
+        metrics.watch_ledger(ledger)
+        ledger.write_failures, ledger.dropped = 4, 2
+        resource = MetricsResource(metrics.registry, before=metrics.sync_ledger)
+        from twisted.web.test.requesthelper import DummyRequest
+
+        body = resource.render_GET(DummyRequest([b""])).decode()
+        got = samples(body)
+        self.assertEqual(got[("llmgate_ledger_write_failures_total", ())], 4)
+        self.assertEqual(got[("llmgate_ledger_dropped_total", ())], 2)
+        ledger.write_failures = 5
+        got = samples(resource.render_GET(DummyRequest([b""])).decode())
+        self.assertEqual(got[("llmgate_ledger_write_failures_total", ())], 5)

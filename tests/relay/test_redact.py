@@ -76,7 +76,7 @@ class RelayRedactionTests(SynchronousTestCase):
         status, headers, body, complete = parse_response(raw)
         self.assertEqual((status, complete), (400, True))
         self.assertEqual(headers[b"x-debug-key"], [b"Bearer [redacted]"])
-        self.assertEqual(headers[b"x-request-id"], [b"req_1"])
+        self.assertEqual(headers[b"x-upstream-request-id"], [b"req_1"])
         self.assertEqual(
             json.loads(body)["error"]["message"],
             "Key [redacted] is not allowed for [redacted] (Incorrect API key provided: [redacted])",

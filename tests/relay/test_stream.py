@@ -570,7 +570,7 @@ class UpstreamCredentialTests(SynchronousTestCase):
         r.end()
         _, headers, _, _ = parse_response(t.value())
         self.assertNotIn(b"openai-organization", headers)
-        self.assertEqual(headers[b"x-request-id"], [b"req_1"])
+        self.assertEqual(headers[b"x-upstream-request-id"], [b"req_1"])
 
     def test_deeply_nested_json_is_400(self) -> None:
         """Pathologically nested JSON is a 400, not a 500 with a traceback."""
