@@ -335,6 +335,20 @@ class RedisStateTests(TestCase):
             gc.enable()
         self.assertEqual(found, Counter())
 
+    @defer.inlineCallbacks
+    def test_status_page_spend(self) -> None:
+        """The status page's spend per key reads this process's view from a RedisState: the ledger's at start plus what it settled."""
+        from llmgate.ops.status import key_spend
+
+        q = yield self.worker()
+        q.load_spend({"k": {"day": 0.5, "month": 0.5, "total": 0.5}})
+        key = KeyRecord("k", b"x" * 32, budget_usd=2.0, period="month")
+        yield self.until(lambda: q.state._synced)
+        v = yield q.admit(key, "m", "openai", 10, 0.2)
+        q.hold("r", v.reservation)
+        q.settle(record("r", 1, 1, 0.25))
+        self.assertEqual(key_spend(q, [key], self.clock.seconds()), [("k", 0.75, 2.0, "month", 0.75)])
+
     def test_from_config(self) -> None:
         """The config's URL, timeout and policy reach the client and the state."""
         s = from_config(reactor, "redis://127.0.0.1:7/3", 0.07, "fail_open")
