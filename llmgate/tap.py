@@ -321,7 +321,7 @@ def _shared_state(cfg: configmod.Config, reactor: Any, top: Any, metrics: Any, i
 
         state.reload_spend = lambda: in_thread(spend_from_ledger, cfg.ledger_path, reactor.seconds())
     state.setServiceParent(top)
-    metrics.registry.register(state)
+    state.count_in(metrics.registry)
     return state
 
 

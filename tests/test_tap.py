@@ -134,6 +134,8 @@ class ServiceTests(SynchronousTestCase):
         self.assertIsInstance(state, RedisState)
         self.assertEqual((state.client.port, state.client.db, state.client.timeout, state.on_error), (6390, 2, 0.1, "fail_open"))
         self.assertLess(services.index(state), next(i for i, s in enumerate(services) if isinstance(s, Drain)))
+        registry = root.accounting.metrics.registry
+        self.assertEqual(registry.get_sample_value("llmgate_state_errors_total", {"policy": "fail_open"}), 0)
 
 
 class WarningTests(SynchronousTestCase):

@@ -49,7 +49,7 @@ from urllib.parse import urlsplit
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.logger import Logger
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client import Counter
 
 from llmgate.policy.keys import PERIODS, Limits, period_start
 from llmgate.policy.limits import Bucket, MemoryState, Refusal, Reservation, Scope
@@ -244,6 +244,7 @@ class RedisState(Service):
         self._last_log: Optional[float] = None
         self._seen: dict[str, Scope] = {}
         self._inflight: set[defer.Deferred[Any]] = set()
+        self._counter: Any = None
         self._starts: dict[str, tuple[int, int]] = {}
         # What this worker holds (sent reserves included): its own fields'
         # values, written over them at every lease refresh.
@@ -279,16 +280,18 @@ class RedisState(Service):
         d.addBoth(lambda _: self.client.stop())
         return d
 
-    def collect(self) -> Any:
-        """The Prometheus collector interface: failed calls to Redis, by policy."""
-        c = CounterMetricFamily(
+    def count_in(self, registry: Any) -> None:
+        """
+        Count failures in C{llmgate_state_errors_total{policy}} of
+        C{registry}: a plain Counter, so under C{--workers} (prometheus
+        multiprocess mode) the supervisor sums the workers'.
+        """
+        self._counter = Counter(
             "llmgate_state_errors",
             "Calls to the shared limit state (Redis) that failed or timed out; "
-            "each reserve among them was admitted on local limits (fail_open) or answered 503 (fail_closed).",
-            labels=["policy"],
-        )
-        c.add_metric([self.on_error], self.errors)
-        yield c
+            "a reserve among them was admitted on local limits (fail_open) or answered 503 (fail_closed).",
+            ["policy"], registry=registry,
+        ).labels(self.on_error)
 
     def _connected(self) -> None:
         # A new connection may be to a server that lost everything
@@ -356,6 +359,8 @@ class RedisState(Service):
 
     def _failed(self, f: Any, what: str) -> None:
         self.errors += 1
+        if self._counter is not None:
+            self._counter.inc()
         now = self.clock.seconds()
         if self._last_log is None or now - self._last_log >= LOG_EVERY:
             self._last_log = now

@@ -252,12 +252,16 @@ class RedisStateTests(TestCase):
         self.assertIsNotNone(v2.reservation)
         self.assertEqual(v3.status, 429)
         self.assertEqual(q.state.errors, 3)
-        metric = list(q.state.collect())[0]
-        self.assertEqual(metric.samples[0].value, 3)
-        self.assertEqual(metric.samples[0].labels, {"policy": "fail_open"})
+        from prometheus_client import CollectorRegistry
+
+        registry = CollectorRegistry()
+        q.state.count_in(registry)
+        yield q.admit(key, "m", "openai", 1, None)
+        self.assertEqual(registry.get_sample_value("llmgate_state_errors_total", {"policy": "fail_open"}), 1)
+        self.assertEqual(q.state.errors, 4)
         q.hold("r", v1.reservation)
         q.settle(record("r", 1, 1, None))  # local: no call to the dead server
-        self.assertEqual(q.state.errors, 3)
+        self.assertEqual(q.state.errors, 4)
 
     @defer.inlineCallbacks
     def test_slow_redis_times_out(self) -> None:
