@@ -13,7 +13,7 @@ import json
 from io import BytesIO
 from typing import Any, Callable, Optional
 
-from twisted.internet.defer import CancelledError, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -377,6 +377,38 @@ class GatewayResource(Resource):
             )
             return
         reservation = self._reserve(request, endpoint, key_name, doc, len(body), model, upstream_model)
+        if isinstance(reservation, Deferred):
+            # The limit state is shared (Redis): go on when it answers.
+            reservation.addCallback(
+                self._reserved, request, endpoint, key_name, doc, body, model, provider, upstream_model, streamed, strip_usage
+            )
+            reservation.addErrback(lambda f: log.failure("admission failed", f))
+            return
+        self._launch(request, endpoint, key_name, doc, body, model, provider, upstream_model, streamed, strip_usage, reservation)
+
+    def _reserved(self, reservation: Any, request: Any, endpoint: dialects.Endpoint, key_name: str, doc: dict[str, Any],
+                  body: bytes, model: str, provider: Provider, upstream_model: str, streamed: bool, strip_usage: bool) -> None:
+        if reservation is not None and reservation is not False and request._disconnected:
+            # Gone while the reservation was made: give it back.
+            self.quotas.release(reservation)
+            self.accounting.rejected(endpoint.path.decode(), 0, key_name, model, len(body), outcome="client_cancelled")
+            return
+        self._launch(request, endpoint, key_name, doc, body, model, provider, upstream_model, streamed, strip_usage, reservation)
+
+    def _launch(
+        self,
+        request: Any,
+        endpoint: dialects.Endpoint,
+        key_name: str,
+        doc: dict[str, Any],
+        body: bytes,
+        model: str,
+        provider: Provider,
+        upstream_model: str,
+        streamed: bool,
+        strip_usage: bool,
+        reservation: Any,
+    ) -> None:
         if reservation is False:
             return
         ids = ids_for(request)
@@ -441,6 +473,16 @@ class GatewayResource(Resource):
         tokens = estimate_tokens(endpoint.api, size, doc, self.config.default_output_tokens)
         cost = _estimated_cost(self.accounting.prices, upstream_model, model, endpoint.api, tokens, size)
         verdict = self.quotas.admit(key, model, endpoint.kind, tokens, cost)
+        if isinstance(verdict, Deferred):
+            return verdict.addCallback(self._answer, request, endpoint, key_name, model)
+        return self._answer(verdict, request, endpoint, key_name, model)
+
+    def _answer(self, verdict: Any, request: Any, endpoint: dialects.Endpoint, key_name: str, model: str) -> Any:
+        """The verdict's reservation, or C{False} once its refusal is sent."""
+        if request._disconnected and verdict.reservation is None:
+            # Gone while the shared state answered: recorded, nothing to send.
+            self._rejected(request, endpoint.path, 0, key_name, model, outcome="client_cancelled")
+            return False
         for name, value in verdict.headers.items():
             request.responseHeaders.setRawHeaders(name, [value])
         if verdict.reservation is not None:

@@ -29,11 +29,9 @@ zero, so it is served (late) rather than refused forever.
 
 The state lives in this process (L{MemoryState}).  With C{--workers N}
 each worker has its own, so the limits hold per worker: N times the
-configured rate at most.  A shared backend would make them exact across
-workers; it must implement L{MemoryState}'s three operations atomically
-(in Redis: one Lua script per reserve and per settle, over the key's
-bucket hashes, a concurrency counter with a per-worker lease so a dead
-worker's slots expire, and C{INCRBYFLOAT} spend counters per period).
+configured rate at most.  With C{[state] redis_url} it is shared
+(L{llmgate.policy.redis.RedisState}: the same three operations, each one
+atomic Lua script), and the limits hold across workers and machines.
 """
 
 from __future__ import annotations
@@ -41,6 +39,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from twisted.internet.defer import Deferred
 
 from llmgate.policy.budgets import Spend
 from llmgate.policy.keys import KeyRecord, Limits, format_time
@@ -279,10 +279,11 @@ class Quotas:
             scopes.append((f"{key.name}\0{pair[0]}", pair[1]))
         return scopes
 
-    def admit(self, key: KeyRecord, model: str, kind: str, tokens: int, cost: Optional[float]) -> Verdict:
+    def admit(self, key: KeyRecord, model: str, kind: str, tokens: int, cost: Optional[float]) -> Any:
         """
         Reserve for a request of C{key} to C{model} (C{kind}: the route's
-        dialect, for its headers) estimated at C{tokens} costing C{cost}.
+        dialect, for its headers) estimated at C{tokens} costing C{cost}:
+        a L{Verdict}, or a Deferred of one when the state is shared.
         """
         now = self.clock.seconds()
         budget = None
@@ -296,10 +297,21 @@ class Quotas:
                                headers={b"retry-after": b"1"})
             budget = (key.period, key.budget_usd)
         scopes = self._scopes(key, model)
-        refusal, res = self.state.reserve(now, scopes, tokens, key.name, budget, cost or 0.0)
+        result = self.state.reserve(now, scopes, tokens, key.name, budget, cost or 0.0)
+        if isinstance(result, Deferred):
+            # A shared state (llmgate.policy.redis) answers later.
+            return result.addCallback(lambda r: self._verdict(kind, now, scopes, *r))
+        return self._verdict(kind, now, scopes, *result)
+
+    def _verdict(self, kind: str, now: float, scopes: list[tuple[str, Limits]],
+                 refusal: Optional[Refusal], res: Optional[Reservation]) -> Verdict:
         headers = self.headers(kind, now, scopes)
         if refusal is None:
             return Verdict(reservation=res, headers=headers)
+        if refusal.kind == "unavailable":
+            # The shared state did not answer (fail_closed).
+            headers[b"retry-after"] = b"1"
+            return Verdict(status=503, message=refusal.message, headers=headers)
         if refusal.kind == "budget":
             headers[b"x-should-retry"] = b"false"
             return Verdict(status=429, message=refusal.message, code="insufficient_quota", headers=headers)
@@ -329,6 +341,10 @@ class Quotas:
             tokens = (tin or 0) + (tout or 0)
             cost = rec.cost_usd if rec.cost_usd is not None else res.cost
         self.state.settle(self.clock.seconds(), res, tokens, cost)
+
+    def release(self, res: Reservation) -> None:
+        """Give back a reservation whose request never started (nothing used)."""
+        self.state.settle(self.clock.seconds(), res, 0, 0.0)
 
     def load_spend(self, totals: dict[str, dict[str, float]]) -> None:
         self.state.load_spend(self.clock.seconds(), totals)

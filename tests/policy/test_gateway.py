@@ -319,3 +319,125 @@ class ConfigTests(SynchronousTestCase):
         from llmgate.config import ConfigError
 
         self.assertRaises(ConfigError, make_config, keys={"default_output_tokens": 0})
+
+
+class DeferredState:
+    """A shared state in memory that answers each reserve when the test says (as Redis would, later)."""
+
+    def __init__(self) -> None:
+        from llmgate.policy.limits import MemoryState
+
+        self.mem = MemoryState()
+        self.pending: list[tuple[Any, Any]] = []
+
+    def reserve(self, *a: Any) -> Any:
+        from twisted.internet.defer import Deferred
+
+        d: Deferred[Any] = Deferred()
+        self.pending.append((d, a))
+        return d
+
+    def answer(self, unavailable: bool = False) -> None:
+        from llmgate.policy.limits import Refusal
+
+        d, a = self.pending.pop(0)
+        d.callback((Refusal("unavailable", 1.0, "the gateway's limit store is unavailable; retry shortly"), None)
+                   if unavailable else self.mem.reserve(*a))
+
+    def settle(self, *a: Any) -> None:
+        self.mem.settle(*a)
+
+    def load_spend(self, *a: Any) -> None:
+        self.mem.load_spend(*a)
+
+    def quota(self, *a: Any) -> Any:
+        return self.mem.quota(*a)
+
+
+def shared_gateway(*records: KeyRecord) -> tuple[Gateway, Ledger, DeferredState]:
+    from llmgate.policy.limits import Quotas
+
+    gw, ledger = gateway(*records, spend=False)
+    state = DeferredState()
+    gw.resource.quotas = Quotas(gw.clock, state)
+    gw.resource.accounting.on_settle = gw.resource.quotas.settle
+    gw.resource.quotas.load_spend({})
+    return gw, ledger, state
+
+
+LIMITED = KeyRecord("lim", digest(b"lg-lim"), limits=Limits(rpm=5, concurrency=1))
+
+
+class SharedStateTests(SynchronousTestCase):
+    def test_waits_for_the_shared_state(self) -> None:
+        """With a shared state the request goes upstream only once its reservation is answered, and its record settles it."""
+        gw, ledger, state = shared_gateway(LIMITED)
+        t = chat(gw, "lg-lim")
+        gw.clock.advance(0)
+        self.assertEqual(len(gw.http.calls), 0)
+        state.answer()
+        self.assertEqual(len(gw.http.calls), 1)
+        answer(gw, gw.http.calls[0], 3, 4)
+        status, headers, _ = response(t)
+        self.assertEqual(status, 200)
+        self.assertEqual(headers[b"x-ratelimit-remaining-requests"], [b"4"])
+        self.assertEqual(state.mem.scopes["lim"].active, 0)
+        self.assertEqual([r.outcome for r in ledger.records if r.outcome != "open"], ["completed"])
+
+    def test_unavailable_is_503_in_dialect(self) -> None:
+        """A shared state that cannot answer (fail_closed) is 503 with retry-after, in the route's dialect, recorded once."""
+        gw, ledger, state = shared_gateway(LIMITED)
+        _, t = gw.post("/v1/messages", {"model": "claude-x", "max_tokens": 5, "messages": []},
+                       headers={"x-api-key": "lg-lim"})
+        state.answer(unavailable=True)
+        gw.clock.advance(0)
+        status, headers, body = response(t)
+        self.assertEqual(status, 503)
+        self.assertEqual(headers[b"retry-after"], [b"1"])
+        self.assertEqual(body["type"], "error")
+        self.assertEqual(body["error"]["type"], "overloaded_error")
+        self.assertIn("limit store is unavailable", body["error"]["message"])
+        self.assertEqual(len(gw.http.calls), 0)
+        self.assertEqual([(r.status, r.outcome) for r in ledger.records], [(503, "rejected")])
+
+    def test_client_gone_before_answer_releases(self) -> None:
+        """A client that leaves while the reservation is made: the reservation is given back, nothing goes upstream, one record."""
+        gw, ledger, state = shared_gateway(LIMITED)
+        channel, _ = gw.post("/v1/chat/completions", {"model": "public-model", "messages": [], "max_tokens": 10},
+                             headers={"authorization": "Bearer lg-lim"})
+        channel.connectionLost(Failure(ConnectionDone()))
+        state.answer()
+        gw.clock.advance(0)
+        self.assertEqual(len(gw.http.calls), 0)
+        self.assertEqual(state.mem.scopes["lim"].active, 0)
+        self.assertEqual([r.outcome for r in ledger.records], ["client_cancelled"])
+
+
+class SharedGarbageTests(SynchronousTestCase):
+    def test_no_cycles_with_a_shared_state(self) -> None:
+        """Admission through a shared state's Deferred (admitted, refused 503, client gone meanwhile) leaves no cyclic garbage."""
+        from tests.test_garbage import close, cyclic_garbage
+
+        gw, ledger, state = shared_gateway(LIMITED)
+
+        def scenario() -> None:
+            for mode in ("ok", "unavailable", "gone"):
+                channel, _ = gw.post("/v1/chat/completions", {"model": "public-model", "messages": [], "max_tokens": 5},
+                                     headers={"authorization": "Bearer lg-lim"})
+                if mode == "gone":
+                    close(channel)
+                state.answer(unavailable=mode == "unavailable")
+                for call in gw.http.calls:
+                    answer(gw, call, 1, 1)
+                gw.http.calls.clear()
+                close(channel)
+            for _ in range(3):
+                gw.clock.advance(0)
+            gw.accounting.exchanges.clear()
+            ledger.records.clear()
+
+        scenario()
+        found = cyclic_garbage(scenario)
+        self.assertEqual(found, {}, f"cyclic garbage: {dict(found)}")
+        self.assertEqual(gw.resource.quotas.held, 0)
+        self.assertEqual(state.mem.scopes["lim"].active, 0)
