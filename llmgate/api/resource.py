@@ -141,6 +141,10 @@ class GatewayResource(Resource):
         self.quotas = quotas if quotas is not None else Quotas(clock)
         if hasattr(accounting, "on_settle"):
             accounting.on_settle = self.quotas.settle
+        # -- keys2: refusals and budget left, to the accounting's metrics --
+        self.quotas.on_refuse = self._count_refusal
+        self.quotas.on_spend = self._budget_left
+        # -- end keys2 --
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -218,11 +222,29 @@ class GatewayResource(Resource):
         return key.name
 
     def unauthenticated(self, request: Any) -> str:
-        """Why L{authenticate} refused the request, for its 401."""
+        """
+        Why L{authenticate} refused the request, for its 401.  Called once
+        per such refusal (by the edge, or here), so it counts the refusal
+        in the metrics too (reason expired, or invalid_key).
+        """
         key = self.keys.find(keymod.presented_secret(request.requestHeaders))
         if key is not None and key.expires is not None:
+            self._count_refusal(key.name, "expired")
             return f"this gateway key expired at {keymod.format_time(key.expires)}"
+        self._count_refusal("", "invalid_key")
         return "invalid or missing gateway key"
+
+    # -- keys2 --
+    def _count_refusal(self, key_name: str, reason: str) -> None:
+        metrics = getattr(self.accounting, "metrics", None)
+        if metrics is not None:
+            metrics.rejected(key_name, reason)
+
+    def _budget_left(self, key_name: str, remaining: float) -> None:
+        metrics = getattr(self.accounting, "metrics", None)
+        if metrics is not None:
+            metrics.budget_left(key_name, remaining)
+    # -- end keys2 --
 
     # -- relay ---------------------------------------------------------------
 
@@ -303,8 +325,10 @@ class GatewayResource(Resource):
         key = self.keys.by_name.get(key_name)
         if key is None and len(self.keys):
             # Revoked by a reload while its body was being read.
+            self._count_refusal("", "invalid_key")  # keys2
             raise _BadRequest(401, "invalid or missing gateway key", code="invalid_api_key", model=model)
         if key is not None and not key.allows(model):
+            self._count_refusal(key_name, "model_not_allowed")  # keys2
             raise _BadRequest(
                 403, f"this gateway key may not use the model {model!r}", code="permission_error", param="model", model=model
             )

@@ -38,12 +38,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred
 
 from llmgate.policy.budgets import Spend
-from llmgate.policy.keys import KeyRecord, Limits, format_time
+from llmgate.policy.keys import KeyRecord, Limits, format_time, period_start
+
+# A refusal's kind -> its reason label in llmgate_rejections_total.
+_REASONS = {"requests": "rpm", "tokens": "tpm", "concurrency": "concurrency", "budget": "budget"}
 
 # Output tokens reserved when the request names no maximum: embeddings and
 # token counts produce none.
@@ -268,6 +271,15 @@ class Quotas:
         self._held: dict[str, Reservation] = {}
         # Budgets are enforced once the ledger's spend is loaded.
         self.spend_ready = False
+        # Observers (the metrics): on_refuse(key name, reason) for each
+        # request refused here, reason rpm, tpm, concurrency, budget or
+        # unpriced_model; on_spend(key name, budget left) when a request of
+        # a key with a budget settles.
+        self.on_refuse: Optional[Callable[[str, str], Any]] = None
+        self.on_spend: Optional[Callable[[str, float], Any]] = None
+        # Key name -> (period, budget) of the keys with a budget, as last
+        # admitted (a reload's change applies from the key's next request).
+        self._budgets: dict[str, tuple[str, float]] = {}
 
     @staticmethod
     def _scopes(key: KeyRecord, model: str) -> list[tuple[str, Limits]]:
@@ -288,7 +300,9 @@ class Quotas:
         now = self.clock.seconds()
         budget = None
         if key.budget_usd is not None:
+            self._budgets[key.name] = (key.period, key.budget_usd)
             if cost is None:
+                self._refused(key.name, "unpriced_model")
                 return Verdict(status=403, code="permission_error", message=(
                     f"the model {model!r} has no price, and a key with a budget may only use priced models"
                 ))
@@ -300,14 +314,20 @@ class Quotas:
         result = self.state.reserve(now, scopes, tokens, key.name, budget, cost or 0.0)
         if isinstance(result, Deferred):
             # A shared state (llmgate.policy.redis) answers later.
-            return result.addCallback(lambda r: self._verdict(kind, now, scopes, *r))
-        return self._verdict(kind, now, scopes, *result)
+            return result.addCallback(lambda r: self._verdict(kind, now, scopes, *r, key=key.name))
+        return self._verdict(kind, now, scopes, *result, key=key.name)
+
+    def _refused(self, key: str, reason: str) -> None:
+        if self.on_refuse is not None:
+            self.on_refuse(key, reason)
 
     def _verdict(self, kind: str, now: float, scopes: list[tuple[str, Limits]],
-                 refusal: Optional[Refusal], res: Optional[Reservation]) -> Verdict:
+                 refusal: Optional[Refusal], res: Optional[Reservation], key: str = "") -> Verdict:
         headers = self.headers(kind, now, scopes)
         if refusal is None:
             return Verdict(reservation=res, headers=headers)
+        if refusal.kind in _REASONS:
+            self._refused(key, _REASONS[refusal.kind])
         if refusal.kind == "unavailable":
             # The shared state did not answer (fail_closed).
             headers[b"retry-after"] = b"1"
@@ -340,7 +360,22 @@ class Quotas:
         else:
             tokens = (tin or 0) + (tout or 0)
             cost = rec.cost_usd if rec.cost_usd is not None else res.cost
-        self.state.settle(self.clock.seconds(), res, tokens, cost)
+        now = self.clock.seconds()
+        self.state.settle(now, res, tokens, cost)
+        budget = self._budgets.get(res.key)
+        if budget is not None and self.on_spend is not None:
+            self.on_spend(res.key, budget[1] - self.spent(res.key, budget[0], now))
+
+    def spent(self, key: str, period: str, now: float) -> float:
+        """
+        The settled spend of C{key} in the C{period} C{now} is in, as this
+        process sees it (with Redis: the ledger's at start and what this
+        process settled since).  Reads, never mutates.
+        """
+        s = getattr(self.state, "spend", {}).get(key)
+        if s is None or (period != "total" and s.starts.get(period) != period_start(period, now)):
+            return 0.0
+        return float(s.spent.get(period, 0.0))
 
     def release(self, res: Reservation) -> None:
         """Give back a reservation whose request never started (nothing used)."""

@@ -441,3 +441,66 @@ class SharedGarbageTests(SynchronousTestCase):
         self.assertEqual(found, {}, f"cyclic garbage: {dict(found)}")
         self.assertEqual(gw.resource.quotas.held, 0)
         self.assertEqual(state.mem.scopes["lim"].active, 0)
+
+
+def _sample(gw: Gateway, name: str, **labels: str) -> Optional[float]:
+    return gw.accounting.metrics.registry.get_sample_value(name, labels)
+
+
+def metered(*records: KeyRecord, **kw: Any) -> tuple[Gateway, Ledger]:
+    """A gateway whose accounting has metrics, labelled by the records' names."""
+    from llmgate.ops.metrics import Metrics
+
+    gw, ledger = gateway(*records, **kw)
+    gw.accounting.metrics = Metrics(keys=[r.name for r in records])
+    return gw, ledger
+
+
+class RejectionMetricTests(SynchronousTestCase):
+    def test_invalid_and_expired(self) -> None:
+        """A wrong key counts as key "none" reason invalid_key (never the secret); an expired one under its name."""
+        gw, _ = metered(dataclasses.replace(ALICE, expires=1893542400.0 - 1))
+        chat(gw, "lg-bob-secret")
+        chat(gw, "lg-alice")
+        self.assertEqual(_sample(gw, "llmgate_rejections_total", key="none", reason="invalid_key"), 1.0)
+        self.assertEqual(_sample(gw, "llmgate_rejections_total", key="alice", reason="expired"), 1.0)
+        exposed = __import__("prometheus_client").generate_latest(gw.accounting.metrics.registry)
+        self.assertNotIn(b"lg-bob-secret", exposed)
+
+    def test_model_not_allowed(self) -> None:
+        """A model the key may not use counts as model_not_allowed under the key's name."""
+        gw, _ = metered(dataclasses.replace(ALICE, models=("gpt-*",)))
+        chat(gw, "lg-alice")
+        self.assertEqual(_sample(gw, "llmgate_rejections_total", key="alice", reason="model_not_allowed"), 1.0)
+
+    def test_rpm_tpm_concurrency_budget(self) -> None:
+        """Each limit's refusal counts under its own reason."""
+        gw, _ = metered(
+            dataclasses.replace(ALICE, limits=Limits(rpm=1)),
+            KeyRecord("bob", digest(b"lg-bob"), limits=Limits(tpm=50)),
+            KeyRecord("carol", digest(b"lg-carol"), limits=Limits(concurrency=1)),
+            KeyRecord("dave", digest(b"lg-dave"), budget_usd=0.01, period="day"),
+        )
+        chat(gw, "lg-alice")
+        chat(gw, "lg-alice")
+        chat(gw, "lg-bob", max_tokens=30)
+        chat(gw, "lg-bob", max_tokens=30)
+        chat(gw, "lg-carol")
+        chat(gw, "lg-carol")
+        chat(gw, "lg-dave", max_tokens=100)
+        got = {k: _sample(gw, "llmgate_rejections_total", key=k, reason=r)
+               for k, r in (("alice", "rpm"), ("bob", "tpm"), ("carol", "concurrency"), ("dave", "budget"))}
+        self.assertEqual(got, {"alice": 1.0, "bob": 1.0, "carol": 1.0, "dave": 1.0})
+
+
+class BudgetGaugeTests(SynchronousTestCase):
+    def test_remaining_after_settle(self) -> None:
+        """llmgate_budget_remaining_usd{key} is the budget less the period's settled spend, once a request settles."""
+        gw, _ = metered(dataclasses.replace(ALICE, budget_usd=5.0, period="month"), KeyRecord("bob", digest(b"lg-bob")))
+        gw.resource.quotas.state.load_spend(gw.clock.seconds(), {"alice": {"day": 0.5, "month": 1.0, "total": 3.0}})
+        chat(gw, "lg-alice", max_tokens=1000)
+        answer(gw, gw.http.calls[0], 7, 13)  # $0.02
+        self.assertAlmostEqual(_sample(gw, "llmgate_budget_remaining_usd", key="alice"), 5.0 - 1.0 - 0.02)
+        chat(gw, "lg-bob")
+        answer(gw, gw.http.calls[1], 1, 1)
+        self.assertIsNone(_sample(gw, "llmgate_budget_remaining_usd", key="bob"))
