@@ -31,6 +31,7 @@ from llmgate.ops.memory import Trimmer, tune_malloc
 from llmgate.ops.startup import StartupBlock
 from llmgate.ops.threads import ThreadRunner
 from llmgate.policy.budgets import SpendLoader
+from llmgate.policy.cutoff import BudgetCutoff
 from llmgate.policy.limits import Quotas
 from llmgate.reload import Reloader
 from llmgate.service import Listener, OrderedMultiService
@@ -256,6 +257,10 @@ def build(
     root.watchdog.setServiceParent(top)
     # Budgets go on from the spend in the ledger (started above).
     SpendLoader(root.quotas, cfg.ledger_path if cfg.ledger_enabled else None, in_thread).setServiceParent(top)
+    # Streams of keys with cut_at_budget end when the budget runs out.
+    BudgetCutoff(
+        reactor, root.active, lambda: root.keys.by_name, root.quotas, accounting.in_flight_cost
+    ).setServiceParent(top)
     site = GatewaySite(root, reactor, cfg.max_body_bytes, cfg.max_buffered_body_bytes)
     # Stopped after the listeners (children stop in reverse order) and
     # before the pool and the ledger.

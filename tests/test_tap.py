@@ -66,6 +66,21 @@ class ServiceTests(SynchronousTestCase):
         self.assertIn(UpstreamClient, kinds)
         self.assertEqual([s.desc for s in top if isinstance(s, Listener)], ["tcp:1", "tcp:2"])
 
+    def test_budget_cutoff_in_tree(self) -> None:
+        """The tree holds the budget cut-off, watching the resource's relays with the accounting's estimate."""
+        from llmgate import config
+        from llmgate.api.resource import GatewayResource
+        from llmgate.policy.cutoff import BudgetCutoff
+
+        cfg = config.parse({"providers": {"p": {"kind": "openai", "base_url": "http://x/v1", "default": True}}}, {})
+        top = tap.build(cfg, MemoryReactorClock(), ["tcp:1"])
+        [cut] = [s for s in top if isinstance(s, BudgetCutoff)]
+        [listener] = [s for s in top if isinstance(s, Listener)]
+        root = listener.factory.resource
+        self.assertIsInstance(root, GatewayResource)
+        self.assertIs(cut._relays, root.active)
+        self.assertIs(cut._quotas, root.quotas)
+
     def test_site_limits_from_config(self) -> None:
         """The listening site takes the body cap and the buffered-bodies budget from the config."""
         from llmgate import config
