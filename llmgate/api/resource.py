@@ -141,10 +141,9 @@ class GatewayResource(Resource):
         self.quotas = quotas if quotas is not None else Quotas(clock)
         if hasattr(accounting, "on_settle"):
             accounting.on_settle = self.quotas.settle
-        # -- keys2: refusals and budget left, to the accounting's metrics --
+        # Refusals and budget left, to the accounting's metrics.
         self.quotas.on_refuse = self._count_refusal
         self.quotas.on_spend = self._budget_left
-        # -- end keys2 --
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -234,7 +233,7 @@ class GatewayResource(Resource):
         self._count_refusal("", "invalid_key")
         return "invalid or missing gateway key"
 
-    # -- keys2 --
+    # -- per-key metrics --
     def _count_refusal(self, key_name: str, reason: str) -> None:
         metrics = getattr(self.accounting, "metrics", None)
         if metrics is not None:
@@ -244,7 +243,6 @@ class GatewayResource(Resource):
         metrics = getattr(self.accounting, "metrics", None)
         if metrics is not None:
             metrics.budget_left(key_name, remaining)
-    # -- end keys2 --
 
     # -- relay ---------------------------------------------------------------
 
@@ -325,10 +323,10 @@ class GatewayResource(Resource):
         key = self.keys.by_name.get(key_name)
         if key is None and len(self.keys):
             # Revoked by a reload while its body was being read.
-            self._count_refusal("", "invalid_key")  # keys2
+            self._count_refusal("", "invalid_key")
             raise _BadRequest(401, "invalid or missing gateway key", code="invalid_api_key", model=model)
         if key is not None and not key.allows(model):
-            self._count_refusal(key_name, "model_not_allowed")  # keys2
+            self._count_refusal(key_name, "model_not_allowed")
             raise _BadRequest(
                 403, f"this gateway key may not use the model {model!r}", code="permission_error", param="model", model=model
             )

@@ -277,7 +277,7 @@ class Relay:
         "_corked",
         "_queued",
         "_cut_message",
-        "_cut_quota",  # keys2
+        "_cut_quota",
         "_decoder",
         "_done",
         "_err_body",
@@ -326,7 +326,7 @@ class Relay:
         self._headers_late = False
         # Why the gateway itself cut the exchange short, if it did.
         self._cut_message: Optional[str] = None
-        # keys2: set when the gateway cut the stream for its key's budget.
+        # Set when the gateway cut the stream for its key's budget.
         self._cut_quota = False
         self._client_gone = False
         self._finished = False
@@ -734,7 +734,7 @@ class Relay:
         visible to the client and never look complete.
         """
         ex = self.exchange
-        # keys2: a budget cut is the gateway's doing, not the upstream's.
+        # A budget cut is the gateway's doing, not the upstream's.
         ex.outcome = "gateway_error" if self._cut_quota else "upstream_error"
         ex.phase = "body"
         ex.error = message
@@ -796,7 +796,7 @@ class Relay:
         elif self._upstream is not None:
             self._abort_upstream()
 
-    # -- keys2: the budget cut-off (llmgate.policy.cutoff) --
+    # -- the budget cut-off (llmgate.policy.cutoff) --
     def cut_for_budget(self, message: str) -> bool:
         """
         End a stream being relayed because its key's budget ran out: the
