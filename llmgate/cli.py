@@ -36,8 +36,10 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def _usage(args: argparse.Namespace) -> int:
     from llmgate.accounting import report
+    from llmgate.policy.usage import annotator
 
-    return report.run(args)
+    # With --by key: each key's budget and its spend in the current period.
+    return report.run(args, annotate=annotator())
 
 
 def _version() -> str:

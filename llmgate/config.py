@@ -131,6 +131,10 @@ class Config:
     key_records: tuple[Any, ...] = ()
     # Output tokens reserved for a request that sets no max_tokens.
     default_output_tokens: int = 4096
+    # [state]: limits and spend shared through Redis (None: in memory).
+    state_redis_url: str | None = None
+    state_timeout: float = 0.05
+    state_on_error: str = "fail_closed"
 
     @property
     def keyed(self) -> bool:
@@ -366,6 +370,7 @@ def parse(
             "prices",
             "metrics",
             "routing",
+            "state",
         },
         "config",
     )
@@ -490,6 +495,22 @@ def parse(
     if "port" in metrics:
         metrics_port = _metrics_endpoint(metrics["port"], inherited)
 
+    state = _expect(data.get("state", {}), dict, "state")
+    _no_unknown(state, {"redis_url", "timeout", "on_error"}, "state")
+    redis_url = state.get("redis_url")
+    if redis_url is not None:
+        from llmgate.policy.redis import parse_url
+
+        _expect(redis_url, str, "state.redis_url")
+        try:
+            parse_url(redis_url)
+        except ValueError as e:
+            raise ConfigError(f"state.redis_url: {e} (redis://127.0.0.1:6379/0)") from None
+    state_timeout = _positive(state.get("timeout", 0.05), "state.timeout")
+    on_error = _expect(state.get("on_error", "fail_closed"), str, "state.on_error")
+    if on_error not in ("fail_open", "fail_closed"):
+        raise ConfigError(f"state.on_error: must be \"fail_open\" or \"fail_closed\", not {on_error!r}")
+
     return Config(
         providers=providers,
         models=models,
@@ -511,6 +532,9 @@ def parse(
         ),
         prices=prices,
         metrics_port=metrics_port,
+        state_redis_url=redis_url,
+        state_timeout=state_timeout,
+        state_on_error=on_error,
     )
 
 

@@ -31,6 +31,8 @@ from llmgate.ops.memory import Trimmer, tune_malloc
 from llmgate.ops.startup import StartupBlock
 from llmgate.ops.threads import ThreadRunner
 from llmgate.policy.budgets import SpendLoader
+from llmgate.policy.cutoff import BudgetCutoff
+from llmgate.policy.limits import Quotas
 from llmgate.reload import Reloader
 from llmgate.service import Listener, OrderedMultiService
 from llmgate.edge.site import GatewaySite
@@ -196,7 +198,7 @@ def build(
     # reloads instead of killing the process before the ledger is flushed.
     Reloader(
         config_path, cfg, apply, reactor, in_thread,
-        check=lambda new: _reload_refusal(new, bare_public),
+        check=lambda new: _reload_refusal(new, bare_public, cfg),
     ).setServiceParent(top)
     # Stopped after everything that hands it work.
     work.setServiceParent(top)
@@ -247,13 +249,18 @@ def build(
         in_thread=estimate_pool,
     )
 
+    quotas = Quotas(reactor, _shared_state(cfg, reactor, top, metrics, in_thread))
     root = GatewayResource(
         cfg, upstream.http, reactor, accounting, parse_in_thread=parse_pool.submit, coalesce=True,
-        on_big_body_done=trimmer.freed,
+        on_big_body_done=trimmer.freed, quotas=quotas,
     )
     root.watchdog.setServiceParent(top)
     # Budgets go on from the spend in the ledger (started above).
     SpendLoader(root.quotas, cfg.ledger_path if cfg.ledger_enabled else None, in_thread).setServiceParent(top)
+    # Streams of keys with cut_at_budget end when the budget runs out.
+    BudgetCutoff(
+        reactor, root.active, lambda: root.keys.by_name, root.quotas, accounting.in_flight_cost
+    ).setServiceParent(top)
     site = GatewaySite(root, reactor, cfg.max_body_bytes, cfg.max_buffered_body_bytes)
     # Stopped after the listeners (children stop in reverse order) and
     # before the pool and the ledger.
@@ -297,12 +304,41 @@ def _startup_block(options: Options, cfg: configmod.Config, workers: int, listen
     )
 
 
-def _reload_refusal(new: configmod.Config, bare_public: bool) -> Optional[str]:
+def _state_settings(cfg: configmod.Config) -> tuple[Any, ...]:
+    return (cfg.state_redis_url, cfg.state_timeout, cfg.state_on_error)
+
+
+def _shared_state(cfg: configmod.Config, reactor: Any, top: Any, metrics: Any, in_thread: Any) -> Any:
+    """
+    The limit state: L{None} (in this process) or, with C{[state]
+    redis_url}, a Redis connection.  Started here, before the listeners,
+    so it stops after the drain and the last settles reach Redis.
+    """
+    if not cfg.state_redis_url:
+        return None
+    from llmgate.policy import redis as redisstate
+
+    state = redisstate.from_config(reactor, cfg.state_redis_url, cfg.state_timeout, cfg.state_on_error)
+    if cfg.ledger_enabled:
+        # After a reconnection (Redis may have restarted empty), the spend
+        # is summed from the ledger again, as it is then.
+        from llmgate.policy.budgets import spend_from_ledger
+
+        state.reload_spend = lambda: in_thread(spend_from_ledger, cfg.ledger_path, reactor.seconds())
+    state.setServiceParent(top)
+    state.count_in(metrics.registry)
+    return state
+
+
+def _reload_refusal(new: configmod.Config, bare_public: bool, current: Optional[configmod.Config] = None) -> Optional[str]:
     """
     A bare C{--port} chosen to listen on every interface because gateway
     keys were configured must not become an open relay by a reload that
-    removes the last key.
+    removes the last key.  The limit state (C{[state]}) is built at start:
+    a reload that changes it is refused rather than silently not applied.
     """
+    if current is not None and _state_settings(new) != _state_settings(current):
+        return "state: [state] settings take effect at start only; restart the gateway to change them"
     if bare_public and not new.keyed:
         return (
             "keys: the new file has no gateway keys, but a bare --port listens on every "

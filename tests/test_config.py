@@ -233,3 +233,30 @@ class ListenEndpointTests(SynchronousTestCase):
         with self.assertRaises(c.ConfigError) as e:
             c.listen_endpoints([desc], True)
         self.assertIn("FileDescriptorName", str(e.exception))
+
+
+class StateTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        """Without [state] the limits live in memory; fail_closed and a 50 ms timeout are the defaults."""
+        cfg = c.parse(provider(), {})
+        self.assertEqual((cfg.state_redis_url, cfg.state_timeout, cfg.state_on_error), (None, 0.05, "fail_closed"))
+
+    def test_settings(self) -> None:
+        """[state] redis_url, timeout and on_error are read."""
+        cfg = c.parse({**provider(), "state": {
+            "redis_url": "redis://127.0.0.1:6380/1", "timeout": 0.2, "on_error": "fail_open"}}, {})
+        self.assertEqual((cfg.state_redis_url, cfg.state_timeout, cfg.state_on_error),
+                         ("redis://127.0.0.1:6380/1", 0.2, "fail_open"))
+
+    def test_invalid(self) -> None:
+        """A bad URL, policy, timeout or unknown setting is a ConfigError naming the setting."""
+        for state, where in (
+            ({"redis_url": "http://h"}, "state.redis_url"),
+            ({"redis_url": "redis://h/x"}, "state.redis_url"),
+            ({"on_error": "ignore"}, "state.on_error"),
+            ({"timeout": 0}, "state.timeout"),
+            ({"url": "redis://h"}, "state.url"),
+        ):
+            with self.assertRaises(c.ConfigError) as e:
+                c.parse({**provider(), "state": state}, {})
+            self.assertIn(where, str(e.exception))

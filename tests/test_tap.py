@@ -66,6 +66,21 @@ class ServiceTests(SynchronousTestCase):
         self.assertIn(UpstreamClient, kinds)
         self.assertEqual([s.desc for s in top if isinstance(s, Listener)], ["tcp:1", "tcp:2"])
 
+    def test_budget_cutoff_in_tree(self) -> None:
+        """The tree holds the budget cut-off, watching the resource's relays with the accounting's estimate."""
+        from llmgate import config
+        from llmgate.api.resource import GatewayResource
+        from llmgate.policy.cutoff import BudgetCutoff
+
+        cfg = config.parse({"providers": {"p": {"kind": "openai", "base_url": "http://x/v1", "default": True}}}, {})
+        top = tap.build(cfg, MemoryReactorClock(), ["tcp:1"])
+        [cut] = [s for s in top if isinstance(s, BudgetCutoff)]
+        [listener] = [s for s in top if isinstance(s, Listener)]
+        root = listener.factory.resource
+        self.assertIsInstance(root, GatewayResource)
+        self.assertIs(cut._relays, root.active)
+        self.assertIs(cut._quotas, root.quotas)
+
     def test_site_limits_from_config(self) -> None:
         """The listening site takes the body cap and the buffered-bodies budget from the config."""
         from llmgate import config
@@ -110,6 +125,32 @@ class ServiceTests(SynchronousTestCase):
         root = next(s for s in services if isinstance(s, Listener)).factory.resource
         self.assertEqual(root._parse_in_thread, pools["llmgate-parse"].submit)
         self.assertIs(root.accounting._in_thread, pools["llmgate-estimate"])
+
+
+    def test_state_from_config(self) -> None:
+        """
+        With [state] redis_url the gateway's quotas use a RedisState (its
+        URL, timeout and policy), started before the Drain so it stops
+        after it and the last settles reach Redis; without it, memory.
+        """
+        from llmgate import config
+        from llmgate.ops.drain import Drain
+        from llmgate.policy.limits import MemoryState
+        from llmgate.policy.redis import RedisState
+
+        doc = {"providers": {"p": {"kind": "openai", "base_url": "http://x/v1", "default": True}}}
+        top = tap.build(config.parse(doc, {}), MemoryReactorClock(), ["tcp:1"])
+        root = next(s for s in top if isinstance(s, Listener)).factory.resource
+        self.assertIsInstance(root.quotas.state, MemoryState)
+        doc["state"] = {"redis_url": "redis://127.0.0.1:6390/2", "timeout": 0.1, "on_error": "fail_open"}
+        services = list(tap.build(config.parse(doc, {}), MemoryReactorClock(), ["tcp:1"]))
+        root = next(s for s in services if isinstance(s, Listener)).factory.resource
+        state = root.quotas.state
+        self.assertIsInstance(state, RedisState)
+        self.assertEqual((state.client.port, state.client.db, state.client.timeout, state.on_error), (6390, 2, 0.1, "fail_open"))
+        self.assertLess(services.index(state), next(i for i, s in enumerate(services) if isinstance(s, Drain)))
+        registry = root.accounting.metrics.registry
+        self.assertEqual(registry.get_sample_value("llmgate_state_errors_total", {"policy": "fail_open"}), 0)
 
 
 class WarningTests(SynchronousTestCase):
@@ -186,6 +227,16 @@ class ReloadRefusalTests(SynchronousTestCase):
         self.assertIsNone(tap._reload_refusal(keyless, bare_public=False))
         keyed = config.parse({"keys": {"a": {"api_key_env": "K"}}}, {"K": "s"})
         self.assertIsNone(tap._reload_refusal(keyed, bare_public=True))
+
+    def test_state_change_needs_restart(self) -> None:
+        """A reload changing [state] is refused (the state is built at start); one keeping it is taken."""
+        from llmgate import config
+
+        cur = config.parse({"state": {"redis_url": "redis://127.0.0.1:6379/0"}}, {})
+        for new in ({}, {"state": {"redis_url": "redis://127.0.0.1:6380/0"}},
+                    {"state": {"redis_url": "redis://127.0.0.1:6379/0", "on_error": "fail_open"}}):
+            self.assertIn("restart", tap._reload_refusal(config.parse(new, {}), False, cur))
+        self.assertIsNone(tap._reload_refusal(config.parse({"state": {"redis_url": "redis://127.0.0.1:6379/0"}}, {}), False, cur))
 
     def test_bare_public_option(self) -> None:
         """bare_public is set only for a bare --port with gateway keys."""

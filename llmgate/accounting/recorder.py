@@ -424,6 +424,20 @@ class Accounting:
             served_model=served,
         )
 
+    def in_flight_cost(self, ex: Exchange) -> Optional[float]:
+        """
+        The estimated cost so far of a stream being relayed (for the budget
+        cut-off, L{llmgate.policy.cutoff}): as L{progress} estimates it,
+        with the body's bytes / 4 as its input until the provider reports
+        the prompt (OpenAI does only at the end).  L{None} for a JSON body
+        or an unpriced model.  Cheap: no tokenizer.
+        """
+        p = self._progress(ex, self.clock.seconds())
+        if p.cost_usd is not None or p.output_tokens is None:
+            return p.cost_usd
+        est = Usage(input_tokens=-(-ex.bytes_in // _BYTES_PER_TOKEN), output_tokens=p.output_tokens, source="estimated")
+        return self.cost(ex, p.served_model, est)
+
     def cost(self, ex: Exchange, served: Optional[str], usage: Usage) -> Optional[float]:
         """
         The cost of C{usage}, priced by the model that served it.

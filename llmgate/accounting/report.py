@@ -38,7 +38,7 @@ import os
 import sqlite3
 import sys
 from datetime import datetime, timezone
-from typing import Any, Dict, List, Optional, Sequence, TextIO
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
 
 from llmgate.accounting.ledger import connect_readonly
 
@@ -91,6 +91,9 @@ _TEXT_HEADERS = {
     "cache_creation_1h_tokens": "write_1h",
     "reasoning_tokens": "reasoning",
     "unknown_cost": "unpriced",
+    "budget_usd": "budget",
+    "period_spent_usd": "spent_in_period",
+    "budget_used": "used",
 }
 
 
@@ -134,6 +137,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="count the requests the gateway refused itself (outcome rejected), "
         "left out by default",
     )
+    parser.add_argument(
+        "--config",
+        default="llmgate.toml",
+        metavar="PATH",
+        help="the daemon's config, to find its key file ([keys] file, or llmgate-keys.json "
+        "beside it): with --by key, each key's budget and its spend in the current period "
+        "are shown (default: %(default)s; no key file, no budget columns)",
+    )
+    parser.add_argument("--key-file", metavar="PATH", help="the key file (default: found from --config)")
     fmt = parser.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print JSON")
     fmt.add_argument("--csv", action="store_true", help="print CSV")
@@ -263,23 +275,35 @@ def _fmtCost(cost: Optional[float]) -> str:
     return "-" if cost is None else "%.6f" % (cost,)
 
 
+def _fmtExtra(name: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if name == "budget_used":
+        return "%.1f%%" % (value * 100,)
+    if isinstance(value, float):
+        return _fmtCost(value)
+    return str(value)
+
+
 def write_table(
-    out: TextIO, groupCols: List[str], rows: List[Dict[str, Any]]
+    out: TextIO, groupCols: List[str], rows: List[Dict[str, Any]], extra: Sequence[str] = ()
 ) -> None:
     """
     An aligned text table with a TOTAL line; text left, numbers right.
     """
-    header = groupCols + [_TEXT_HEADERS.get(name, name) for name, _ in SUMS]
+    header = groupCols + [_TEXT_HEADERS.get(name, name) for name, _ in SUMS] + [_TEXT_HEADERS.get(n, n) for n in extra]
     body = []
     for r in rows:
         line = ["-" if r[c] is None else str(r[c]) for c in groupCols]
         line += [
             _fmtCost(r[n]) if n == "cost_usd" else str(r[n]) for n, _ in SUMS
         ]
+        line += [_fmtExtra(n, r.get(n)) for n in extra]
         body.append(line)
     t = total(rows)
     totalLine = (["TOTAL"] + [""] * (len(groupCols) - 1)) if groupCols else []
     totalLine += [_fmtCost(t[n]) if n == "cost_usd" else str(t[n]) for n, _ in SUMS]
+    totalLine += [""] * len(extra)
     lines = [header] + body + [totalLine]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     nText = len(groupCols)
@@ -298,9 +322,18 @@ def write_table(
     out.write(fmt(totalLine) + "\n")
 
 
-def run(args: argparse.Namespace) -> int:
+# Extra columns for the rows of a report: called with the parsed args and
+# the rows (grouped by key), it adds its columns to each row and returns
+# their names (none: no columns).  The budget columns are added this way
+# (llmgate.policy.usage), so this module does not depend on the policy.
+Annotate = Callable[[argparse.Namespace, List[Dict[str, Any]]], List[str]]
+
+
+def run(args: argparse.Namespace, annotate: Optional[Annotate] = None) -> int:
     """
     Print the report for parsed C{args}; return the exit code.
+
+    @param annotate: adds columns to the rows when they are grouped by key.
     """
     out, err = sys.stdout, sys.stderr
     try:
@@ -329,8 +362,11 @@ def run(args: argparse.Namespace) -> int:
         conn.close()
 
     groupCols = [GROUPS[b][0] for b in by]
+    extra: List[str] = []
+    if annotate is not None and "key" in by:
+        extra = annotate(args, rows)
     try:
-        _write(args, out, groupCols, rows, left_out, include)
+        _write(args, out, groupCols, rows, left_out, include, extra)
         out.flush()
     except BrokenPipeError:
         # The reader went away (`llmgate usage | head -1`): it has what it
@@ -347,7 +383,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write(
-    args: argparse.Namespace, out: TextIO, groupCols: List[str], rows: List[Dict[str, Any]], left_out: int, include: bool
+    args: argparse.Namespace, out: TextIO, groupCols: List[str], rows: List[Dict[str, Any]], left_out: int, include: bool,
+    extra: Sequence[str] = (),
 ) -> None:
     if args.json:
         doc = {
@@ -364,14 +401,15 @@ def _write(
         out.write("\n")
     elif args.csv:
         w = csv.writer(out, lineterminator="\n")
-        w.writerow(groupCols + [n for n, _ in SUMS])
+        w.writerow(groupCols + [n for n, _ in SUMS] + list(extra))
         for r in rows:
             w.writerow(
                 [r[c] for c in groupCols]
                 + ["" if r[n] is None else r[n] for n, _ in SUMS]
+                + ["" if r.get(n) is None else r[n] for n in extra]
             )
     else:
-        write_table(out, groupCols, rows)
+        write_table(out, groupCols, rows, extra)
         if left_out:
             out.write(
                 "(%d request%s the gateway refused itself not counted: --include-rejected)\n"

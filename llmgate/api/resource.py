@@ -15,7 +15,7 @@ import random
 from io import BytesIO
 from typing import Any, Callable, Optional
 
-from twisted.internet.defer import CancelledError, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -152,6 +152,9 @@ class GatewayResource(Resource):
         self.quotas = quotas if quotas is not None else Quotas(clock)
         if hasattr(accounting, "on_settle"):
             accounting.on_settle = self.quotas.settle
+        # Refusals and budget left, to the accounting's metrics.
+        self.quotas.on_refuse = self._count_refusal
+        self.quotas.on_spend = self._budget_left
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -230,11 +233,28 @@ class GatewayResource(Resource):
         return key.name
 
     def unauthenticated(self, request: Any) -> str:
-        """Why L{authenticate} refused the request, for its 401."""
+        """
+        Why L{authenticate} refused the request, for its 401.  Called once
+        per such refusal (by the edge, or here), so it counts the refusal
+        in the metrics too (reason expired, or invalid_key).
+        """
         key = self.keys.find(keymod.presented_secret(request.requestHeaders))
         if key is not None and key.expires is not None:
+            self._count_refusal(key.name, "expired")
             return f"this gateway key expired at {keymod.format_time(key.expires)}"
+        self._count_refusal("", "invalid_key")
         return "invalid or missing gateway key"
+
+    # -- per-key metrics --
+    def _count_refusal(self, key_name: str, reason: str) -> None:
+        metrics = getattr(self.accounting, "metrics", None)
+        if metrics is not None:
+            metrics.rejected(key_name, reason)
+
+    def _budget_left(self, key_name: str, remaining: float) -> None:
+        metrics = getattr(self.accounting, "metrics", None)
+        if metrics is not None:
+            metrics.budget_left(key_name, remaining)
 
     # -- relay ---------------------------------------------------------------
 
@@ -316,8 +336,10 @@ class GatewayResource(Resource):
         key = self.keys.by_name.get(key_name)
         if key is None and len(self.keys):
             # Revoked by a reload while its body was being read.
+            self._count_refusal("", "invalid_key")
             raise _BadRequest(401, "invalid or missing gateway key", code="invalid_api_key", model=model)
         if key is not None and not key.allows(model):
+            self._count_refusal(key_name, "model_not_allowed")
             raise _BadRequest(
                 403, f"this gateway key may not use the model {model!r}", code="permission_error", param="model", model=model
             )
@@ -405,6 +427,39 @@ class GatewayResource(Resource):
             )
             return
         reservation = self._reserve(request, endpoint, key_name, doc, len(body), model, upstream_model)
+        if isinstance(reservation, Deferred):
+            # The limit state is shared (Redis): go on when it answers.
+            reservation.addCallback(
+                self._reserved, request, endpoint, key_name, doc, body, model, provider, upstream_model, streamed, strip_usage, route
+            )
+            reservation.addErrback(lambda f: log.failure("admission failed", f))
+            return
+        self._launch(request, endpoint, key_name, doc, body, model, provider, upstream_model, streamed, strip_usage, reservation, route)
+
+    def _reserved(self, reservation: Any, request: Any, endpoint: dialects.Endpoint, key_name: str, doc: dict[str, Any],
+                  body: bytes, model: str, provider: Provider, upstream_model: str, streamed: bool, strip_usage: bool, route: Any) -> None:
+        if reservation is not None and reservation is not False and request._disconnected:
+            # Gone while the reservation was made: give it back.
+            self.quotas.release(reservation)
+            self.accounting.rejected(endpoint.path.decode(), 0, key_name, model, len(body), outcome="client_cancelled")
+            return
+        self._launch(request, endpoint, key_name, doc, body, model, provider, upstream_model, streamed, strip_usage, reservation, route)
+
+    def _launch(
+        self,
+        request: Any,
+        endpoint: dialects.Endpoint,
+        key_name: str,
+        doc: dict[str, Any],
+        body: bytes,
+        model: str,
+        provider: Provider,
+        upstream_model: str,
+        streamed: bool,
+        strip_usage: bool,
+        reservation: Any,
+        route: Any,
+    ) -> None:
         if reservation is False:
             return
         ids = ids_for(request)
@@ -460,6 +515,16 @@ class GatewayResource(Resource):
         tokens = estimate_tokens(endpoint.api, size, doc, self.config.default_output_tokens)
         cost = _estimated_cost(self.accounting.prices, upstream_model, model, endpoint.api, tokens, size)
         verdict = self.quotas.admit(key, model, endpoint.kind, tokens, cost)
+        if isinstance(verdict, Deferred):
+            return verdict.addCallback(self._answer, request, endpoint, key_name, model)
+        return self._answer(verdict, request, endpoint, key_name, model)
+
+    def _answer(self, verdict: Any, request: Any, endpoint: dialects.Endpoint, key_name: str, model: str) -> Any:
+        """The verdict's reservation, or C{False} once its refusal is sent."""
+        if request._disconnected and verdict.reservation is None:
+            # Gone while the shared state answered: recorded, nothing to send.
+            self._rejected(request, endpoint.path, 0, key_name, model, outcome="client_cancelled")
+            return False
         for name, value in verdict.headers.items():
             request.responseHeaders.setRawHeaders(name, [value])
         if verdict.reservation is not None:

@@ -113,23 +113,25 @@ def error_body(
     ).encode()
 
 
-def stream_error_event(kind: str, message: str) -> bytes:
+def stream_error_event(kind: str, message: str, quota: bool = False) -> bytes:
     """
     An in-band SSE error event for a stream whose status line is already
-    sent: the only way left to tell the client it was cut short.
+    sent: the only way left to tell the client it was cut short.  With
+    C{quota}: cut because the key's budget ran out (the types the 429 of a
+    spent budget has).
     """
     if kind == "anthropic":
         payload = {
             "type": "error",
-            "error": {"type": "api_error", "message": message},
+            "error": {"type": "rate_limit_error" if quota else "api_error", "message": message},
         }
         return b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
     payload2 = {
         "error": {
             "message": message,
-            "type": "upstream_error",
+            "type": "insufficient_quota" if quota else "upstream_error",
             "param": None,
-            "code": "stream_interrupted",
+            "code": "insufficient_quota" if quota else "stream_interrupted",
         }
     }
     return b"data: " + json.dumps(payload2).encode() + b"\n\n"

@@ -53,6 +53,12 @@ _ADDED_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.
 NO_KEY = "none"
 OTHER = "other"
 
+# Why the gateway refused a request itself, for llmgate_rejections_total:
+# a fixed set, so the label stays bounded whatever the callers pass.
+REJECTION_REASONS = frozenset(
+    ["rpm", "tpm", "concurrency", "budget", "model_not_allowed", "unpriced_model", "expired", "invalid_key"]
+)
+
 
 def upstream_error_reason(rec: Any) -> str:
     """
@@ -153,6 +159,22 @@ class Metrics:
             "llmgate_executor_rejected", "Jobs refused by a full thread pool queue since start.", ["pool"],
             registry=r, multiprocess_mode="sum",
         )
+        # -- keys, limits and budgets (llmgate.policy) --
+        self.rejections = Counter(
+            "llmgate_rejections",
+            "Requests the gateway refused for their key: reason rpm, tpm, concurrency, budget, "
+            "model_not_allowed, unpriced_model, expired or invalid_key (key \"none\").",
+            ["key", "reason"], registry=r,
+        )
+        # Under --workers with in-memory state each worker enforces its own
+        # view of the spend; "livemin" shows the least any live worker has
+        # left, the view that refuses first.  With Redis every worker
+        # settles into the same spend, and the views converge.
+        self.budget_remaining = Gauge(
+            "llmgate_budget_remaining_usd",
+            "Budget left in the current period per key with a budget (USD; negative by the overshoot).",
+            ["key"], registry=r, multiprocess_mode="livemin",
+        )
         self._configured = frozenset(models)
         self.keys = frozenset(keys)
         self._executors: list[Any] = []
@@ -168,6 +190,21 @@ class Metrics:
         if name in self.keys or name == "anonymous":
             return name
         return OTHER
+
+    def rejected(self, key_name: str, reason: str) -> None:
+        """
+        Count a request refused for its key: C{key_name} a configured
+        key's name (anything else counts as C{none} or C{other}, never the
+        presented secret), C{reason} one of L{REJECTION_REASONS}.
+        """
+        if reason == "invalid_key":
+            key_name = ""
+        self._child(self.rejections, self._key(key_name), reason if reason in REJECTION_REASONS else OTHER).inc()
+
+    def budget_left(self, key_name: str, remaining: float) -> None:
+        """Set a configured key's remaining budget (called when its request settles)."""
+        if key_name in self.keys:
+            self._child(self.budget_remaining, key_name).set(remaining)
 
     def _child(self, metric: Any, *labels: str) -> Any:
         # labels() takes a lock and builds a key on every call; cache the

@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--concurrency", type=int, help="requests in flight at once")
     c.add_argument("--budget", type=float, metavar="USD", help="spend allowed per --period")
     c.add_argument("--period", choices=keymod.PERIODS, default="month")
+    c.add_argument("--cut-at-budget", action="store_true",
+                   help="end the key's streams mid-way when its budget runs out (with --budget)")
     c.add_argument("--expires", metavar="DATE", help="YYYY-MM-DD or an ISO 8601 time (UTC unless a zone is given)")
     c.add_argument("--tag", action="append", default=[], metavar="K=V")
     sub.add_parser("list", help="list the keys (never their secrets)")
@@ -80,6 +82,11 @@ def _create(args: argparse.Namespace, path: str) -> int:
     if args.budget is not None:
         entry["budget_usd"] = args.budget
         entry["period"] = args.period
+    if args.cut_at_budget:
+        if args.budget is None:
+            print("llmgate keys: --cut-at-budget needs --budget", file=sys.stderr)
+            return 1
+        entry["cut_at_budget"] = True
     if args.expires:
         entry["expires"] = keymod.format_time(keymod.parse_expiry(args.expires))
     tags = {}
@@ -110,7 +117,7 @@ def _list(args: argparse.Namespace, path: str) -> int:
             if v is not None:
                 parts.append(f"{f}={v}")
         if r.budget_usd is not None:
-            parts.append(f"budget=${r.budget_usd:g}/{r.period}")
+            parts.append(f"budget=${r.budget_usd:g}/{r.period}" + (" cut_at_budget" if r.cut_at_budget else ""))
         if r.expires is not None:
             parts.append(("expired=" if r.expired(now) else "expires=") + keymod.format_time(r.expires))
         for k, v in sorted(r.tags.items()):

@@ -15,7 +15,11 @@ The file is JSON (or TOML when its name ends in C{.toml}):
     {"keys": {"alice": {"hash": "sha256:<hex>", "models": ["gpt-4o*"],
       "rpm": 60, "tpm": 100000, "concurrency": 4, "budget_usd": 10.0,
       "period": "month", "expires": "2027-01-01T00:00:00Z",
-      "tags": {"team": "search"}}}}
+      "tags": {"team": "search"}, "cut_at_budget": false}}}
+
+C{cut_at_budget} (off by default) ends a key's streams when its budget
+runs out mid-stream (L{llmgate.policy.cutoff}) instead of letting them
+finish past it.
 
 Every field but C{hash} is optional: no C{models} means every model, no
 limit means unlimited.  The CLI rewrites the file atomically (a temporary
@@ -41,7 +45,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 PERIODS = ("day", "month", "total")
 _LIMIT_FIELDS = ("rpm", "tpm", "concurrency")
-_FIELDS = {"hash", "models", "budget_usd", "period", "expires", "tags", "created", "per_model"} | set(_LIMIT_FIELDS)
+_FIELDS = {"hash", "models", "budget_usd", "period", "expires", "tags", "created", "per_model", "cut_at_budget"} | set(_LIMIT_FIELDS)
 
 DEFAULT_FILE = "llmgate-keys.json"
 
@@ -81,6 +85,8 @@ class KeyRecord:
     expires: Optional[float] = None  # epoch seconds
     tags: Mapping[str, str] = field(default_factory=dict)
     created: Optional[str] = None
+    # End its streams mid-way when the budget runs out (llmgate.policy.cutoff).
+    cut_at_budget: bool = False
 
     def allows(self, model: str) -> bool:
         """Whether the key may call C{model} (no patterns: every model)."""
@@ -167,6 +173,9 @@ def _record(name: str, table: Any) -> KeyRecord:
         if not isinstance(expires, str):
             raise KeyFileError(f"{where}.expires: must be a date string")
         expires = parse_expiry(expires)
+    cut = table.get("cut_at_budget", False)
+    if not isinstance(cut, bool):
+        raise KeyFileError(f"{where}.cut_at_budget: must be true or false")
     tags = table.get("tags", {})
     if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
         raise KeyFileError(f"{where}.tags: must be a table of strings")
@@ -189,6 +198,7 @@ def _record(name: str, table: Any) -> KeyRecord:
         expires=expires,
         tags=dict(tags),
         created=table.get("created"),
+        cut_at_budget=cut,
     )
 
 

@@ -29,21 +29,24 @@ zero, so it is served (late) rather than refused forever.
 
 The state lives in this process (L{MemoryState}).  With C{--workers N}
 each worker has its own, so the limits hold per worker: N times the
-configured rate at most.  A shared backend would make them exact across
-workers; it must implement L{MemoryState}'s three operations atomically
-(in Redis: one Lua script per reserve and per settle, over the key's
-bucket hashes, a concurrency counter with a per-worker lease so a dead
-worker's slots expire, and C{INCRBYFLOAT} spend counters per period).
+configured rate at most.  With C{[state] redis_url} it is shared
+(L{llmgate.policy.redis.RedisState}: the same three operations, each one
+atomic Lua script), and the limits hold across workers and machines.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+from twisted.internet.defer import Deferred
 
 from llmgate.policy.budgets import Spend
-from llmgate.policy.keys import KeyRecord, Limits, format_time
+from llmgate.policy.keys import KeyRecord, Limits, format_time, period_start
+
+# A refusal's kind -> its reason label in llmgate_rejections_total.
+_REASONS = {"requests": "rpm", "tokens": "tpm", "concurrency": "concurrency", "budget": "budget"}
 
 # Output tokens reserved when the request names no maximum: embeddings and
 # token counts produce none.
@@ -268,6 +271,15 @@ class Quotas:
         self._held: dict[str, Reservation] = {}
         # Budgets are enforced once the ledger's spend is loaded.
         self.spend_ready = False
+        # Observers (the metrics): on_refuse(key name, reason) for each
+        # request refused here, reason rpm, tpm, concurrency, budget or
+        # unpriced_model; on_spend(key name, budget left) when a request of
+        # a key with a budget settles.
+        self.on_refuse: Optional[Callable[[str, str], Any]] = None
+        self.on_spend: Optional[Callable[[str, float], Any]] = None
+        # Key name -> (period, budget) of the keys with a budget, as last
+        # admitted (a reload's change applies from the key's next request).
+        self._budgets: dict[str, tuple[str, float]] = {}
 
     @staticmethod
     def _scopes(key: KeyRecord, model: str) -> list[tuple[str, Limits]]:
@@ -279,15 +291,18 @@ class Quotas:
             scopes.append((f"{key.name}\0{pair[0]}", pair[1]))
         return scopes
 
-    def admit(self, key: KeyRecord, model: str, kind: str, tokens: int, cost: Optional[float]) -> Verdict:
+    def admit(self, key: KeyRecord, model: str, kind: str, tokens: int, cost: Optional[float]) -> Any:
         """
         Reserve for a request of C{key} to C{model} (C{kind}: the route's
-        dialect, for its headers) estimated at C{tokens} costing C{cost}.
+        dialect, for its headers) estimated at C{tokens} costing C{cost}:
+        a L{Verdict}, or a Deferred of one when the state is shared.
         """
         now = self.clock.seconds()
         budget = None
         if key.budget_usd is not None:
+            self._budgets[key.name] = (key.period, key.budget_usd)
             if cost is None:
+                self._refused(key.name, "unpriced_model")
                 return Verdict(status=403, code="permission_error", message=(
                     f"the model {model!r} has no price, and a key with a budget may only use priced models"
                 ))
@@ -296,10 +311,27 @@ class Quotas:
                                headers={b"retry-after": b"1"})
             budget = (key.period, key.budget_usd)
         scopes = self._scopes(key, model)
-        refusal, res = self.state.reserve(now, scopes, tokens, key.name, budget, cost or 0.0)
+        result = self.state.reserve(now, scopes, tokens, key.name, budget, cost or 0.0)
+        if isinstance(result, Deferred):
+            # A shared state (llmgate.policy.redis) answers later.
+            return result.addCallback(lambda r: self._verdict(kind, now, scopes, *r, key=key.name))
+        return self._verdict(kind, now, scopes, *result, key=key.name)
+
+    def _refused(self, key: str, reason: str) -> None:
+        if self.on_refuse is not None:
+            self.on_refuse(key, reason)
+
+    def _verdict(self, kind: str, now: float, scopes: list[tuple[str, Limits]],
+                 refusal: Optional[Refusal], res: Optional[Reservation], key: str = "") -> Verdict:
         headers = self.headers(kind, now, scopes)
         if refusal is None:
             return Verdict(reservation=res, headers=headers)
+        if refusal.kind in _REASONS:
+            self._refused(key, _REASONS[refusal.kind])
+        if refusal.kind == "unavailable":
+            # The shared state did not answer (fail_closed).
+            headers[b"retry-after"] = b"1"
+            return Verdict(status=503, message=refusal.message, headers=headers)
         if refusal.kind == "budget":
             headers[b"x-should-retry"] = b"false"
             return Verdict(status=429, message=refusal.message, code="insufficient_quota", headers=headers)
@@ -328,7 +360,26 @@ class Quotas:
         else:
             tokens = (tin or 0) + (tout or 0)
             cost = rec.cost_usd if rec.cost_usd is not None else res.cost
-        self.state.settle(self.clock.seconds(), res, tokens, cost)
+        now = self.clock.seconds()
+        self.state.settle(now, res, tokens, cost)
+        budget = self._budgets.get(res.key)
+        if budget is not None and self.on_spend is not None:
+            self.on_spend(res.key, budget[1] - self.spent(res.key, budget[0], now))
+
+    def spent(self, key: str, period: str, now: float) -> float:
+        """
+        The settled spend of C{key} in the C{period} C{now} is in, as this
+        process sees it (with Redis: the ledger's at start and what this
+        process settled since).  Reads, never mutates.
+        """
+        s = getattr(self.state, "spend", {}).get(key)
+        if s is None or (period != "total" and s.starts.get(period) != period_start(period, now)):
+            return 0.0
+        return float(s.spent.get(period, 0.0))
+
+    def release(self, res: Reservation) -> None:
+        """Give back a reservation whose request never started (nothing used)."""
+        self.state.settle(self.clock.seconds(), res, 0, 0.0)
 
     def load_spend(self, totals: dict[str, dict[str, float]]) -> None:
         self.state.load_spend(self.clock.seconds(), totals)

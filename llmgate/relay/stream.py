@@ -318,6 +318,7 @@ class Relay:
         "_corked",
         "_queued",
         "_cut_message",
+        "_cut_quota",
         "_decoder",
         "_done",
         "_err_body",
@@ -372,6 +373,8 @@ class Relay:
         self._headers_late = False
         # Why the gateway itself cut the exchange short, if it did.
         self._cut_message: Optional[str] = None
+        # Set when the gateway cut the stream for its key's budget.
+        self._cut_quota = False
         self._client_gone = False
         self._finished = False
         self._recorded = False
@@ -811,7 +814,8 @@ class Relay:
         visible to the client and never look complete.
         """
         ex = self.exchange
-        ex.outcome = "upstream_error"
+        # A budget cut is the gateway's doing, not the upstream's.
+        ex.outcome = "gateway_error" if self._cut_quota else "upstream_error"
         ex.phase = "body"
         ex.error = message
         self._abort_upstream()
@@ -820,7 +824,7 @@ class Relay:
         self.flush()
         if self._sse:
             self._held.clear()
-            event = dialects.stream_error_event(ex.endpoint.kind, message)
+            event = dialects.stream_error_event(ex.endpoint.kind, message, quota=self._cut_quota)
             ex.bytes_out += len(event)
             self.request.write(event)
             self._finish()
@@ -871,6 +875,21 @@ class Relay:
             self._pending_d.cancel()
         elif self._upstream is not None:
             self._abort_upstream()
+
+    # -- the budget cut-off (llmgate.policy.cutoff) --
+    def cut_for_budget(self, message: str) -> bool:
+        """
+        End a stream being relayed because its key's budget ran out: the
+        upstream is closed and the client gets the dialect's error event
+        (an insufficient_quota / rate_limit_error), no terminal event and
+        no C{[DONE]}.  Only an event stream whose body is flowing is cut
+        (a JSON body cannot be ended visibly).  Whether it was.
+        """
+        if self._recorded or self._client_gone or self._upstream is None or not self._sse or self._cut_message is not None:
+            return False
+        self._cut_quota = True
+        self._cut(message)
+        return True
 
     # -- the client side ---------------------------------------------------
 

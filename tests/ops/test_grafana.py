@@ -39,8 +39,10 @@ class _Exchange:
 
 def exported() -> dict[str, set[str]]:
     """Every series name a gateway's registry (built as llmgate.tap does) exports, with its label names."""
-    metrics = Metrics()
+    metrics = Metrics(keys=["alice"])
     metrics.registry.register(GCPauses())
+    metrics.rejected("alice", "budget")
+    metrics.budget_left("alice", 1.0)
     metrics.watch_executor(_Pool())
     metrics.watch_ledger(_Ledger())
     # Records of each kind make every labelled child exist, so its labels show.

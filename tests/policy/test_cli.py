@@ -56,6 +56,16 @@ class KeysCLITests(SynchronousTestCase):
         self.assertEqual(dict(r.tags), {"team": "search", "env": "prod"})
         self.assertEqual(keymod.format_time(r.expires), "2030-01-01T00:00:00Z")
 
+    def test_cut_at_budget_flag(self) -> None:
+        """--cut-at-budget stores cut_at_budget (needs --budget); without it the key is not cut."""
+        code, _, err = run("keys", "--file", self.file, "create", "a", "--budget", "1", "--cut-at-budget")
+        self.assertEqual(code, 0, err)
+        run("keys", "--file", self.file, "create", "b", "--budget", "1")
+        code, _, err = run("keys", "--file", self.file, "create", "c", "--cut-at-budget")
+        self.assertEqual(code, 1)
+        self.assertIn("needs --budget", err)
+        self.assertEqual({r.name: r.cut_at_budget for r in keymod.load(self.file)}, {"a": True, "b": False})
+
     def test_list_and_revoke(self) -> None:
         """list shows names and limits, never hashes; revoke removes the key; a second create of a name fails."""
         run("keys", "--file", self.file, "create", "a", "--rpm", "3")

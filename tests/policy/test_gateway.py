@@ -319,3 +319,188 @@ class ConfigTests(SynchronousTestCase):
         from llmgate.config import ConfigError
 
         self.assertRaises(ConfigError, make_config, keys={"default_output_tokens": 0})
+
+
+class DeferredState:
+    """A shared state in memory that answers each reserve when the test says (as Redis would, later)."""
+
+    def __init__(self) -> None:
+        from llmgate.policy.limits import MemoryState
+
+        self.mem = MemoryState()
+        self.pending: list[tuple[Any, Any]] = []
+
+    def reserve(self, *a: Any) -> Any:
+        from twisted.internet.defer import Deferred
+
+        d: Deferred[Any] = Deferred()
+        self.pending.append((d, a))
+        return d
+
+    def answer(self, unavailable: bool = False) -> None:
+        from llmgate.policy.limits import Refusal
+
+        d, a = self.pending.pop(0)
+        d.callback((Refusal("unavailable", 1.0, "the gateway's limit store is unavailable; retry shortly"), None)
+                   if unavailable else self.mem.reserve(*a))
+
+    def settle(self, *a: Any) -> None:
+        self.mem.settle(*a)
+
+    def load_spend(self, *a: Any) -> None:
+        self.mem.load_spend(*a)
+
+    def quota(self, *a: Any) -> Any:
+        return self.mem.quota(*a)
+
+
+def shared_gateway(*records: KeyRecord) -> tuple[Gateway, Ledger, DeferredState]:
+    from llmgate.policy.limits import Quotas
+
+    gw, ledger = gateway(*records, spend=False)
+    state = DeferredState()
+    gw.resource.quotas = Quotas(gw.clock, state)
+    gw.resource.accounting.on_settle = gw.resource.quotas.settle
+    gw.resource.quotas.load_spend({})
+    return gw, ledger, state
+
+
+LIMITED = KeyRecord("lim", digest(b"lg-lim"), limits=Limits(rpm=5, concurrency=1))
+
+
+class SharedStateTests(SynchronousTestCase):
+    def test_waits_for_the_shared_state(self) -> None:
+        """With a shared state the request goes upstream only once its reservation is answered, and its record settles it."""
+        gw, ledger, state = shared_gateway(LIMITED)
+        t = chat(gw, "lg-lim")
+        gw.clock.advance(0)
+        self.assertEqual(len(gw.http.calls), 0)
+        state.answer()
+        self.assertEqual(len(gw.http.calls), 1)
+        answer(gw, gw.http.calls[0], 3, 4)
+        status, headers, _ = response(t)
+        self.assertEqual(status, 200)
+        self.assertEqual(headers[b"x-ratelimit-remaining-requests"], [b"4"])
+        self.assertEqual(state.mem.scopes["lim"].active, 0)
+        self.assertEqual([r.outcome for r in ledger.records if r.outcome != "open"], ["completed"])
+
+    def test_unavailable_is_503_in_dialect(self) -> None:
+        """A shared state that cannot answer (fail_closed) is 503 with retry-after, in the route's dialect, recorded once."""
+        gw, ledger, state = shared_gateway(LIMITED)
+        _, t = gw.post("/v1/messages", {"model": "claude-x", "max_tokens": 5, "messages": []},
+                       headers={"x-api-key": "lg-lim"})
+        state.answer(unavailable=True)
+        gw.clock.advance(0)
+        status, headers, body = response(t)
+        self.assertEqual(status, 503)
+        self.assertEqual(headers[b"retry-after"], [b"1"])
+        self.assertEqual(body["type"], "error")
+        self.assertEqual(body["error"]["type"], "overloaded_error")
+        self.assertIn("limit store is unavailable", body["error"]["message"])
+        self.assertEqual(len(gw.http.calls), 0)
+        self.assertEqual([(r.status, r.outcome) for r in ledger.records], [(503, "rejected")])
+
+    def test_client_gone_before_answer_releases(self) -> None:
+        """A client that leaves while the reservation is made: the reservation is given back, nothing goes upstream, one record."""
+        gw, ledger, state = shared_gateway(LIMITED)
+        channel, _ = gw.post("/v1/chat/completions", {"model": "public-model", "messages": [], "max_tokens": 10},
+                             headers={"authorization": "Bearer lg-lim"})
+        channel.connectionLost(Failure(ConnectionDone()))
+        state.answer()
+        gw.clock.advance(0)
+        self.assertEqual(len(gw.http.calls), 0)
+        self.assertEqual(state.mem.scopes["lim"].active, 0)
+        self.assertEqual([r.outcome for r in ledger.records], ["client_cancelled"])
+
+
+class SharedGarbageTests(SynchronousTestCase):
+    def test_no_cycles_with_a_shared_state(self) -> None:
+        """Admission through a shared state's Deferred (admitted, refused 503, client gone meanwhile) leaves no cyclic garbage."""
+        from tests.test_garbage import close, cyclic_garbage
+
+        gw, ledger, state = shared_gateway(LIMITED)
+
+        def scenario() -> None:
+            for mode in ("ok", "unavailable", "gone"):
+                channel, _ = gw.post("/v1/chat/completions", {"model": "public-model", "messages": [], "max_tokens": 5},
+                                     headers={"authorization": "Bearer lg-lim"})
+                if mode == "gone":
+                    close(channel)
+                state.answer(unavailable=mode == "unavailable")
+                for call in gw.http.calls:
+                    answer(gw, call, 1, 1)
+                gw.http.calls.clear()
+                close(channel)
+            for _ in range(3):
+                gw.clock.advance(0)
+            gw.accounting.exchanges.clear()
+            ledger.records.clear()
+
+        scenario()
+        found = cyclic_garbage(scenario)
+        self.assertEqual(found, {}, f"cyclic garbage: {dict(found)}")
+        self.assertEqual(gw.resource.quotas.held, 0)
+        self.assertEqual(state.mem.scopes["lim"].active, 0)
+
+
+def _sample(gw: Gateway, name: str, **labels: str) -> Optional[float]:
+    return gw.accounting.metrics.registry.get_sample_value(name, labels)
+
+
+def metered(*records: KeyRecord, **kw: Any) -> tuple[Gateway, Ledger]:
+    """A gateway whose accounting has metrics, labelled by the records' names."""
+    from llmgate.ops.metrics import Metrics
+
+    gw, ledger = gateway(*records, **kw)
+    gw.accounting.metrics = Metrics(keys=[r.name for r in records])
+    return gw, ledger
+
+
+class RejectionMetricTests(SynchronousTestCase):
+    def test_invalid_and_expired(self) -> None:
+        """A wrong key counts as key "none" reason invalid_key (never the secret); an expired one under its name."""
+        gw, _ = metered(dataclasses.replace(ALICE, expires=1893542400.0 - 1))
+        chat(gw, "lg-bob-secret")
+        chat(gw, "lg-alice")
+        self.assertEqual(_sample(gw, "llmgate_rejections_total", key="none", reason="invalid_key"), 1.0)
+        self.assertEqual(_sample(gw, "llmgate_rejections_total", key="alice", reason="expired"), 1.0)
+        exposed = __import__("prometheus_client").generate_latest(gw.accounting.metrics.registry)
+        self.assertNotIn(b"lg-bob-secret", exposed)
+
+    def test_model_not_allowed(self) -> None:
+        """A model the key may not use counts as model_not_allowed under the key's name."""
+        gw, _ = metered(dataclasses.replace(ALICE, models=("gpt-*",)))
+        chat(gw, "lg-alice")
+        self.assertEqual(_sample(gw, "llmgate_rejections_total", key="alice", reason="model_not_allowed"), 1.0)
+
+    def test_rpm_tpm_concurrency_budget(self) -> None:
+        """Each limit's refusal counts under its own reason."""
+        gw, _ = metered(
+            dataclasses.replace(ALICE, limits=Limits(rpm=1)),
+            KeyRecord("bob", digest(b"lg-bob"), limits=Limits(tpm=50)),
+            KeyRecord("carol", digest(b"lg-carol"), limits=Limits(concurrency=1)),
+            KeyRecord("dave", digest(b"lg-dave"), budget_usd=0.01, period="day"),
+        )
+        chat(gw, "lg-alice")
+        chat(gw, "lg-alice")
+        chat(gw, "lg-bob", max_tokens=30)
+        chat(gw, "lg-bob", max_tokens=30)
+        chat(gw, "lg-carol")
+        chat(gw, "lg-carol")
+        chat(gw, "lg-dave", max_tokens=100)
+        got = {k: _sample(gw, "llmgate_rejections_total", key=k, reason=r)
+               for k, r in (("alice", "rpm"), ("bob", "tpm"), ("carol", "concurrency"), ("dave", "budget"))}
+        self.assertEqual(got, {"alice": 1.0, "bob": 1.0, "carol": 1.0, "dave": 1.0})
+
+
+class BudgetGaugeTests(SynchronousTestCase):
+    def test_remaining_after_settle(self) -> None:
+        """llmgate_budget_remaining_usd{key} is the budget less the period's settled spend, once a request settles."""
+        gw, _ = metered(dataclasses.replace(ALICE, budget_usd=5.0, period="month"), KeyRecord("bob", digest(b"lg-bob")))
+        gw.resource.quotas.state.load_spend(gw.clock.seconds(), {"alice": {"day": 0.5, "month": 1.0, "total": 3.0}})
+        chat(gw, "lg-alice", max_tokens=1000)
+        answer(gw, gw.http.calls[0], 7, 13)  # $0.02
+        self.assertAlmostEqual(_sample(gw, "llmgate_budget_remaining_usd", key="alice"), 5.0 - 1.0 - 0.02)
+        chat(gw, "lg-bob")
+        answer(gw, gw.http.calls[1], 1, 1)
+        self.assertIsNone(_sample(gw, "llmgate_budget_remaining_usd", key="bob"))
