@@ -159,6 +159,9 @@ class Attempts:
     def attempt_answered(self, relay: Relay) -> None:
         if self._key is not None:
             self.breakers.succeeded(self._key)
+        # No attempt follows one that was answered: let the request body go
+        # now rather than hold it (up to the body cap) for the whole stream.
+        self._bodies.clear()
 
     def attempt_failed(
         self, relay: Relay, status: int, phase: str, message: str, retry_after: Optional[float]
@@ -208,6 +211,7 @@ class Attempts:
         if self._key is not None:
             self.breakers.released(self._key)
             self._key = None
+        self._bodies.clear()
         done, self._done = self._done, None
         if done is not None:
             done(ex)
