@@ -35,6 +35,7 @@ class _Ledger:
 
 class _Exchange:
     started, headers_at, first_byte_at, first_write_at = 1.0, 1.1, 1.2, 1.21
+    added_max, added_sum, added_n = 0.003, 0.004, 2
 
 
 def exported() -> dict[str, set[str]]:
