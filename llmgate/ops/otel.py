@@ -136,11 +136,12 @@ class OTLPExport(Service):
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         resource = Resource.create({"service.name": service_name})
+        # Shut down by stopService (in a thread), not again at exit.
         self.meter_provider = MeterProvider(
-            resource=resource,
+            resource=resource, shutdown_on_exit=False,
             metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=f"{endpoint}/v1/metrics"))],
         )
-        self.tracer_provider = TracerProvider(resource=resource)
+        self.tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
         self.tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{endpoint}/v1/traces")))
         self.telemetry = GenAITelemetry(self.meter_provider, self.tracer_provider)
         self._in_thread = in_thread
