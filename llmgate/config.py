@@ -135,6 +135,9 @@ class Config:
     state_redis_url: str | None = None
     state_timeout: float = 0.05
     state_on_error: str = "fail_closed"
+    # [otel]: OpenTelemetry GenAI metrics and spans over OTLP/HTTP (None: off).
+    otel_endpoint: str | None = None
+    otel_service_name: str = "llmgate"
 
     @property
     def keyed(self) -> bool:
@@ -371,6 +374,7 @@ def parse(
             "metrics",
             "routing",
             "state",
+            "otel",
         },
         "config",
     )
@@ -511,6 +515,8 @@ def parse(
     if on_error not in ("fail_open", "fail_closed"):
         raise ConfigError(f"state.on_error: must be \"fail_open\" or \"fail_closed\", not {on_error!r}")
 
+    otel_endpoint, otel_service = _otel(_expect(data.get("otel", {}), dict, "otel"))
+
     return Config(
         providers=providers,
         models=models,
@@ -535,6 +541,8 @@ def parse(
         state_redis_url=redis_url,
         state_timeout=state_timeout,
         state_on_error=on_error,
+        otel_endpoint=otel_endpoint,
+        otel_service_name=otel_service,
     )
 
 
@@ -620,6 +628,41 @@ def _routing(table: Mapping[str, Any]) -> Routing:
             raise ConfigError("routing.balance: expected \"weighted\" or \"least_outstanding\"")
         out["balance"] = b
     return Routing(**out)
+
+
+# The modules C{[otel]} needs, from C{pip install llmgate[otel]}.
+OTEL_MODULES = ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http")
+
+
+def _otel(table: Mapping[str, Any]) -> tuple[str | None, str]:
+    """
+    C{[otel] endpoint, service_name}: the OTLP/HTTP collector to export the
+    GenAI metrics and spans to. Checked here (and so by C{check-config})
+    without importing the packages: only whether they are installed.
+    """
+    _no_unknown(table, {"endpoint", "service_name"}, "otel")
+    service = _expect(table.get("service_name", "llmgate"), str, "otel.service_name")
+    if not service:
+        raise ConfigError("otel.service_name: must not be empty")
+    if "endpoint" not in table:
+        if table:
+            raise ConfigError("otel.endpoint: missing (e.g. \"http://127.0.0.1:4318\")")
+        return None, service
+    endpoint = _expect(table["endpoint"], str, "otel.endpoint")
+    _check_url(endpoint, "otel.endpoint")
+    import importlib.util
+
+    for name in OTEL_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            raise ConfigError(
+                f"otel.endpoint: OpenTelemetry is not installed ({name} is missing); "
+                "install it with: pip install 'llmgate[otel]'"
+            )
+    return endpoint.rstrip("/"), service
 
 
 def from_environment(env: Mapping[str, str] | None = None) -> Config:

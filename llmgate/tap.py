@@ -248,6 +248,14 @@ def build(
         prices=PriceTable.from_config(dict(cfg.prices)),
         in_thread=estimate_pool,
     )
+    # -- [otel]: optional; nothing of OpenTelemetry is imported when off --
+    if cfg.otel_endpoint is not None:
+        from llmgate.ops.otel import OTLPExport
+
+        otlp = OTLPExport(cfg.otel_endpoint, cfg.otel_service_name, in_thread)
+        otlp.setServiceParent(top)
+        accounting.telemetry = otlp.telemetry
+    # -- end [otel] --
 
     quotas = Quotas(reactor, _shared_state(cfg, reactor, top, metrics, in_thread))
     root = GatewayResource(

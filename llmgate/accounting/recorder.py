@@ -341,6 +341,9 @@ class Accounting:
         # Called with every final record (L{llmgate.policy.limits.Quotas.settle}):
         # budgets and limits settle on the numbers the ledger gets.
         self.on_settle: Optional[Callable[[UsageRecord], Any]] = None
+        # OpenTelemetry GenAI metrics and spans (llmgate.ops.otel), fed the
+        # finished record: None unless [otel] is configured.
+        self.telemetry: Any = None
         if ledger is not None and hasattr(ledger, "progress_source"):
             ledger.progress_source = self.progress
 
@@ -619,6 +622,8 @@ class Accounting:
             self.on_settle(rec)
         if self.metrics is not None:
             self.metrics.observe(rec, ex)
+        if self.telemetry is not None:
+            self.telemetry.observe(rec, ex)
         if self.ledger is not None:
             self.ledger.record(rec)
 

@@ -127,6 +127,17 @@ class Metrics:
             "them to their write to the client.",
             ["route"], buckets=_ADDED_BUCKETS, registry=r,
         )
+        self.added_chunk_max = Histogram(
+            "llmgate_gateway_added_chunk_max_seconds",
+            "Per stream, the worst latency the gateway added to a later chunk (after the first): "
+            "from the upstream read that completed its events to their write to the client.",
+            ["route"], buckets=_ADDED_BUCKETS, registry=r,
+        )
+        self.added_chunk_mean = Histogram(
+            "llmgate_gateway_added_chunk_mean_seconds",
+            "Per stream, the mean latency the gateway added to later chunks (after the first).",
+            ["route"], buckets=_ADDED_BUCKETS, registry=r,
+        )
         self.cancellations = Counter(
             "llmgate_cancellations", "Requests their client cancelled, by phase.", ["phase"], registry=r
         )
@@ -292,6 +303,9 @@ class Metrics:
                 self._child(self.upstream_headers, provider).observe(max(0.0, ex.headers_at - ex.started))
             if ex.first_write_at is not None and ex.first_byte_at is not None:
                 self._child(self.added_first, route).observe(max(0.0, ex.first_write_at - ex.first_byte_at))
+            if ex.added_n:
+                self._child(self.added_chunk_max, route).observe(max(0.0, ex.added_max))
+                self._child(self.added_chunk_mean, route).observe(max(0.0, ex.added_sum / ex.added_n))
         model = self._model(rec)
         if rec.source is not None:
             for bucket in ("input", "output", "cached_input", "cache_creation", "reasoning"):

@@ -124,6 +124,11 @@ def describe(
     lines.append(
         "  metrics: " + (", ".join(f"http://{e['address'] or e['endpoint']}/metrics (status page: /status)" for e in metrics) if metrics else "off")
     )
+    otel = _safe_url(cfg.otel_endpoint) if getattr(cfg, "otel_endpoint", None) else None
+    lines.append(
+        f"  opentelemetry: GenAI metrics and spans over OTLP/HTTP to {otel} (service {cfg.otel_service_name})"
+        if otel else "  opentelemetry: off"
+    )
     facts = {
         "version": __version__,
         "demo": demo,
@@ -137,6 +142,7 @@ def describe(
         "key_file": cfg.key_file,
         "ledger": ledger,
         "metrics": [e for e in listening if e["setting"] != "--port"],
+        "otel": otel,
     }
     return "\n".join(lines), facts
 

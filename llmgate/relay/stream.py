@@ -222,6 +222,13 @@ class Exchange:
     # attempt's own record names the client-facing request as its parent.
     attempt: int = 1
     parent_request_id: Optional[str] = None
+    # The latency the gateway adds to later chunks (coalesced writes after
+    # the first): the worst and the sum over the stream, and how many, kept
+    # in plain numbers here and observed once when the request ends (not
+    # per write, which would take a metric's lock on the hot path).
+    added_max: float = 0.0
+    added_sum: float = 0.0
+    added_n: int = 0
 
     @property
     def ttft(self) -> Optional[float]:
@@ -329,6 +336,7 @@ class Relay:
         "_last_data",
         "_max_event",
         "_out",
+        "_out_since",
         "_paused_at",
         "_pending_d",
         "_producing",
@@ -385,6 +393,7 @@ class Relay:
         self._paused_at: Optional[float] = None
         self._coalescer = coalescer
         self._out: list[bytes] = []
+        self._out_since = 0.0
         # In the coalescer's list for the end of this turn.
         self._queued = False
         # The client channel corked by this relay (see _cork), if any.
@@ -643,6 +652,9 @@ class Relay:
             self.request.write(data)
             return
         self._queue()
+        if not self._out:
+            # The read that starts this turn's chunk: its wait is the chunk's.
+            self._out_since = self._last_data
         self._out.append(data)
 
     def _queue(self) -> None:
@@ -687,6 +699,13 @@ class Relay:
         ex = self.exchange
         if ex.first_write_at is None:
             ex.first_write_at = self.clock.seconds()
+        else:
+            # -- added latency of later chunks (Exchange.added_max) --
+            added = self.clock.seconds() - self._out_since
+            ex.added_sum += added
+            ex.added_n += 1
+            if added > ex.added_max:
+                ex.added_max = added
         self.request.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _whole_events(self, data: bytes) -> bytes:

@@ -35,6 +35,7 @@ class _Ledger:
 
 class _Exchange:
     started, headers_at, first_byte_at, first_write_at = 1.0, 1.1, 1.2, 1.21
+    added_max, added_sum, added_n = 0.003, 0.004, 2
 
 
 def exported() -> dict[str, set[str]]:
@@ -101,6 +102,7 @@ class DashboardTests(SynchronousTestCase):
         # Each kind of figure has a panel: traffic, tokens, spend, TTFT, ledger, pools, GC.
         for family in ("llmgate_requests_total", "llmgate_tokens_total", "llmgate_cost_usd_total",
                        "llmgate_ttft_seconds_bucket", "llmgate_gateway_added_first_byte_seconds_bucket",
+                       "llmgate_gateway_added_chunk_max_seconds_bucket",
                        "llmgate_upstream_headers_seconds_bucket", "llmgate_request_duration_seconds_bucket",
                        "llmgate_upstream_errors_total", "llmgate_cancellations_total",
                        "llmgate_active_requests", "llmgate_ledger_pending", "llmgate_ledger_write_failures_total",

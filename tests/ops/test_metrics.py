@@ -288,6 +288,46 @@ class OperatorMetricsTests(SynchronousTestCase):
         self.assertAlmostEqual(got[("llmgate_gateway_added_first_byte_seconds_sum", (route,))], 0.002)
         self.assertAlmostEqual(got[("llmgate_request_duration_seconds_sum", (("provider", "oai"), route))], 0.752)
 
+    def test_later_chunk_added_latency(self) -> None:
+        """
+        Later chunks (after the first write) observe, once per stream, the
+        worst and the mean time from the read that started the chunk to the
+        chunk's write at the end of the reactor turn; the first chunk is
+        not counted among them.
+        """
+        gw, metrics = self.gateway()
+        gw.post("/v1/chat/completions", {"model": "gpt-4o", "stream": True})
+        r = FakeResponse(200, SSE_HEADERS)
+        gw.http.calls[0]["deferred"].callback(r)
+        ev = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'
+        r.send(ev)
+        gw.clock.advance(0.010)  # first chunk: not a later one
+        r.send(ev)
+        r.send(ev)  # two reads in one turn: one chunk
+        gw.clock.advance(0.004)  # later chunk 1 waited 4 ms
+        r.send(ev)
+        gw.clock.advance(0.002)  # later chunk 2 waited 2 ms
+        r.send(b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":7}}\n\ndata: [DONE]\n\n')
+        r.end()
+        gw.clock.advance(0)  # later chunk 3 (the end) waited 0 ms
+        got = self.got(metrics)
+        route = (("route", "/v1/chat/completions"),)
+        self.assertEqual(got[("llmgate_gateway_added_chunk_max_seconds_count", route)], 1)
+        self.assertAlmostEqual(got[("llmgate_gateway_added_chunk_max_seconds_sum", route)], 0.004)
+        self.assertAlmostEqual(got[("llmgate_gateway_added_chunk_mean_seconds_sum", route)], 0.002)
+
+    def test_no_later_chunks_no_observation(self) -> None:
+        """A response written in one chunk observes no later-chunk latency."""
+        gw, metrics = self.gateway()
+        gw.post("/v1/chat/completions", {"model": "gpt-4o"})
+        r = FakeResponse(200, {b"content-type": [b"application/json"]})
+        gw.http.calls[0]["deferred"].callback(r)
+        r.send(b'{"usage":{"prompt_tokens":1,"completion_tokens":1}}')
+        r.end()
+        gw.clock.advance(0)
+        got = self.got(metrics)
+        self.assertEqual(got.get(("llmgate_gateway_added_chunk_max_seconds_count", (("route", "/v1/chat/completions"),)), 0), 0)
+
     def test_ttft_only_for_streams(self) -> None:
         """A non-streaming response observes no TTFT."""
         gw, metrics = self.gateway()

@@ -60,6 +60,17 @@ class DescribeTests(SynchronousTestCase):
         self.assertEqual(facts["listening"][0]["address"], "127.0.0.1:8080")
         self.assertTrue(facts["bare_ports_loopback_only"])
         self.assertEqual(facts["workers"], 4)
+        self.assertIn("opentelemetry: off", text)
+
+    def test_otel_line(self) -> None:
+        """With [otel], the block names the OTLP endpoint (without credentials) and service name."""
+        text, facts = describe(
+            config(otel={"endpoint": "http://u:pw@127.0.0.1:4318", "service_name": "gw"}), demo=False, workers=1,
+            listeners=[], raw_ports=["8080"], config_path=None,
+        )
+        self.assertIn("opentelemetry: GenAI metrics and spans over OTLP/HTTP to http://127.0.0.1:4318 (service gw)", text)
+        self.assertNotIn("pw", text)
+        self.assertEqual(facts["otel"], "http://127.0.0.1:4318")
 
     def test_no_secrets(self) -> None:
         """Credentials in a base URL and gateway key names and secrets are never shown."""
