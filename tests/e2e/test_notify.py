@@ -120,3 +120,37 @@ class NotifyTests(SynchronousTestCase):
     def test_workers(self) -> None:
         """--workers 2: the supervisor says READY=1 once both workers serve; workers send nothing."""
         self.check("2")
+
+    def test_socket_activated_workers(self) -> None:
+        """
+        As systemd starts the unit: the socket passed at fd 3 (llmgate.socket),
+        NOTIFY_SOCKET set, --workers 2: READY=1 arrives once both workers
+        serve, and a request sent right after it is answered.
+        """
+        import urllib.request
+
+        listening = socket.socket()
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(64)
+        self.addCleanup(listening.close)
+        port = listening.getsockname()[1]
+        ns = _NotifySocket(self)
+        cwd = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, cwd, True)
+        d = Daemon(
+            "llmgate",
+            ["--demo", "--workers", "2", "--port", "systemd:domain=INET:index=0"],
+            cwd,
+            env={"NOTIFY_SOCKET": ns.path},
+            wait=False,
+            systemd_fd=listening.fileno(),
+        )
+        self.addCleanup(d.stop)
+        ns.next("READY=1")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as r:
+            self.assertEqual(r.status, 200)
+        for i in (0, 1):
+            d.wait_for(rf"worker {i} \(pid \d+\) is serving", timeout=10)
+        os.kill(d.pid, signal.SIGTERM)
+        ns.next("STOPPING=1")
+        self.assertIn(d.proc.wait(30), (0, -signal.SIGTERM))
