@@ -78,6 +78,9 @@ class Reloader(Service):
         running (L{None} when it may).
     @param load: reads and validates a config file (L{configmod.load}).
     @param install: C{signal.signal}.
+    @param notify: a L{llmgate.ops.notify.Notifier} (or L{None}): systemd
+        hears C{RELOADING=1} when a reload starts and C{READY=1} when it
+        is over, accepted or rejected.
     """
 
     def __init__(
@@ -90,7 +93,9 @@ class Reloader(Service):
         check: Callable[[Config], Optional[str]] = lambda cfg: None,
         load: Callable[[str], Config] = configmod.load,
         install: Callable[[int, Any], Any] = signal.signal,
+        notify: Any = None,
     ) -> None:
+        self._notify = notify
         self.path = path
         self.current = running
         self._apply = apply
@@ -135,14 +140,18 @@ class Reloader(Service):
         Read the file and take it if valid. A SIGHUP while a read is under
         way reads the file once more afterwards, so the last edit wins.
         """
+        if self._loading:
+            self._again = True
+            return succeed(None)
+        if self._notify is not None:
+            self._notify.reloading()
         if self.path is None:
+            if self._notify is not None:
+                self._notify.ready()
             _log.info(
                 "SIGHUP: nothing to reload (no --config file; --demo and the "
                 "environment's provider settings are read at start only)"
             )
-            return succeed(None)
-        if self._loading:
-            self._again = True
             return succeed(None)
         self._loading = True
         _log.info("SIGHUP: reloading the config from {path}", path=self.path)
@@ -193,3 +202,5 @@ class Reloader(Service):
         if self._again:
             self._again = False
             self.reload()
+        elif self._notify is not None:
+            self._notify.ready()

@@ -28,6 +28,7 @@ from llmgate.ops.drain import Drain
 from llmgate.ops import gcstats, logformat, status
 from llmgate.ops.executors import BoundedExecutor
 from llmgate.ops.memory import Trimmer, tune_malloc
+from llmgate.ops.notify import Notifier, SystemdNotify
 from llmgate.ops.startup import StartupBlock
 from llmgate.ops.threads import ThreadRunner
 from llmgate.policy.budgets import SpendLoader
@@ -161,6 +162,7 @@ def build(
     config_path: Optional[str] = None,
     bare_public: bool = False,
     adopt: Optional[list[tuple[int, int]]] = None,
+    notify: Any = None,
 ) -> service.MultiService:
     """
     The gateway's service tree for C{cfg}: the upstream pool, the
@@ -169,6 +171,8 @@ def build(
 
     @param bare_public: whether a bare C{--port} number listens on every
         interface (it does when gateway keys were configured at start).
+    @param notify: the sd_notify L{Notifier} the reload reports to (the
+        single process's; never a worker's).
     @param adopt: for a worker under C{--workers}: the (fd, family) of the
         sockets its supervisor listens on, served instead of C{ports}; the
         ledger rows carry this process's pid and the supervisor recovers
@@ -198,7 +202,7 @@ def build(
     # reloads instead of killing the process before the ledger is flushed.
     Reloader(
         config_path, cfg, apply, reactor, in_thread,
-        check=lambda new: _reload_refusal(new, bare_public, cfg),
+        check=lambda new: _reload_refusal(new, bare_public, cfg), notify=notify,
     ).setServiceParent(top)
     # Stopped after everything that hands it work.
     work.setServiceParent(top)
@@ -381,12 +385,17 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
             "no providers configured: every request will get 404. Set OPENAI_API_KEY "
             "or ANTHROPIC_API_KEY (and *_BASE_URL), pass --config, or try --demo."
         )
+    # -- sd_notify (llmgate.ops.notify) --
+    notifier = Notifier.from_environ()
     tree = build(
-        cfg, reactor, options["ports"], config_path=options["config"], bare_public=options["bare_public"]
+        cfg, reactor, options["ports"], config_path=options["config"], bare_public=options["bare_public"],
+        notify=notifier,
     )
     tree.setServiceParent(top)
     # Last: logs once every listener is bound.
     _startup_block(options, cfg, 1, tree.listeners).setServiceParent(top)
+    # READY=1 at that same moment; STOPPING=1 first thing on stop.
+    SystemdNotify(notifier, reactor).setServiceParent(top)
     _tune_gc()
     tune_malloc()
     return top
@@ -428,6 +437,10 @@ def _supervisor(options: Options, reactor: Any) -> service.MultiService:
     metrics_dir = _TempDir("llmgate-metrics-")
     metrics_dir.setServiceParent(top)
     env = dict(os.environ)
+    # -- sd_notify: this process is MAINPID; the workers never notify --
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        env.pop(name, None)
+    notifier = Notifier.from_environ()
     # Not Twisted's thread pool: it leaves a reference cycle per call.
     in_thread = ThreadRunner(reactor, workers=2, name="llmgate-supervisor")
     in_thread.setServiceParent(top)
@@ -453,6 +466,7 @@ def _supervisor(options: Options, reactor: Any) -> service.MultiService:
         kill_after=cfg.drain_seconds + 15,
         # Decided at start: a daemonizing twistd redirects stdout later.
         relay_output=None,
+        notify=notifier,
     )
     workers.HupForwarder(sup, reactor).setServiceParent(top)
     sup.setServiceParent(top)
@@ -475,6 +489,8 @@ def _supervisor(options: Options, reactor: Any) -> service.MultiService:
         lst.setServiceParent(top)
         shown.append(lst)
     _startup_block(options, cfg, options["worker_count"], shown).setServiceParent(top)
+    # READY=1 comes from the supervisor once every worker serves.
+    SystemdNotify(notifier, reactor, ready_at_start=False).setServiceParent(top)
     return top
 
 

@@ -222,6 +222,11 @@ class Supervisor(Service):
         lines here (when this process's own stdout is discarded); else
         they write to this process's stdout/stderr directly.  L{None}:
         decide at start (L{stdout_discarded}), after twistd daemonized.
+    @param notify: a L{llmgate.ops.notify.Notifier} (or L{None}): this
+        process is systemd's C{MAINPID}, so it sends C{READY=1} once every
+        worker has said it serves (once per run, not after a
+        replacement), and C{RELOADING=1}/C{READY=1} around passing
+        SIGHUP on.
     """
 
     def __init__(
@@ -242,7 +247,10 @@ class Supervisor(Service):
         max_backoff: float = 30.0,
         kill_after: float = 60.0,
         relay_output: Optional[bool] = False,
+        notify: Any = None,
     ) -> None:
+        self._notify = notify
+        self._announced = False
         self.count = count
         self.relay_output = relay_output
         self._reactor = reactor
@@ -322,6 +330,10 @@ class Supervisor(Service):
             return
         slot.ready = True
         _log.info("worker {index} (pid {pid}) is serving", index=slot.index, pid=slot.pid)
+        if not self._announced and all(s.ready for s in self.slots):
+            self._announced = True
+            if self._notify is not None:
+                self._notify.ready()
         if slot.hup_pending:
             slot.hup_pending = False
             self._signal(slot, signal.SIGHUP)
@@ -400,11 +412,19 @@ class Supervisor(Service):
     def hup(self) -> None:
         """SIGHUP: every worker reloads (one still starting, once started)."""
         _log.info("SIGHUP: passing it on to {count} workers", count=self.count)
+        announce = self._notify is not None and self._announced
+        if announce:
+            self._notify.reloading()
         for slot in self.slots:
             if slot.ready:
                 self._signal(slot, signal.SIGHUP)
             elif slot.transport is not None:
                 slot.hup_pending = True
+        if announce:
+            # Each worker reloads and logs on its own; the supervisor has
+            # passed the signal on and is ready again.  (Before the first
+            # READY=1 it says nothing: that READY=1 is the workers'.)
+            self._notify.ready()
 
     def stopService(self) -> defer.Deferred[None]:
         """

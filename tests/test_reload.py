@@ -238,3 +238,54 @@ class MergeTests(SynchronousTestCase):
         cfg = config.parse({"ledger": {"path": "x.db"}}, {})
         merged, pending = merge(cfg, config.parse({"ledger": {"path": "x.db"}}, {}))
         self.assertEqual((merged, pending), (cfg, []))
+
+
+class _Notes:
+    """A stand-in notifier recording what systemd would hear."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def reloading(self) -> None:
+        self.sent.append("RELOADING=1")
+
+    def ready(self) -> None:
+        self.sent.append("READY=1")
+
+
+class ReloadNotifyTests(SynchronousTestCase):
+    """The reload's sd_notify messages (the file handling is ReloaderTests')."""
+
+    setUp = ReloaderTests.setUp
+    write = ReloaderTests.write
+    in_thread = ReloaderTests.in_thread
+    reloader = ReloaderTests.reloader
+    hup = ReloaderTests.hup
+
+    def test_reloading_then_ready(self) -> None:
+        """A SIGHUP tells systemd RELOADING=1 when the read starts and READY=1 once the new config is applied."""
+        notes = _Notes()
+        self.held = True
+        self.reloader(notify=notes)
+        self.write(NEW)
+        self.hup()
+        self.assertEqual(notes.sent, ["RELOADING=1"])
+        self.threaded.pop().callback(None)
+        self.assertEqual(len(self.applied), 1)
+        self.assertEqual(notes.sent, ["RELOADING=1", "READY=1"])
+
+    def test_rejected_file_still_ready(self) -> None:
+        """A rejected file ends the reload too: READY=1 follows RELOADING=1 (the running config serves on)."""
+        notes = _Notes()
+        self.reloader(notify=notes)
+        self.write("not toml [")
+        self.hup()
+        self.assertEqual(self.applied, [])
+        self.assertEqual(notes.sent, ["RELOADING=1", "READY=1"])
+
+    def test_no_config_file(self) -> None:
+        """Without a config file (--demo) a SIGHUP is still RELOADING=1 then READY=1."""
+        notes = _Notes()
+        self.reloader(path=None, notify=notes)
+        self.hup()
+        self.assertEqual(notes.sent, ["RELOADING=1", "READY=1"])

@@ -112,6 +112,36 @@ class SupervisorTests(SynchronousTestCase):
             self.assertEqual(call["exe"], "/py")
             self.assertEqual(call["env"], {"HOME": "/h", "PROMETHEUS_MULTIPROC_DIR": "/m"})
 
+    def test_notifyReadyOnceAllServe(self) -> None:
+        """
+        The supervisor (systemd's MAINPID) sends READY=1 only once every
+        worker has said it serves, once per run (not after a replacement);
+        SIGHUP is RELOADING=1 then READY=1 around passing it on.
+        """
+        sent: list[str] = []
+
+        class Notes:
+            def ready(self) -> None:
+                sent.append("READY=1")
+
+            def reloading(self) -> None:
+                sent.append("RELOADING=1")
+
+        sup = self.make(2, ledger=None, notify=Notes())
+        sup.startService()
+        first, second = self.spawn.calls
+        first["proto"].childDataReceived(workers.STATUS_FD, workers.READY)
+        self.assertEqual(sent, [])
+        second["proto"].childDataReceived(workers.STATUS_FD, workers.READY)
+        self.assertEqual(sent, ["READY=1"])
+        self.spawn.end(first)
+        self.reactor.advance(60)
+        self.spawn.calls[-1]["proto"].childDataReceived(workers.STATUS_FD, workers.READY)
+        self.assertEqual(sent, ["READY=1"])
+        sup.hup()
+        self.assertEqual(sent, ["READY=1", "RELOADING=1", "READY=1"])
+        self.assertEqual(second["transport"].signals, [signal.SIGHUP])
+
     def test_relayedOutput(self) -> None:
         """
         When this process's stdout is discarded (a daemonized twistd logs
@@ -316,7 +346,7 @@ class OptionsTests(SynchronousTestCase):
         reactor = MemoryReactorClock()
         top = tap.makeService(o, reactor=reactor)
         kinds = [type(s).__name__ for s in top]
-        self.assertEqual(kinds, ["_ListeningPort", "_TempDir", "ThreadRunner", "HupForwarder", "Supervisor", "HeldListener", "StartupBlock"])
+        self.assertEqual(kinds, ["_ListeningPort", "_TempDir", "ThreadRunner", "HupForwarder", "Supervisor", "HeldListener", "StartupBlock", "SystemdNotify"])
         self.assertEqual(len(reactor.tcpServers), 1)  # the mock provider
         sup = [s for s in top if isinstance(s, workers.Supervisor)][0]
         self.assertEqual(sup.count, 2)

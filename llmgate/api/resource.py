@@ -199,11 +199,19 @@ class GatewayResource(Resource):
         )
 
     def _render_models(self, request: Any) -> bytes:
-        if self.authenticate(request) is None:
+        # -- GET /v1/models: what this caller can actually be served --
+        # The configured model names whose provider exists and which the
+        # caller's key may use.  Names a default provider would take are
+        # not listed: any name goes there, and the gateway cannot know
+        # which the provider serves.
+        key_name = self.authenticate(request)
+        if key_name is None:
             return _write_error(request, "openai", 401, "invalid or missing gateway key", code="invalid_api_key")
+        key = self.keys.by_name.get(key_name)
         data = [
             {"id": name, "object": "model", "created": 0, "owned_by": m.provider}
             for name, m in sorted(self.config.models.items())
+            if m.provider in self.config.providers and (key is None or key.allows(name))
         ]
         request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
         return json.dumps({"object": "list", "data": data}).encode()
