@@ -3,7 +3,8 @@
 Offline tiktoken encodings and token estimates.
 
 tiktoken downloads BPE files on first use and the gateway's hosts have no
-route out (a fetch would hang start-up; STYLE.md section 3 item 14). So the
+route out (a fetch would hang start-up, and tiktoken's own cache falls back to
+downloading when its directory is not writable). So the
 two encodings we need are shipped as package data (``llmgate/accounting/encodings``)
 and built here from those files, with the pattern strings and special
 tokens copied from ``tiktoken_ext/openai_public.py`` (tiktoken 0.14).

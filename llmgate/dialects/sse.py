@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.dialects.test_sse -*-
 """
 Incremental parser for ``text/event-stream`` bodies (WHATWG "event stream
-interpretation"; PROTOCOLS.md section 0).
+interpretation" of the HTML standard, section 9.2.6).
 
 The gateway relays upstream bytes verbatim and feeds a copy through this
 parser only to count tokens, so the parser:
