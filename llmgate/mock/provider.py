@@ -209,7 +209,7 @@ class _Call:
             yield self.delay, MOCK_WORDS[i % len(MOCK_WORDS)]
 
     def error_body(self, status: int, message: str) -> bytes:
-        """An error body in the dialect of the route (PROTOCOLS.md §1.6, §2.4)."""
+        """An error body in the dialect of the route."""
         if self.anthropic:
             kind = {400: "invalid_request_error", 404: "not_found_error",
                     429: "rate_limit_error", 500: "api_error"}.get(status, "api_error")

@@ -271,7 +271,7 @@ class OtherApiTests(MockTestCase):
 
     def test_responses_stream(self) -> None:
         """
-        A Responses stream follows PROTOCOLS §1.4 with rising sequence
+        A Responses stream follows the Responses streaming format with rising sequence
         numbers, usage in response.completed and no [DONE].
         """
         body = json.dumps({"model": "r", "stream": True, "input": "hi"}).encode()
