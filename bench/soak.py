@@ -18,11 +18,10 @@ It reports the gateway's RSS after warm-up and at the end, its open file
 descriptors before, after warm-up and after the load, and, after stopping
 the gateway with SIGTERM, the ledger: row count against requests sent,
 outcome counts per kind against what the clients saw, and one record per
-request matched by the upstream request id the client saw (the mock's
-x-request-id / request-id, which the gateway relays and records as
-upstream_id). The gateway sets no request id of its own that the client
-could send, so kinds the client cannot see an id for (html200, rejected)
-are matched by count. Exits 1 if it finds a leak, a missing or duplicate
+request matched by the gateway's own request id, which every answer carries
+in x-request-id and the ledger keeps as request_id (a gateway from before
+request ids is matched by the upstream id it relays, and the kinds without
+one by count). Exits 1 if it finds a leak, a missing or duplicate
 record, or a client that saw something other than what its kind should give.
 
     python bench/soak.py                      # 50,000 requests, 200 at a time
@@ -239,12 +238,15 @@ _ID = re.compile(rb'"id"\s*:\s*"([^"]+)"')
 
 
 class Result:
-    __slots__ = ("kind", "status", "upstream_id", "ok", "why")
+    __slots__ = ("kind", "status", "upstream_id", "gateway_id", "ok", "why")
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self.status = 0
         self.upstream_id: Optional[str] = None
+        # The gateway's own request id (its x-request-id, the ledger's
+        # request_id), on every answer, refusals included.
+        self.gateway_id: Optional[str] = None
         self.ok = False
         self.why = ""
 
@@ -291,7 +293,8 @@ async def _one(kind: str, port: int, rid: int, res: Result) -> None:
         for line in lines[1:]:
             k, _, v = line.partition(":")
             hdrs[k.strip().lower()] = v.strip()
-        res.upstream_id = hdrs.get("x-request-id") or hdrs.get("request-id")
+        res.gateway_id = hdrs.get("x-request-id")
+        res.upstream_id = hdrs.get("x-upstream-request-id") or hdrs.get("request-id")
         if kind == "cancel":
             seen = b""
             while seen.count(b"data:") < 3:
@@ -509,35 +512,47 @@ def main() -> int:
 
     # The ledger.
     db = sqlite3.connect(ledger)
-    rows = db.execute("SELECT upstream_id, outcome, status, route FROM usage").fetchall()
+    rows = db.execute("SELECT request_id, upstream_id, outcome, status, route FROM usage").fetchall()
     db.close()
     fig["ledger_rows"] = len(rows)
     if len(rows) != len(results):
         anomalies.append(f"ledger has {len(rows)} rows for {len(results)} requests")
     want = Counter(observed_outcome(r) for r in results)
-    got = Counter(o for _, o, _, _ in rows)
+    got = Counter(row[2] for row in rows)
     fig["ledger_outcomes"] = dict(got)
     fig["expected_outcomes"] = dict(want)
     if got != want:
         anomalies.append(f"ledger outcomes {dict(got)} != what the clients did {dict(want)}")
-    per_id: dict[str, list[str]] = {}
-    for uid, outcome, _, _ in rows:
+    # One record per request: by the gateway's request id where the client
+    # saw one (every answer of a current gateway), else by the upstream's.
+    by_request: dict[str, list[str]] = {}
+    by_upstream: dict[str, list[str]] = {}
+    for rid, uid, outcome, _, _ in rows:
+        by_request.setdefault(rid, []).append(outcome)
         if uid:
-            per_id.setdefault(uid, []).append(outcome)
-    dup = {k: v for k, v in per_id.items() if len(v) > 1}
-    missing = [r for r in results if r.upstream_id and r.upstream_id not in per_id]
-    wrong = [r for r in results if r.upstream_id in per_id and per_id[r.upstream_id][0] != observed_outcome(r)]
-    fig["matched_by_upstream_id"] = sum(1 for r in results if r.upstream_id in per_id)
+            by_upstream.setdefault(uid, []).append(outcome)
+
+    def record_of(r: Result) -> Optional[list[str]]:
+        if r.gateway_id:
+            return by_request.get(r.gateway_id)
+        return by_upstream.get(r.upstream_id) if r.upstream_id else None
+
+    seen = [r for r in results if r.gateway_id or r.upstream_id]
+    dup = {k: v for k, v in by_upstream.items() if len(v) > 1}
+    missing = [r for r in seen if record_of(r) is None]
+    wrong = [r for r in seen if record_of(r) is not None and record_of(r)[0] != observed_outcome(r)]
+    fig["matched_by_request_id"] = sum(1 for r in results if r.gateway_id and r.gateway_id in by_request)
+    fig["matched_by_upstream_id"] = sum(1 for r in results if not r.gateway_id and r.upstream_id in by_upstream)
     fig["duplicate_records"] = len(dup)
     fig["missing_records"] = len(missing)
     fig["wrong_outcome_records"] = len(wrong)
     if dup:
         anomalies.append(f"{len(dup)} upstream ids with more than one record, e.g. {list(dup.items())[:3]}")
     if missing:
-        anomalies.append(f"{len(missing)} requests with no record, e.g. {[(r.kind, r.upstream_id) for r in missing[:5]]}")
+        anomalies.append(f"{len(missing)} requests with no record, e.g. {[(r.kind, r.gateway_id or r.upstream_id) for r in missing[:5]]}")
     if wrong:
         anomalies.append(f"{len(wrong)} records with the wrong outcome, e.g. "
-                         f"{[(r.kind, r.upstream_id, per_id[r.upstream_id]) for r in wrong[:5]]}")
+                         f"{[(r.kind, r.gateway_id or r.upstream_id, record_of(r)) for r in wrong[:5]]}")
 
     # Leaks.
     if "rss_warm_kb" in fig and fig["rss_ratio_end_over_warm"] > 1.2:
