@@ -449,7 +449,7 @@ class GatewayResource(Resource):
         if reservation is not None and reservation is not False and request._disconnected:
             # Gone while the reservation was made: give it back.
             self.quotas.release(reservation)
-            self.accounting.rejected(endpoint.path.decode(), 0, key_name, model, len(body), outcome="client_cancelled")
+            self.accounting.rejected(endpoint.path.decode(), 0, key_name, model, len(body), outcome="client_cancelled", **_who(request))
             return
         self._launch(request, endpoint, key_name, doc, body, model, provider, upstream_model, streamed, strip_usage, reservation, route)
 

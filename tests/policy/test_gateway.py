@@ -404,13 +404,15 @@ class SharedStateTests(SynchronousTestCase):
         """A client that leaves while the reservation is made: the reservation is given back, nothing goes upstream, one record."""
         gw, ledger, state = shared_gateway(LIMITED)
         channel, _ = gw.post("/v1/chat/completions", {"model": "public-model", "messages": [], "max_tokens": 10},
-                             headers={"authorization": "Bearer lg-lim"})
+                             headers={"authorization": "Bearer lg-lim", "x-request-id": "client-trace-7"})
         channel.connectionLost(Failure(ConnectionDone()))
         state.answer()
         gw.clock.advance(0)
         self.assertEqual(len(gw.http.calls), 0)
         self.assertEqual(state.mem.scopes["lim"].active, 0)
         self.assertEqual([r.outcome for r in ledger.records], ["client_cancelled"])
+        # The record names the request as every other record does.
+        self.assertEqual(ledger.records[0].client_request_id, "client-trace-7")
 
 
 class SharedGarbageTests(SynchronousTestCase):
