@@ -5,12 +5,14 @@ ports chosen by the kernel (read back from their logs), stopped by pid.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -160,3 +162,53 @@ def gateway_config(mock_port: int, extra: str = "") -> str:
         'provider = "mock"\n'
         'upstream_model = "upstream-name"\n' + extra
     )
+
+
+class MockStack:
+    """
+    One mock provider and one gateway in front of it (L{gateway_config},
+    with a ledger in the stack's directory), both real twistd processes.
+
+    @param prefix: of the temporary directory both run in.
+    @param upstream_key: the provider key the gateway holds.
+    @param extra: more config (after the providers and the ledger).
+    """
+
+    def __init__(self, prefix: str, upstream_key: str, extra: str = "") -> None:
+        self.dir = tempfile.mkdtemp(prefix=prefix)
+        self.ledger = os.path.join(self.dir, "usage.db")
+        self.conf = os.path.join(self.dir, "llmgate.toml")
+        self.upstream_key = upstream_key
+        extra += self.prepare()
+        self.mock = Daemon("llmgate-mock", ["--port", "tcp:0:interface=127.0.0.1"], self.dir)
+        with open(self.conf, "w") as f:
+            f.write(gateway_config(self.mock.port, f'[ledger]\npath = "{self.ledger}"\n' + extra))
+        self.gw = self.start_gateway()
+
+    def prepare(self) -> str:
+        """Files a subclass needs in C{self.dir} before start; more config."""
+        return ""
+
+    def start_gateway(self) -> Daemon:
+        return Daemon(
+            "llmgate", ["--config", self.conf, "--port", "tcp:0:interface=127.0.0.1"], self.dir,
+            env={"E2E_UPSTREAM_KEY": self.upstream_key},
+        )
+
+    def stop(self) -> None:
+        self.gw.stop()
+        self.mock.stop()
+
+
+_shared_stacks: dict[str, Any] = {}
+
+
+def shared(name: str, make: Any) -> Any:
+    """
+    One stack per name for the whole test run (trial has no setUpClass),
+    made by C{make()} on first use and stopped when the test process exits.
+    """
+    if name not in _shared_stacks:
+        stack = _shared_stacks[name] = make()
+        atexit.register(stack.stop)
+    return _shared_stacks[name]

@@ -7,9 +7,6 @@ is read back as C{llmgate usage} reads it.
 
 from __future__ import annotations
 
-import atexit
-import os
-import tempfile
 import time
 from typing import Any
 
@@ -17,41 +14,14 @@ import openai
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmgate.accounting.ledger import read_records
-from tests.e2e.procs import Daemon, gateway_config, get_json
+from tests.e2e.procs import MockStack, get_json, shared
 
 UPSTREAM_KEY = "sk-e2e-accounting-secret"
 
 
-class _Stack:
-    """One mock provider and one gateway with a ledger in front of it."""
-
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="llmgate-e2e-acct-")
-        self.ledger = os.path.join(self.dir, "usage.db")
-        self.mock = Daemon("llmgate-mock", ["--port", "tcp:0:interface=127.0.0.1"], self.dir)
-        conf = os.path.join(self.dir, "llmgate.toml")
-        with open(conf, "w") as f:
-            f.write(gateway_config(self.mock.port, f'[ledger]\npath = "{self.ledger}"\n'))
-        self.gw = Daemon(
-            "llmgate",
-            ["--config", conf, "--port", "tcp:0:interface=127.0.0.1"],
-            self.dir,
-            env={"E2E_UPSTREAM_KEY": UPSTREAM_KEY},
-        )
-
-    def stop(self) -> None:
-        self.gw.stop()
-        self.mock.stop()
-
-
-_shared: list[_Stack] = []
-
-
-def shared_stack() -> _Stack:
-    if not _shared:
-        _shared.append(_Stack())
-        atexit.register(_shared[0].stop)
-    return _shared[0]
+def shared_stack() -> MockStack:
+    """The module's mock provider and gateway with a ledger (see L{shared})."""
+    return shared("accounting", lambda: MockStack("llmgate-e2e-acct-", UPSTREAM_KEY))
 
 
 def final_records(path: str, model: str, count: int = 1, timeout: float = 10) -> list[dict[str, Any]]:

@@ -6,7 +6,6 @@ sockets.
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import socket
@@ -18,44 +17,14 @@ import openai
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmgate.mock.provider import mock_text
-from tests.e2e.procs import Daemon, gateway_config, get_json
+from tests.e2e.procs import Daemon, MockStack, get_json, shared
 
 UPSTREAM_KEY = "sk-e2e-upstream-secret"
 
 
-class _Stack:
-    """One mock provider and one gateway in front of it."""
-
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="llmgate-e2e-")
-        self.mock = Daemon("llmgate-mock", ["--port", "tcp:0:interface=127.0.0.1"], self.dir)
-        conf = os.path.join(self.dir, "llmgate.toml")
-        with open(conf, "w") as f:
-            f.write(gateway_config(self.mock.port))
-        self.gw = Daemon(
-            "llmgate",
-            ["--config", conf, "--port", "tcp:0:interface=127.0.0.1"],
-            self.dir,
-            env={"E2E_UPSTREAM_KEY": UPSTREAM_KEY},
-        )
-
-    def stop(self) -> None:
-        self.gw.stop()
-        self.mock.stop()
-
-
-_shared: list[_Stack] = []
-
-
-def shared_stack() -> _Stack:
-    """
-    One stack for the whole module (trial has no setUpClass); stopped when
-    the test process exits.
-    """
-    if not _shared:
-        _shared.append(_Stack())
-        atexit.register(_shared[0].stop)
-    return _shared[0]
+def shared_stack() -> MockStack:
+    """The module's mock provider and gateway (see L{shared})."""
+    return shared("gateway", lambda: MockStack("llmgate-e2e-", UPSTREAM_KEY))
 
 
 class GatewayE2ETests(SynchronousTestCase):

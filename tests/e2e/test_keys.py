@@ -7,11 +7,9 @@ C{llmgate keys revoke}.
 
 from __future__ import annotations
 
-import atexit
 import io
 import os
 import signal
-import tempfile
 import time
 from contextlib import redirect_stderr, redirect_stdout
 
@@ -20,7 +18,7 @@ import openai
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmgate import cli
-from tests.e2e.procs import Daemon, gateway_config, get_json
+from tests.e2e.procs import MockStack, get_json, shared
 
 UPSTREAM_KEY = "sk-e2e-upstream-secret"
 # $1 a token: budgets in whole tokens.
@@ -34,10 +32,13 @@ def keys(*argv: str) -> str:
     return out.getvalue().strip()
 
 
-class _Stack:
+class _Stack(MockStack):
+    """The mock and a gateway whose keys come from a key file (CLI-made)."""
+
     def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="llmgate-e2e-keys-")
-        self.conf = os.path.join(self.dir, "llmgate.toml")
+        super().__init__("llmgate-e2e-keys-", UPSTREAM_KEY)
+
+    def prepare(self) -> str:
         self.file = os.path.join(self.dir, "llmgate-keys.json")
         self.secrets = {
             "alice": keys("--file", self.file, "create", "alice", "--models", "gpt-4o-mini", "claude-*", "public-*"),
@@ -47,30 +48,11 @@ class _Stack:
             "streamer": keys("--file", self.file, "create", "streamer"),
             "old": keys("--file", self.file, "create", "old", "--expires", "2020-01-01"),
         }
-        self.mock = Daemon("llmgate-mock", ["--port", "tcp:0:interface=127.0.0.1"], self.dir)
-        with open(self.conf, "w") as f:
-            f.write(gateway_config(self.mock.port, PRICES))
-        self.gw = self.start_gateway()
-
-    def start_gateway(self) -> Daemon:
-        return Daemon(
-            "llmgate", ["--config", self.conf, "--port", "tcp:0:interface=127.0.0.1"], self.dir,
-            env={"E2E_UPSTREAM_KEY": UPSTREAM_KEY},
-        )
-
-    def stop(self) -> None:
-        self.gw.stop()
-        self.mock.stop()
-
-
-_shared: list[_Stack] = []
+        return PRICES
 
 
 def stack() -> _Stack:
-    if not _shared:
-        _shared.append(_Stack())
-        atexit.register(_shared[0].stop)
-    return _shared[0]
+    return shared("keys", _Stack)
 
 
 class KeysE2ETests(SynchronousTestCase):
