@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import dataclass
 from io import BytesIO
 from typing import Any, Callable, Optional
 
@@ -96,6 +97,26 @@ def _who(request: Any) -> dict[str, Any]:
         "method": request.method.decode("latin-1"),
         "client": _client_host(request),
     }
+
+
+@dataclass(slots=True)
+class _Admission:
+    """
+    A request whose body was parsed and routed, on its way upstream: what
+    reserving its limits and starting its first attempt need.
+    """
+
+    request: Any
+    endpoint: dialects.Endpoint
+    key_name: str
+    doc: dict[str, Any]
+    body: bytes
+    model: str
+    provider: Provider
+    upstream_model: str
+    streamed: bool
+    strip_usage: bool
+    route: Any
 
 
 class GatewayResource(Resource):
@@ -402,72 +423,58 @@ class GatewayResource(Resource):
             start = body.index(b"{") + 1
             body = body[:start] + b'"stream_options":{"include_usage":true},' + body[start:]
             rewrite = False
+        adm = _Admission(
+            request, endpoint, key_name, doc, body, model, provider, upstream_model, streamed, strip_usage, route
+        )
         if rewrite:
             if len(body) > _THREAD_PARSE_BYTES and self._parse_in_thread is not None:
                 d = self._parse_in_thread(
                     _serialize, doc, size=len(body), alive=lambda: not request._disconnected
                 )
-                d.addCallback(
-                    lambda new: self._start(request, endpoint, key_name, doc, new, model, provider, upstream_model, streamed, strip_usage, route)
-                )
+                d.addCallback(self._serialized, adm)
                 return d
-            body = _serialize(doc)
-        self._start(request, endpoint, key_name, doc, body, model, provider, upstream_model, streamed, strip_usage, route)
+            adm.body = _serialize(doc)
+        self._start(adm)
         return None
 
-    def _start(
-        self,
-        request: Any,
-        endpoint: dialects.Endpoint,
-        key_name: str,
-        doc: dict[str, Any],
-        body: bytes,
-        model: str,
-        provider: Provider,
-        upstream_model: str,
-        streamed: bool,
-        strip_usage: bool,
-        route: Any,
-    ) -> None:
+    def _serialized(self, body: bytes, adm: _Admission) -> None:
+        adm.body = body
+        self._start(adm)
+
+    def _start(self, adm: _Admission) -> None:
+        request = adm.request
         if request._disconnected:
             self.accounting.rejected(
-                endpoint.path.decode(), 0, key_name, model, len(body), outcome="client_cancelled", **_who(request)
+                adm.endpoint.path.decode(), 0, adm.key_name, adm.model, len(adm.body), outcome="client_cancelled",
+                **_who(request),
             )
             return
-        reservation = self._reserve(request, endpoint, key_name, doc, len(body), model, upstream_model)
+        reservation = self._reserve(
+            request, adm.endpoint, adm.key_name, adm.doc, len(adm.body), adm.model, adm.upstream_model
+        )
         if isinstance(reservation, Deferred):
             # The limit state is shared (Redis): go on when it answers.
-            reservation.addCallback(
-                self._reserved, request, endpoint, key_name, doc, body, model, provider, upstream_model, streamed, strip_usage, route
-            )
+            reservation.addCallback(self._reserved, adm)
             reservation.addErrback(lambda f: log.failure("admission failed", f))
             return
-        self._launch(request, endpoint, key_name, doc, body, model, provider, upstream_model, streamed, strip_usage, reservation, route)
+        self._launch(adm, reservation)
 
-    def _reserved(self, reservation: Any, request: Any, endpoint: dialects.Endpoint, key_name: str, doc: dict[str, Any],
-                  body: bytes, model: str, provider: Provider, upstream_model: str, streamed: bool, strip_usage: bool, route: Any) -> None:
+    def _reserved(self, reservation: Any, adm: _Admission) -> None:
+        request = adm.request
         if reservation is not None and reservation is not False and request._disconnected:
             # Gone while the reservation was made: give it back.
             self.quotas.release(reservation)
-            self.accounting.rejected(endpoint.path.decode(), 0, key_name, model, len(body), outcome="client_cancelled", **_who(request))
+            self.accounting.rejected(
+                adm.endpoint.path.decode(), 0, adm.key_name, adm.model, len(adm.body), outcome="client_cancelled",
+                **_who(request),
+            )
             return
-        self._launch(request, endpoint, key_name, doc, body, model, provider, upstream_model, streamed, strip_usage, reservation, route)
+        self._launch(adm, reservation)
 
-    def _launch(
-        self,
-        request: Any,
-        endpoint: dialects.Endpoint,
-        key_name: str,
-        doc: dict[str, Any],
-        body: bytes,
-        model: str,
-        provider: Provider,
-        upstream_model: str,
-        streamed: bool,
-        strip_usage: bool,
-        reservation: Any,
-        route: Any,
-    ) -> None:
+    def _launch(self, adm: _Admission, reservation: Any) -> None:
+        request, endpoint, key_name, doc, body = adm.request, adm.endpoint, adm.key_name, adm.doc, adm.body
+        model, provider, upstream_model = adm.model, adm.provider, adm.upstream_model
+        streamed, strip_usage, route = adm.streamed, adm.strip_usage, adm.route
         if reservation is False:
             return
         ids = ids_for(request)
