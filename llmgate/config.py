@@ -49,6 +49,8 @@ class Deployment:
     provider: str
     upstream_model: str
     weight: float = 1.0
+    # Labels a request can require with x-llmgate-tags (L{TAG_RULE}).
+    tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,14 @@ class Routing:
     @ivar breaker_failures: consecutive failures that open a deployment's
         breaker.
     @ivar breaker_cooldown: seconds an open breaker waits before one probe.
-    @ivar balance: C{"weighted"} (random by weight) or C{"least_outstanding"}.
+    @ivar balance: C{"weighted"} (random by weight), C{"least_outstanding"}
+        or C{"latency"} (power of two choices on each deployment's TTFT
+        EWMA, error ratio and requests in flight: L{llmgate.routing.balance}).
+    @ivar breaker_failure_ratio: a breaker also opens when at least this
+        fraction of the deployment's requests of the last C{breaker_window}
+        seconds failed, once C{breaker_min_requests} were counted there.
+    @ivar breaker_window: seconds of that window.
+    @ivar breaker_min_requests: requests in the window before the ratio counts.
     """
 
     max_attempts: int = 3
@@ -92,6 +101,21 @@ class Routing:
     breaker_failures: int = 5
     breaker_cooldown: float = 30.0
     balance: str = "weighted"
+    breaker_failure_ratio: float = 0.5
+    breaker_window: float = 30.0
+    breaker_min_requests: int = 20
+
+
+BALANCES = ("weighted", "least_outstanding", "latency")
+
+# Deployment tags: short names a request header can carry safely.
+TAG_RULE = "1 to 32 characters of a-z, A-Z, 0-9, '_', '-' or '.'"
+MAX_TAGS = 16
+
+
+def is_tag(value: str) -> bool:
+    """Whether C{value} is a valid tag (L{TAG_RULE})."""
+    return 0 < len(value) <= 32 and value.isascii() and all(c.isalnum() or c in "_-." for c in value)
 
 
 @dataclass(frozen=True)
@@ -548,7 +572,7 @@ def parse(
 
 def _deployment(table: Any, name: str, where: str, providers: Mapping[str, Provider]) -> Deployment:
     _expect(table, dict, where)
-    _no_unknown(table, {"provider", "upstream_model", "weight"}, where)
+    _no_unknown(table, {"provider", "upstream_model", "weight", "tags"}, where)
     prov = table.get("provider")
     if prov is None:
         raise ConfigError(f"{where}.provider: missing")
@@ -559,7 +583,21 @@ def _deployment(table: Any, name: str, where: str, providers: Mapping[str, Provi
     weight = _expect(table.get("weight", 1), (int, float), f"{where}.weight")
     if not math.isfinite(weight) or weight <= 0:
         raise ConfigError(f"{where}.weight: must be a number greater than 0")
-    return Deployment(prov, upstream, float(weight))
+    return Deployment(prov, upstream, float(weight), _tags(table.get("tags", []), f"{where}.tags"))
+
+
+def _tags(value: Any, where: str) -> tuple[str, ...]:
+    """C{tags = ["eu", "cheap"]}: at most L{MAX_TAGS} distinct L{TAG_RULE} names."""
+    _expect(value, list, where)
+    if len(value) > MAX_TAGS:
+        raise ConfigError(f"{where}: at most {MAX_TAGS} tags")
+    for i, t in enumerate(value):
+        _expect(t, str, f"{where}[{i}]")
+        if not is_tag(t):
+            raise ConfigError(f"{where}[{i}]: {t!r} is not a tag ({TAG_RULE})")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{where}: a tag is listed twice")
+    return tuple(value)
 
 
 def _models(tables: Mapping[str, Any], providers: Mapping[str, Provider]) -> dict[str, ModelRoute]:
@@ -572,11 +610,11 @@ def _models(tables: Mapping[str, Any], providers: Mapping[str, Provider]) -> dic
     for name, table in tables.items():
         where = f"models.{name}"
         _expect(table, dict, where)
-        _no_unknown(table, {"provider", "upstream_model", "deployments", "fallbacks"}, where)
+        _no_unknown(table, {"provider", "upstream_model", "deployments", "fallbacks", "tags"}, where)
         if "deployments" in table:
-            if "provider" in table or "upstream_model" in table:
+            if "provider" in table or "upstream_model" in table or "tags" in table:
                 raise ConfigError(
-                    f"{where}: set provider/upstream_model or deployments, not both"
+                    f"{where}: set provider/upstream_model/tags or deployments, not both"
                 )
             raw = _expect(table["deployments"], list, f"{where}.deployments")
             if not raw:
@@ -613,19 +651,26 @@ def _routing(table: Mapping[str, Any]) -> Routing:
     fields_ = {f.name for f in dataclasses.fields(Routing)}
     _no_unknown(table, fields_, "routing")
     out: dict[str, Any] = {}
-    for k in ("max_attempts", "breaker_failures"):
+    for k in ("max_attempts", "breaker_failures", "breaker_min_requests"):
         if k in table:
             v = table[k]
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"routing.{k}: must be an integer >= 1")
             out[k] = v
-    for k in ("deadline", "retry_after_cap", "breaker_cooldown"):
+    for k in ("deadline", "retry_after_cap", "breaker_cooldown", "breaker_window"):
         if k in table:
             out[k] = _positive(table[k], f"routing.{k}")
+    if "breaker_failure_ratio" in table:
+        r = _expect(table["breaker_failure_ratio"], (int, float), "routing.breaker_failure_ratio")
+        if not (0 < r <= 1):
+            raise ConfigError(
+                f"routing.breaker_failure_ratio: must be a fraction greater than 0 and at most 1 (0.5 = half the requests), got {r!r}"
+            )
+        out["breaker_failure_ratio"] = float(r)
     if "balance" in table:
         b = _expect(table["balance"], str, "routing.balance")
-        if b not in ("weighted", "least_outstanding"):
-            raise ConfigError("routing.balance: expected \"weighted\" or \"least_outstanding\"")
+        if b not in BALANCES:
+            raise ConfigError(f"routing.balance: expected one of {', '.join(repr(x) for x in BALANCES)}, got {b!r}")
         out["balance"] = b
     return Routing(**out)
 

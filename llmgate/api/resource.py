@@ -167,7 +167,7 @@ class GatewayResource(Resource):
         # Routing: the deployment pick's randomness (injected by tests) and
         # each deployment's breaker, kept across reloads.
         self.rng = rng if rng is not None else random.Random()
-        self.breakers = Breakers(clock, config.routing.breaker_failures, config.routing.breaker_cooldown)
+        self.breakers = Breakers(clock)
         # Limits and budgets: every usage record settles its request's
         # reservation (the same record the ledger and metrics get).
         self.quotas = quotas if quotas is not None else Quotas(clock)
@@ -186,7 +186,11 @@ class GatewayResource(Resource):
         """
         self.config = config
         self.keys = keymod.store_for(config.keys, config.key_records)
-        self.breakers.configure(config.routing.breaker_failures, config.routing.breaker_cooldown)
+        r = config.routing
+        self.breakers.configure(
+            r.breaker_failures, r.breaker_cooldown, r.breaker_failure_ratio, r.breaker_window,
+            r.breaker_min_requests, balance.configured_keys(config),
+        )
 
     # -- dispatch ------------------------------------------------------------
 

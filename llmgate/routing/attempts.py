@@ -209,6 +209,7 @@ class Attempts:
         if relay is not None:
             self.active.discard(relay)
         if self._key is not None:
+            self.breakers.observe_ttft(self._key, None if ex.status != 200 or ex.first_byte_at is None else ex.first_byte_at - self._attempt_started)
             self.breakers.released(self._key)
             self._key = None
         self._bodies.clear()

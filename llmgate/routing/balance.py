@@ -45,6 +45,11 @@ def key(d: Deployment) -> tuple[str, str]:
     return (d.provider, d.upstream_model)
 
 
+def configured_keys(config: Config) -> set[tuple[str, str]]:
+    """The keys of every deployment the config names (see L{key})."""
+    return {key(d) for m in config.models.values() for d in m.deployments}
+
+
 def weighted(deps: Sequence[Deployment], rng: Any) -> Deployment:
     """One of C{deps}, each with a chance proportional to its weight."""
     if len(deps) == 1:

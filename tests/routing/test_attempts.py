@@ -277,3 +277,46 @@ class BreakerTests(SynchronousTestCase):
             gw.clock.advance(0)
         gw.post("/v1/chat/completions", CHAT)
         self.assertEqual(host(gw.http.calls[-1]), "b.test")
+
+
+class ObservationTests(SynchronousTestCase):
+    """What a request ends with feeds its deployment's observations (llmgate.routing.breaker)."""
+
+    def test_served_attempt_ttft_observed(self) -> None:
+        """The served attempt's TTFT, from its own start (not the failed attempt's), reaches its deployment's EWMA."""
+        gw = routed_gateway()
+        gw.resource.rng = FixedRng(0.1)
+        gw.post("/v1/chat/completions", CHAT)
+        gw.clock.advance(0.5)
+        answer(gw, 0, 500, JSON)
+        gw.clock.advance(0.25)
+        r = answer(gw, 1)
+        r.send(E1)
+        gw.clock.advance(1.0)
+        r.send(USAGE + DONE)
+        r.end()
+        gw.clock.advance(0)
+        br = gw.resource.breakers
+        self.assertAlmostEqual(br.ttft_ewma(("b", "gpt-4o-b")), 0.25)
+        self.assertIsNone(br.ttft_ewma(("a", "gpt-4o-a")))
+        self.assertEqual(br.error_ratio(("a", "gpt-4o-a")), 1.0)
+        self.assertEqual(br.error_ratio(("b", "gpt-4o-b")), 0.0)
+
+    def test_error_answer_is_no_sample(self) -> None:
+        """A relayed 400 is no TTFT sample."""
+        gw = routed_gateway()
+        gw.post("/v1/chat/completions", {**CHAT, "model": "small"})
+        gw.clock.advance(0.01)
+        answer(gw, 0, 400, JSON).end()
+        gw.clock.advance(0)
+        self.assertEqual(len(gw.accounting.exchanges), 1)
+        self.assertIsNone(gw.resource.breakers.ttft_ewma(("b", "small-b")))
+
+    def test_ratio_settings_reach_breakers(self) -> None:
+        """[routing] breaker_failure_ratio/window/min_requests configure the breakers, at start and on reload."""
+        gw = routed_gateway(routing={"breaker_failure_ratio": 0.25, "breaker_window": 60, "breaker_min_requests": 4})
+        br = gw.resource.breakers
+        self.assertEqual((br.failure_ratio, br.window, br.min_requests), (0.25, 60.0, 4))
+        self.assertIn(("a", "gpt-4o-a"), br.configured)
+        gw.resource.reconfigure(routed_gateway(routing={"breaker_min_requests": 7}).cfg)
+        self.assertEqual((br.failure_ratio, br.window, br.min_requests), (0.5, 30.0, 7))

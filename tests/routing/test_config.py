@@ -46,7 +46,7 @@ class DeploymentConfigTests(SynchronousTestCase):
             ({"m": {"provider": "oai", "fallbacks": ["c"]}, "c": {"provider": "ant"}}, {}, "models.m.fallbacks[0]"),
             ({}, {"max_attempts": 0}, "routing.max_attempts"),
             ({}, {"breaker_cooldown": -1}, "routing.breaker_cooldown"),
-            ({}, {"balance": "latency"}, "routing.balance"),
+            ({}, {"balance": "fastest"}, "routing.balance"),
             ({}, {"hedge": True}, "routing.hedge"),
         ]
         for models, routing, where in cases:
@@ -144,3 +144,78 @@ class StartupLineTests(SynchronousTestCase):
         )
         self.assertEqual(_deployments(cfg.models["g"]), "oai/g*2 | oai/y (fallbacks h)")
         self.assertEqual(_deployments(cfg.models["h"]), "oai/h")
+
+
+class BalanceConfigTests(SynchronousTestCase):
+    """[routing] balance = "latency", the failure-ratio breaker keys and deployment tags."""
+
+    def test_new_settings_parse(self) -> None:
+        """balance = "latency", the ratio keys and tags (deployment and single form) reach the config."""
+        cfg = make_config(
+            models={
+                "m": {"deployments": [{"provider": "oai", "tags": ["eu", "cheap"]}, {"provider": "oai", "upstream_model": "u"}]},
+                "one": {"provider": "oai", "tags": ["us"]},
+            },
+            routing={"balance": "latency", "breaker_failure_ratio": 0.3, "breaker_window": 12, "breaker_min_requests": 5},
+        )
+        r = cfg.routing
+        self.assertEqual((r.balance, r.breaker_failure_ratio, r.breaker_window, r.breaker_min_requests), ("latency", 0.3, 12.0, 5))
+        self.assertEqual([d.tags for d in cfg.models["m"].deployments], [("eu", "cheap"), ()])
+        self.assertEqual(cfg.models["one"].deployments[0].tags, ("us",))
+        d = Routing()
+        self.assertEqual((d.breaker_failure_ratio, d.breaker_window, d.breaker_min_requests), (0.5, 30.0, 20))
+
+    def test_errors_name_the_setting(self) -> None:
+        """Each bad new setting is refused with its name and what is expected."""
+        cases = [
+            ({}, {"breaker_failure_ratio": 0}, "routing.breaker_failure_ratio: must be a fraction"),
+            ({}, {"breaker_failure_ratio": 1.5}, "routing.breaker_failure_ratio: must be a fraction"),
+            ({}, {"breaker_failure_ratio": "half"}, "routing.breaker_failure_ratio: expected"),
+            ({}, {"breaker_window": 0}, "routing.breaker_window: must be greater than 0"),
+            ({}, {"breaker_min_requests": 0}, "routing.breaker_min_requests: must be an integer >= 1"),
+            ({}, {"breaker_min_requests": 2.5}, "routing.breaker_min_requests: must be an integer >= 1"),
+            ({}, {"balance": "fastest"}, "routing.balance: expected one of 'weighted', 'least_outstanding', 'latency'"),
+            ({"m": {"deployments": [{"provider": "oai", "tags": "eu"}]}}, {}, "models.m.deployments[0].tags: expected list"),
+            ({"m": {"deployments": [{"provider": "oai", "tags": ["e u"]}]}}, {}, "models.m.deployments[0].tags[0]: 'e u' is not a tag"),
+            ({"m": {"deployments": [{"provider": "oai", "tags": [""]}]}}, {}, "models.m.deployments[0].tags[0]"),
+            ({"m": {"deployments": [{"provider": "oai", "tags": ["x" * 33]}]}}, {}, "is not a tag"),
+            ({"m": {"deployments": [{"provider": "oai", "tags": ["eu", "eu"]}]}}, {}, "models.m.deployments[0].tags: a tag is listed twice"),
+            ({"m": {"deployments": [{"provider": "oai", "tags": [str(i) for i in range(17)]}]}}, {}, "at most 16 tags"),
+            ({"m": {"provider": "oai", "tags": [1]}}, {}, "models.m.tags[0]: expected str"),
+            ({"m": {"tags": ["eu"], "deployments": [{"provider": "oai"}]}}, {}, "models.m: set provider/upstream_model/tags or deployments"),
+        ]
+        for models, routing, message in cases:
+            doc: dict = {"models": models}
+            if routing:
+                doc["routing"] = routing
+            with self.assertRaises(ConfigError, msg=message) as e:
+                make_config(**doc)
+            self.assertIn(message, str(e.exception))
+
+    def test_check_config(self) -> None:
+        """llmgate check-config refuses a bad new key with one line naming it, and accepts the good ones."""
+        from tests.test_cli import CheckConfigTests
+
+        t = CheckConfigTests()
+        path = self.mktemp()
+        base = (
+            '[providers.a]\nkind = "openai"\nbase_url = "http://127.0.0.1:1/v1"\n'
+            '[models."gpt-4o"]\ndeployments = [{provider = "a", tags = ["eu", "cheap"]}, {provider = "a", upstream_model = "y", tags = ["us"]}]\n'
+        )
+        for bad, message in [
+            ('[routing]\nbalance = "latency"\nbreaker_failure_ratio = 2\n', "routing.breaker_failure_ratio: must be a fraction"),
+            ('[routing]\nbreaker_window = -3\n', "routing.breaker_window: must be greater than 0"),
+            ('[routing]\nbreaker_min_requests = 0\n', "routing.breaker_min_requests: must be an integer >= 1"),
+            ('[routing]\nbalance = "p2c"\n', "routing.balance: expected one of"),
+            ('[models.other]\nprovider = "a"\ntags = ["no/slash"]\n', "models.other.tags[0]: 'no/slash' is not a tag"),
+        ]:
+            with open(path, "w") as f:
+                f.write(base + bad)
+            code, out, err = t.run_cli("check-config", path)
+            self.assertEqual((code, out), (1, ""), bad)
+            self.assertIn(message, err)
+            self.assertEqual(len(err.strip().splitlines()), 1, err)
+        with open(path, "w") as f:
+            f.write(base + '[routing]\nbalance = "latency"\nbreaker_failure_ratio = 0.4\nbreaker_window = 20\nbreaker_min_requests = 10\n')
+        code, out, err = t.run_cli("check-config", path)
+        self.assertEqual(code, 0, err)
