@@ -5,7 +5,20 @@ request may use, in order of preference (its own model's, then each
 fallback model's), and the pick among the usable ones of a group.
 
 Balancing is weighted random by default (the RNG is injected, so tests
-choose the draw), or least outstanding requests (ties broken by weight).
+choose the draw), or least outstanding requests (ties broken by weight),
+or latency-aware (L{latency}): power of two choices, two distinct
+deployments drawn by weight and the one with the lower score taken, where
+
+    score = TTFT estimate x (1 + ERROR_WEIGHT x error ratio) x (1 + outstanding)
+
+with the TTFT estimate the deployment's EWMA aged towards zero while it
+goes unmeasured (L{llmgate.routing.breaker.Breakers.ttft_estimate}), the
+error ratio that of the breaker's window, and outstanding its requests in
+flight from this process. A deployment never measured counts as fast as
+the best measured one of its group (optimistic start: idle, it wins the
+tie and gets measured; busy, its requests in flight spread the load).
+Two random candidates rather than the best of all keep one stale or
+noisy estimate from sending every request to the same deployment.
 """
 
 from __future__ import annotations
@@ -15,6 +28,10 @@ from typing import Any, Optional, Sequence
 from llmgate.config import Config, Deployment
 
 Group = tuple[Deployment, ...]
+
+# A deployment whose every request failed in the window scores this much
+# worse than its TTFT alone (1 + 4 x 1.0 = 5x); half failing, 3x.
+ERROR_WEIGHT = 4.0
 
 
 def plan(config: Config, kind: str, model: str) -> Optional[list[Group]]:
@@ -63,6 +80,31 @@ def weighted(deps: Sequence[Deployment], rng: Any) -> Deployment:
     return deps[-1]
 
 
+def latency(deps: Sequence[Deployment], breakers: Any, rng: Any) -> Deployment:
+    """
+    Power of two choices among C{deps} (all usable): two distinct ones
+    drawn by weight, the lower score wins (see the module docstring);
+    on a tie, fewer requests in flight, then the unmeasured one, then the
+    first drawn.
+    """
+    if len(deps) == 1:
+        return deps[0]
+    a = weighted(deps, rng)
+    b = weighted([d for d in deps if d is not a], rng)
+    estimates = {d: breakers.ttft_estimate(key(d)) for d in deps}
+    measured = [e for e in estimates.values() if e is not None]
+    best = min(measured) if measured else 0.0
+
+    def rank(d: Deployment) -> tuple[float, int, int]:
+        k = key(d)
+        est = estimates[d]
+        out = breakers.outstanding(k)
+        score = (best if est is None else est) * (1 + ERROR_WEIGHT * breakers.error_ratio(k)) * (1 + out)
+        return (score, out, est is not None)
+
+    return b if rank(b) < rank(a) else a
+
+
 def first(groups: Sequence[Group], breakers: Any, rng: Any, balance: str = "weighted") -> Optional[Deployment]:
     """
     The deployment for a request's first attempt: as L{pick}; when only
@@ -88,6 +130,8 @@ def pick(
         if balance == "least_outstanding":
             least = min(breakers.outstanding(key(d)) for d in usable)
             usable = [d for d in usable if breakers.outstanding(key(d)) == least]
+        elif balance == "latency":
+            return latency(usable, breakers, rng)
         return weighted(usable, rng)
     return None
 

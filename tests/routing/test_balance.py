@@ -75,3 +75,91 @@ class PlanTests(SynchronousTestCase):
         self.assertIsNone(balance.plan(cfg, "anthropic", "big"))
         # An unknown name goes to the dialect's default provider, as before.
         self.assertEqual([[(d.provider, d.upstream_model)] for g in balance.plan(cfg, "anthropic", "claude-x") for d in g], [[("ant", "claude-x")]])
+
+
+F = Deployment("fast", "m")
+S = Deployment("slow", "m")
+
+
+class LatencyTests(SynchronousTestCase):
+    """balance = "latency": power of two choices on TTFT EWMA, error ratio and requests in flight."""
+
+    def setUp(self) -> None:
+        import random
+
+        self.clock = Clock()
+        self.breakers = Breakers(self.clock, configured=[("fast", "m"), ("slow", "m")])
+        self.rng = random.Random(7)
+
+    def run_traffic(self, seconds: float, ttft: dict[str, float], rate: float = 10.0) -> dict[str, int]:
+        """One request every 1/rate s, each answered after its deployment's TTFT (in order); picks per provider."""
+        picks = {"fast": 0, "slow": 0}
+        for _ in range(int(seconds * rate)):
+            self.clock.advance(1 / rate)
+            d = balance.pick([(F, S)], self.breakers, self.rng, "latency")
+            picks[d.provider] += 1
+            k = balance.key(d)
+            self.breakers.taken(k)
+            self.breakers.observe_ttft(k, ttft[d.provider])
+            self.breakers.released(k)
+        return picks
+
+    def test_slow_gets_much_less_but_not_zero_then_recovers(self) -> None:
+        """A deployment 10x slower gets a trickle (a few %, never none); once it is as fast, it wins half back."""
+        picks = self.run_traffic(300, {"fast": 0.1, "slow": 1.0})
+        total = sum(picks.values())
+        self.assertGreater(picks["slow"], 0)
+        self.assertLess(picks["slow"] / total, 0.05)
+        # Not one sample and done: it is measured again and again.
+        self.assertGreaterEqual(picks["slow"], 5)
+        # It speeds up: after a transition its share comes back.
+        self.run_traffic(60, {"fast": 0.1, "slow": 0.1})
+        picks = self.run_traffic(120, {"fast": 0.1, "slow": 0.1})
+        self.assertGreater(picks["slow"] / sum(picks.values()), 0.3)
+
+    def test_unmeasured_tried_first(self) -> None:
+        """A deployment with no sample yet wins against a measured one (it gets measured)."""
+        self.breakers.observe_ttft(("fast", "m"), 0.05)
+        for draw in (0.1, 0.9):
+            self.assertIs(balance.pick([(F, S)], self.breakers, FixedRng(draw, 0.0), "latency"), S)
+
+    def test_unmeasured_busy_shares(self) -> None:
+        """An unmeasured deployment counts as fast as the best: with requests in flight it stops taking all of them."""
+        self.breakers.observe_ttft(("fast", "m"), 0.05)
+        self.breakers.taken(("slow", "m"))
+        self.assertIs(balance.pick([(F, S)], self.breakers, FixedRng(0.9, 0.0), "latency"), F)
+
+    def test_outstanding_counts(self) -> None:
+        """Equal TTFT: the one with fewer requests in flight wins, whichever is drawn first."""
+        self.breakers.observe_ttft(("fast", "m"), 0.1)
+        self.breakers.observe_ttft(("slow", "m"), 0.1)
+        self.breakers.taken(("fast", "m"))
+        for draw in (0.1, 0.9):
+            self.assertIs(balance.pick([(F, S)], self.breakers, FixedRng(draw, 0.0), "latency"), S)
+
+    def test_error_ratio_counts(self) -> None:
+        """A deployment failing half its requests scores 3x its TTFT: slower but healthy wins."""
+        self.breakers.observe_ttft(("fast", "m"), 0.1)
+        self.breakers.observe_ttft(("slow", "m"), 0.25)
+        for _ in range(3):
+            self.breakers.succeeded(("fast", "m"))
+            self.breakers.failed(("fast", "m"))
+        self.assertIs(balance.pick([(F, S)], self.breakers, FixedRng(0.1, 0.0), "latency"), S)
+
+    def test_two_distinct_choices_by_weight(self) -> None:
+        """Of three, the two candidates are distinct weighted draws; the third, however fast, is not looked at."""
+        C = Deployment("c", "m", 2.0)
+        for k, t in ((("fast", "m"), 0.3), (("slow", "m"), 0.2), (("c", "m"), 0.01)):
+            self.breakers.observe_ttft(k, t)
+        # Weights 1, 1, 2 (total 4): 0.1 draws F; of (S, C) 0.2 draws S.
+        self.assertIs(balance.pick([(F, S, C)], self.breakers, FixedRng(0.1, 0.2), "latency"), S)
+        # 0.6 draws C first, then F: C wins.
+        self.assertIs(balance.pick([(F, S, C)], self.breakers, FixedRng(0.6, 0.1), "latency"), C)
+
+    def test_latency_respects_breakers_and_tried(self) -> None:
+        """The latency pick is among usable, untried deployments only."""
+        self.breakers.observe_ttft(("slow", "m"), 0.01)
+        self.assertIs(balance.pick([(F, S)], self.breakers, FixedRng(0.0), "latency", tried={("slow", "m")}), F)
+        for _ in range(5):
+            self.breakers.failed(("slow", "m"))
+        self.assertIs(balance.pick([(F, S)], self.breakers, FixedRng(0.0), "latency"), F)
