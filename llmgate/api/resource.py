@@ -376,7 +376,16 @@ class GatewayResource(Resource):
             raise _BadRequest(
                 403, f"this gateway key may not use the model {model!r}", code="permission_error", param="model", model=model
             )
-        groups = balance.plan(self.config, endpoint.kind, model)
+        try:
+            tags = balance.request_tags(request.requestHeaders.getRawHeaders(balance.TAGS_HEADER))
+        except ValueError as e:
+            raise _BadRequest(400, str(e), model=model) from None
+        groups = balance.plan(self.config, endpoint.kind, model, tags)
+        if groups == []:
+            raise _BadRequest(
+                400, f"no deployment of the model {model!r} carries the tags {', '.join(tags)} (x-llmgate-tags)",
+                param="model", model=model,
+            )
         if groups is None:
             raise _BadRequest(
                 404,

@@ -42,6 +42,8 @@ _REQUEST_DROP = HOP_BY_HOP | {
     b"expect",
     b"openai-organization",
     b"openai-project",
+    # The gateway's own routing header (llmgate.routing.balance).
+    b"x-llmgate-tags",
 }
 
 # Never relayed downstream: framing and encoding are the gateway's own (the

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from llmgate.config import Config, Deployment
+from llmgate.config import TAG_RULE, Config, Deployment, is_tag
 
 Group = tuple[Deployment, ...]
 
@@ -34,18 +34,20 @@ Group = tuple[Deployment, ...]
 ERROR_WEIGHT = 4.0
 
 
-def plan(config: Config, kind: str, model: str) -> Optional[list[Group]]:
+def plan(config: Config, kind: str, model: str, tags: Sequence[str] = ()) -> Optional[list[Group]]:
     """
     The deployment groups for C{model} on a route of dialect C{kind}: its
     own deployments, then those of each fallback model in order; L{None}
     if nothing serves it (a model of another dialect, or unknown and no
-    default provider).
+    default provider). With C{tags} (L{request_tags}), only the
+    deployments carrying all of them, in every group: an empty list when
+    none does.
     """
     m = config.models.get(model)
     if m is None:
         for p in config.providers.values():
             if p.default and p.kind == kind:
-                return [(Deployment(p.name, model),)]
+                return _tagged([(Deployment(p.name, model),)], tags)
         return None
     if config.providers[m.provider].kind != kind:
         return None
@@ -54,7 +56,48 @@ def plan(config: Config, kind: str, model: str) -> Optional[list[Group]]:
         fb = config.models.get(name)
         if fb is not None and config.providers[fb.provider].kind == kind:
             groups.append(fb.deployments)
-    return groups
+    return _tagged(groups, tags)
+
+
+# x-llmgate-tags: a request's required deployment tags, bounded.
+TAGS_HEADER = b"x-llmgate-tags"
+MAX_REQUEST_TAGS = 8
+MAX_TAGS_HEADER_BYTES = 256
+
+
+def request_tags(values: Optional[Sequence[bytes]]) -> tuple[str, ...]:
+    """
+    The tags a request requires, from its C{x-llmgate-tags} header values
+    (comma-separated, several lines joined as HTTP joins them).
+
+    @raise ValueError: with the message for the client's 400: too long,
+        too many, or not a tag.
+    """
+    if not values:
+        return ()
+    raw = b",".join(values)
+    if len(raw) > MAX_TAGS_HEADER_BYTES:
+        raise ValueError(f"x-llmgate-tags: at most {MAX_TAGS_HEADER_BYTES} bytes")
+    items = [t.strip() for t in raw.decode("latin-1").split(",")]
+    if items == [""]:
+        return ()
+    tags: list[str] = []
+    for t in items:
+        if not is_tag(t):
+            shown = repr(t) if t.isprintable() else "a tag with control characters"
+            raise ValueError(f"x-llmgate-tags: {shown} is not a tag ({TAG_RULE}; comma-separated)")
+        if t not in tags:
+            tags.append(t)
+    if len(tags) > MAX_REQUEST_TAGS:
+        raise ValueError(f"x-llmgate-tags: at most {MAX_REQUEST_TAGS} tags")
+    return tuple(tags)
+
+
+def _tagged(groups: list[Group], tags: Sequence[str]) -> list[Group]:
+    if not tags:
+        return groups
+    kept = [tuple(d for d in g if all(t in d.tags for t in tags)) for g in groups]
+    return [g for g in kept if g]
 
 
 def key(d: Deployment) -> tuple[str, str]:
