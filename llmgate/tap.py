@@ -31,6 +31,7 @@ from llmgate.ops.memory import Trimmer, tune_malloc
 from llmgate.ops.notify import Notifier, SystemdNotify
 from llmgate.ops.startup import StartupBlock
 from llmgate.ops.threads import ThreadRunner
+from llmgate.ops.deployments import DeploymentGauges, DeploymentGaugesLoop
 from llmgate.policy.budgets import SpendLoader
 from llmgate.policy.cutoff import BudgetCutoff
 from llmgate.policy.limits import Quotas
@@ -39,6 +40,7 @@ from llmgate.service import Listener, OrderedMultiService
 from llmgate.edge.site import GatewaySite
 from llmgate.api.resource import GatewayResource
 from llmgate.relay.client import UpstreamClient
+from llmgate.routing.balance import configured_keys
 
 
 # Threads and queue bounds of the parse pool (bodies over 64 kB): past
@@ -267,6 +269,11 @@ def build(
         on_big_body_done=trimmer.freed, quotas=quotas,
     )
     root.watchdog.setServiceParent(top)
+    # Per-deployment state in /metrics: set at each scrape, or by a
+    # worker every second (its gauges are files the supervisor reads).
+    deployment_gauges = DeploymentGauges(metrics.registry, root.breakers, lambda: configured_keys(root.config))
+    if worker:
+        DeploymentGaugesLoop(deployment_gauges, reactor).setServiceParent(top)
     # Budgets go on from the spend in the ledger (started above).
     SpendLoader(root.quotas, cfg.ledger_path if cfg.ledger_enabled else None, in_thread).setServiceParent(top)
     # Streams of keys with cut_at_budget end when the budget runs out.
@@ -295,7 +302,7 @@ def build(
         # -- the status page (llmgate.ops.status) beside /metrics --
         metrics.board = status.StatusBoard(reactor)
         admin = status.AdminRoot(
-            MetricsResource(metrics.registry, before=metrics.sync_ledger),
+            MetricsResource(metrics.registry, before=lambda: (metrics.sync_ledger(), deployment_gauges.update())),
             status.StatusResource(
                 metrics.board, lambda: len(root.active), lambda: root.quotas, lambda: root.keys.by_name.values()
             ),
