@@ -581,6 +581,15 @@ class _Root(Resource):
         return self._provider._render(request)
 
 
+def _default_ttft(headers: dict[str, str], ttft_ms: float | None) -> None:
+    """
+    A provider that is slow to start every response (C{--ttft-ms}): the
+    process's default C{x-mock-ttft-ms}, for a request that names none.
+    """
+    if ttft_ms is not None and "x-mock-ttft-ms" not in headers:
+        headers["x-mock-ttft-ms"] = repr(float(ttft_ms))
+
+
 class MockProvider:
     """
     The fake provider. Serve C{Site(mock.resource, reactor=reactor)}.
@@ -590,13 +599,15 @@ class MockProvider:
         C{path}, C{headers} (lowercased names) and C{body} (bytes).
     """
 
-    def __init__(self, reactor: IReactorTime, seed: int = 0, fault: str | None = None):
+    def __init__(self, reactor: IReactorTime, seed: int = 0, fault: str | None = None, ttft_ms: float | None = None):
         if fault is not None and fault not in _FAULTS:
             raise ValueError(f"unknown fault {fault!r} (one of: {', '.join(_FAULTS)})")
         self.reactor = reactor
         # The fault of every request that names none (C{--fault}): a
         # provider that is down, whatever the gateway forwards.
         self.fault = fault
+        # The x-mock-ttft-ms of every request that sends none (C{--ttft-ms}).
+        self.ttft_ms = ttft_ms
         self.resource = _Root(self)
         self.stats: dict[str, int] = dict.fromkeys(_STATS_KEYS, 0)
         self.requests: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
@@ -616,6 +627,7 @@ class MockProvider:
                    for k, vs in request.requestHeaders.getAllRawHeaders()}
         if self.fault is not None and "x-mock-fault" not in headers:
             headers["x-mock-fault"] = self.fault
+        _default_ttft(headers, self.ttft_ms)
         self.stats["requests"] += 1
         self.requests.append({"method": method, "path": path, "headers": headers, "body": body})
         seq = next(self._seq)

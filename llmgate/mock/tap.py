@@ -27,6 +27,8 @@ class Options(usage.Options):
         ["seed", None, "0", "Seed for the random fixture slicing.", int],
         ["fault", None, None,
          "The x-mock-fault of every request that sends none (e.g. status-500): a failing provider."],
+        ["ttft-ms", None, None,
+         "The x-mock-ttft-ms of every request that sends none: a provider slow to start.", float],
     ]
 
     def postOptions(self) -> None:
@@ -44,7 +46,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     """One HTTP listener serving a fresh L{MockProvider}."""
     if reactor is None:
         from twisted.internet import reactor
-    mock = MockProvider(reactor, seed=options["seed"], fault=options["fault"])
+    mock = MockProvider(reactor, seed=options["seed"], fault=options["fault"], ttft_ms=options["ttft-ms"])
     service = MultiService()
     endpoint = serverFromString(reactor, options["port"])
     listener = StreamServerEndpointService(endpoint, Site(mock.resource, reactor=reactor))
