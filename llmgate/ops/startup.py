@@ -164,14 +164,22 @@ class StartupBlock(Service):
         _log.info("{text}", text=text, startup=facts)
 
 
+def _tags(d: Any) -> str:
+    tags = getattr(d, "tags", ())
+    return f"[{','.join(tags)}]" if tags else ""
+
+
 def _deployments(m: Any) -> str:
-    """C{provider/model}, or C{a/x*2 | b/y} for several (with weights), then C{; fallbacks f, g}."""
+    """
+    C{provider/model}, or C{a/x*2 | b/y} for several (with weights), each
+    with its tags (C{a/x[eu,cheap]}), then C{(fallbacks f, g)}.
+    """
     deps = getattr(m, "deployments", ()) or ()
     if len(deps) <= 1:
-        text = f"{m.provider}/{m.upstream_model}"
+        text = f"{m.provider}/{m.upstream_model}" + (_tags(deps[0]) if deps else "")
     else:
         text = " | ".join(
-            f"{d.provider}/{d.upstream_model}" + ("" if d.weight == 1 else f"*{d.weight:g}") for d in deps
+            f"{d.provider}/{d.upstream_model}" + ("" if d.weight == 1 else f"*{d.weight:g}") + _tags(d) for d in deps
         )
     if getattr(m, "fallbacks", ()):
         text += " (fallbacks " + ", ".join(m.fallbacks) + ")"

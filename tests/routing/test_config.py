@@ -145,6 +145,19 @@ class StartupLineTests(SynchronousTestCase):
         self.assertEqual(_deployments(cfg.models["g"]), "oai/g*2 | oai/y (fallbacks h)")
         self.assertEqual(_deployments(cfg.models["h"]), "oai/h")
 
+    def test_models_line_shows_tags(self) -> None:
+        """Each deployment's tags follow it in the start-up block."""
+        from llmgate.ops.startup import _deployments
+
+        cfg = make_config(
+            models={
+                "g": {"deployments": [{"provider": "oai", "weight": 2, "tags": ["eu", "cheap"]}, {"provider": "oai", "upstream_model": "y"}]},
+                "h": {"provider": "oai", "tags": ["us"]},
+            }
+        )
+        self.assertEqual(_deployments(cfg.models["g"]), "oai/g*2[eu,cheap] | oai/y")
+        self.assertEqual(_deployments(cfg.models["h"]), "oai/h[us]")
+
 
 class BalanceConfigTests(SynchronousTestCase):
     """[routing] balance = "latency", the failure-ratio breaker keys and deployment tags."""
