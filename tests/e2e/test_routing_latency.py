@@ -82,3 +82,47 @@ class LatencyBalanceE2ETests(SynchronousTestCase):
             {(l["provider"], l["upstream_model"]) for l, _ in m["llmgate_deployment_outstanding"]},
             {("fast", "m-fast"), ("slow", "m-slow")},
         )
+
+
+class WorkersGaugesE2ETests(SynchronousTestCase):
+    def test_supervisor_serves_workers_deployment_gauges(self) -> None:
+        """
+        Under --workers 2 the supervisor's /metrics has the deployment
+        gauges the workers push: in flight summed, breaker state one series
+        per worker pid, the TTFT EWMA of the deployment that served.
+        """
+        d = tempfile.mkdtemp(prefix="llmgate-e2e-latency-")
+        mock = Daemon("llmgate-mock", ["--port", "tcp:0:interface=127.0.0.1"], d)
+        self.addCleanup(mock.stop)
+        mport = _free_port()
+        conf = os.path.join(d, "llmgate.toml")
+        with open(conf, "w") as f:
+            f.write(
+                provider("p", mock.port)
+                + '[models."m"]\ndeployments = [{provider = "p", upstream_model = "m-p"}]\n'
+                + '[routing]\nbalance = "latency"\n'
+                + f'[metrics]\nport = "tcp:{mport}:interface=127.0.0.1"\n'
+                + f'[ledger]\npath = "{os.path.join(d, "usage.db")}"\n'
+            )
+        gw = Daemon(
+            "llmgate", ["--config", conf, "--workers", "2", "--port", "tcp:0:interface=127.0.0.1"], d,
+            env={"E2E_UPSTREAM_KEY": KEY},
+        )
+        self.addCleanup(gw.stop)
+        pids = {gw.wait_for(rf"worker {i} \(pid (\d+)\) is serving").group(1) for i in (0, 1)}
+        oai = openai.OpenAI(base_url=gw.url("/v1"), api_key="client-key", max_retries=0, timeout=20)
+        for _ in range(4):
+            list(oai.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True))
+        deadline = time.monotonic() + 10
+        while True:
+            m = _scrape(mport)
+            if len(m["llmgate_deployment_breaker_state"]) == 2 and m["llmgate_deployment_ttft_ewma_seconds"]:
+                break
+            self.assertLess(time.monotonic(), deadline, m)
+            time.sleep(0.2)
+        self.assertEqual({l["pid"] for l, _ in m["llmgate_deployment_breaker_state"]}, pids)
+        self.assertEqual([v for _, v in m["llmgate_deployment_breaker_state"]], [0, 0])
+        self.assertEqual(m["llmgate_deployment_outstanding"], [({"provider": "p", "upstream_model": "m-p"}, 0.0)])
+        [(labels, ewma)] = m["llmgate_deployment_ttft_ewma_seconds"]
+        self.assertEqual(labels, {"provider": "p", "upstream_model": "m-p"})
+        self.assertGreater(ewma, 0)
