@@ -320,3 +320,27 @@ class ObservationTests(SynchronousTestCase):
         self.assertIn(("a", "gpt-4o-a"), br.configured)
         gw.resource.reconfigure(routed_gateway(routing={"breaker_min_requests": 7}).cfg)
         self.assertEqual((br.failure_ratio, br.window, br.min_requests), (0.5, 30.0, 7))
+
+    def test_failure_ratio_opens_through_the_gateway(self) -> None:
+        """
+        small's b answers ok, 502, ok, 502 (never two failures in a row):
+        at 4 requests and 50% failed the ratio breaker opens and the next
+        request is a 503 at once, without an upstream call.
+        """
+        gw = routed_gateway(
+            routing={"max_attempts": 1, "breaker_failures": 3, "breaker_failure_ratio": 0.5, "breaker_min_requests": 4}
+        )
+        body = {**CHAT, "model": "small"}
+        for i, code in enumerate((200, 502, 200, 502)):
+            gw.post("/v1/chat/completions", body)
+            r = answer(gw, i, code, None if code == 200 else JSON)
+            if code == 200:
+                r.send(E1 + USAGE + DONE)
+            r.end()
+            gw.clock.advance(0)
+        self.assertEqual(gw.resource.breakers.error_ratio(("b", "small-b")), 0.5)
+        _, transport = gw.post("/v1/chat/completions", body)
+        gw.clock.advance(0)
+        self.assertEqual(len(gw.http.calls), 4)
+        status, headers, _, _ = parse_response(transport.value())
+        self.assertEqual((status, headers[b"retry-after"]), (503, [b"30"]))
