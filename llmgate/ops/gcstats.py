@@ -25,7 +25,8 @@ from typing import Any, Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from twisted.application.service import Service
-from twisted.internet.task import LoopingCall
+
+from llmgate.ops.periodic import Periodic
 
 # From well under a young collection to the pauses seen before the fix.
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -137,7 +138,7 @@ def tune() -> None:
     gc.set_threshold(THRESHOLD0, THRESHOLD1, THRESHOLD2)
 
 
-class YoungCollections(Service):
+class YoungCollections(Periodic):
     """
     Collects the young generation every C{interval} seconds and the middle
     one instead every C{every}-th time, on the reactor, so each collection only
@@ -161,7 +162,7 @@ class YoungCollections(Service):
         full_max_load: int = FULL_MAX_LOAD,
         full_deadline: float = FULL_DEADLINE,
     ) -> None:
-        self._interval = interval
+        super().__init__(clock, interval)
         self._every = every
         self._full_every = max(1, round(full_interval / interval))
         self._full_overdue = max(1, round(full_deadline / interval))
@@ -170,19 +171,8 @@ class YoungCollections(Service):
         self._collect = collect
         self._ticks = 0
         self._since_full = 0
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = clock
 
-    def startService(self) -> None:
-        super().startService()
-        self._loop.start(self._interval, now=False)
-
-    def stopService(self) -> None:
-        super().stopService()
-        if self._loop.running:
-            self._loop.stop()
-
-    def _tick(self) -> None:
+    def tick(self) -> None:
         self._ticks += 1
         self._since_full += 1
         if self._since_full >= self._full_every and (

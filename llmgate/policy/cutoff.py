@@ -26,13 +26,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Mapping, Optional
 
-from twisted.application.service import Service
-from twisted.internet.task import LoopingCall
-
+from llmgate.ops.periodic import Periodic
 from llmgate.policy.keys import KeyRecord
 
 
-class BudgetCutoff(Service):
+class BudgetCutoff(Periodic):
     """
     @param relays: the relays in flight (C{GatewayResource.active}).
     @param keys: returns the keys by name, as now configured.
@@ -49,24 +47,15 @@ class BudgetCutoff(Service):
         estimate: Callable[[Any], Optional[float]],
         interval: float = 1.0,
     ) -> None:
-        self.clock = clock
+        super().__init__(clock, interval)
         self._relays = relays
         self._keys = keys
         self._quotas = quotas
         self._estimate = estimate
-        self._interval = interval
-        self._loop = LoopingCall(self.check)
-        self._loop.clock = clock
         self.cut = 0
 
-    def startService(self) -> None:
-        super().startService()
-        self._loop.start(self._interval, now=False)
-
-    def stopService(self) -> None:
-        super().stopService()
-        if self._loop.running:
-            self._loop.stop()
+    def tick(self) -> None:
+        self.check()
 
     def check(self) -> None:
         """Cut the streams of every key that asks for it and is over its budget."""

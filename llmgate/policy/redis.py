@@ -47,10 +47,11 @@ from typing import Any, Optional
 from urllib.parse import urlsplit
 
 from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 from prometheus_client import Counter
 
+from llmgate.ops.periodic import Periodic
 from llmgate.policy.keys import PERIODS, Limits, period_start
 from llmgate.policy.limits import Bucket, MemoryState, Refusal, Reservation, Scope
 from llmgate.policy.resp import RedisClient, RedisError
@@ -260,8 +261,8 @@ class RedisState(Service):
         self._totals: Optional[dict[str, dict[str, float]]] = None
         self._reserve = Script(RESERVE)
         self._settle = Script(SETTLE)
-        self._renew = task.LoopingCall(self._refresh)
-        self._renew.clock = clock
+        # Composed, not a child: stopService waits on the settles first.
+        self._renew = Periodic(clock, lease / 3, self._refresh)
         client.on_connect = self._connected
 
     # -- service -------------------------------------------------------------
@@ -269,13 +270,12 @@ class RedisState(Service):
     def startService(self) -> None:
         super().startService()
         self.client.start()
-        self._renew.start(self.lease / 3, now=False)
+        self._renew.start_timer()
 
     def stopService(self) -> defer.Deferred[None]:
         """Stop once the settles in flight are answered (each has a deadline)."""
         super().stopService()
-        if self._renew.running:
-            self._renew.stop()
+        self._renew.stop_timer()
         d = defer.DeferredList(list(self._inflight), consumeErrors=True)
         d.addBoth(lambda _: self.client.stop())
         return d

@@ -120,7 +120,6 @@ class CutoffTests(SynchronousTestCase):
         """Started, it checks once a second, not per event."""
         calls = []
         self.patch(self.cutoff, "check", lambda: calls.append(1))
-        self.cutoff._loop.f = lambda: self.cutoff.check()
         self.cutoff.startService()
         self.gw.clock.advance(0.5)
         self.assertEqual(calls, [])

@@ -137,7 +137,7 @@ class RedisStateTests(TestCase):
         v = yield a.admit(key, "m", "openai", 10, 0.9)
         self.assertIsNotNone(v.reservation)
         # a dies: no settle, no more lease renewals.
-        a.state._renew.stop()
+        a.state._renew.stop_timer()
         a.state.client.stop()
         refused = yield b.admit(key, "m", "openai", 10, 0.9)
         self.assertEqual(refused.status, 429)
