@@ -19,6 +19,9 @@ inference call; the gateway makes the call to the provider).
 
 from __future__ import annotations
 
+import os
+import socket
+import uuid
 from typing import Any, Optional
 
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -119,6 +122,24 @@ class GenAITelemetry:
         span.end(end_time=start + int(rec.duration_ms * 1e6))
 
 
+def resource_attributes(service_name: str) -> dict[str, Any]:
+    """
+    The exported resource of this process: C{service.name} and a
+    C{service.instance.id} of its own, a random UUID made at each process
+    start (the conventions' advice), with the host name and pid beside it
+    for people.  Under C{--workers} every worker exports its own
+    cumulative metrics: with one instance id for all, a collector would
+    take them for one series that keeps going back and forth.  A restarted
+    worker is a new instance (its counters start again from zero).
+    """
+    return {
+        "service.name": service_name,
+        "service.instance.id": str(uuid.uuid4()),
+        "host.name": socket.gethostname(),
+        "process.pid": os.getpid(),
+    }
+
+
 class OTLPExport(Service):
     """
     The OTLP/HTTP exporters' providers: their export threads are the SDK's
@@ -135,7 +156,7 @@ class OTLPExport(Service):
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-        resource = Resource.create({"service.name": service_name})
+        resource = Resource.create(resource_attributes(service_name))
         # Shut down by stopService (in a thread), not again at exit.
         self.meter_provider = MeterProvider(
             resource=resource, shutdown_on_exit=False,

@@ -47,6 +47,70 @@ def _attrs(kvs: Any) -> dict[str, Any]:
 
 
 class OTLPExportTests(SynchronousTestCase):
+    def collector(self) -> tuple[list[tuple[str, str, bytes]], int]:
+        """An OTLP/HTTP capture on 127.0.0.1: what it got, and its port."""
+        got: list[tuple[str, str, bytes]] = []
+        handler = type("H", (_Collector,), {"got": got})
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        return got, server.server_address[1]
+
+    def test_instance_per_worker(self) -> None:
+        """
+        --workers 2, both workers serving: every export names its process
+        by service.instance.id, one id per worker pid and a different one
+        for each, so a collector keeps the workers' cumulative metrics apart.
+        """
+        from tests.e2e.test_workers import _finite_stream, _owners, _wait
+        from tests.e2e.test_kill import GATEWAY_KEY, _wait_for_event
+
+        got, port = self.collector()
+        tmp = tempfile.mkdtemp()
+        mock = Daemon("llmgate-mock", ["--port", "tcp:0:interface=127.0.0.1"], tmp)
+        self.addCleanup(mock.stop)
+        ledger = os.path.join(tmp, "usage.db")
+        conf = os.path.join(tmp, "llmgate.toml")
+        with open(conf, "w") as f:
+            f.write(gateway_config(
+                mock.port,
+                f'[ledger]\npath = "{ledger}"\n[keys.team-e2e]\napi_key_env = "E2E_GW_KEY"\n'
+                f'[otel]\nendpoint = "http://127.0.0.1:{port}"\nservice_name = "gw-e2e"\n',
+            ))
+        gw = Daemon("llmgate", ["--config", conf, "--workers", "2", "--port", "tcp:0:interface=127.0.0.1"], tmp,
+                    env={"E2E_UPSTREAM_KEY": "k", "E2E_GW_KEY": GATEWAY_KEY})
+        self.addCleanup(gw.stop)
+        pids = {gw.wait_for(rf"worker {i} \(pid (\d+)\) is serving").group(1) for i in (0, 1)}
+        # Streams held open until both workers relay some (the kernel picks who accepts).
+        socks = []
+        for _ in range(60):
+            s = _finite_stream(gw.port, tokens=20, delay_ms=50)
+            self.addCleanup(s.close)
+            _wait_for_event(s)
+            socks.append(s)
+            rows = _wait(lambda: _owners(ledger) if len(_owners(ledger)) == len(socks) else None, "open rows")
+            if len({owner for _, owner in rows.values()}) == 2:
+                break
+        for s in socks:
+            while s.recv(65536):
+                pass
+        _wait(lambda: all(o == "completed" for o, _ in _owners(ledger).values()), "the streams' records")
+        gw.stop()
+        self.assertEqual({owner for _, owner in _owners(ledger).values()}, pids)
+
+        by_pid: dict[int, set[str]] = {}
+        for path, _, body in got:
+            cls = ExportTraceServiceRequest if path == "/v1/traces" else ExportMetricsServiceRequest
+            req = cls.FromString(body)
+            for r in getattr(req, "resource_spans", None) or req.resource_metrics:
+                a = _attrs(r.resource.attributes)
+                self.assertEqual(a["service.name"], "gw-e2e")
+                by_pid.setdefault(a["process.pid"], set()).add(a["service.instance.id"])
+        self.assertEqual(set(map(str, by_pid)), pids)
+        self.assertEqual([len(ids) for ids in by_pid.values()], [1, 1])
+        self.assertEqual(len(set.union(*by_pid.values())), 2)
+
     def test_spans_and_metrics_reach_the_collector(self) -> None:
         """
         Two chat requests: the collector receives protobuf traces with two

@@ -151,6 +151,29 @@ class GenAITelemetryTests(SynchronousTestCase):
         self.assertEqual(span.attributes["error.type"], "rejected")
 
 
+class ResourceTests(SynchronousTestCase):
+    """The exported resource names the process."""
+
+    def test_instance_id_per_process_start(self) -> None:
+        """
+        service.instance.id is a UUID of its own each time an exporter is
+        set up (each worker, each restart), beside the service name, host
+        name and pid.
+        """
+        import socket
+        import uuid
+
+        from llmgate.ops.otel import resource_attributes
+
+        a, b = resource_attributes("gw"), resource_attributes("gw")
+        self.assertNotEqual(a["service.instance.id"], b["service.instance.id"])
+        self.assertEqual(uuid.UUID(a["service.instance.id"]).version, 4)
+        self.assertEqual(
+            {k: v for k, v in a.items() if k != "service.instance.id"},
+            {"service.name": "gw", "host.name": socket.gethostname(), "process.pid": os.getpid()},
+        )
+
+
 class OtelConfigTests(SynchronousTestCase):
     """[otel] in config.parse, the one path check-config uses too."""
 
