@@ -179,8 +179,9 @@ class Metrics:
         )
         # Under --workers with in-memory state each worker enforces its own
         # view of the spend; "livemin" shows the least any live worker has
-        # left, the view that refuses first.  With Redis every worker
-        # settles into the same spend, and the views converge.
+        # left, the view that refuses first.  With Redis each worker sets it
+        # from the shared spend Redis returns at each of its settles, so the
+        # least is the latest: the budget less every worker's spend.
         self.budget_remaining = Gauge(
             "llmgate_budget_remaining_usd",
             "Budget left in the current period per key with a budget (USD; negative by the overshoot).",
