@@ -237,8 +237,10 @@ class WorkersTests(SynchronousTestCase):
         (each worker's own multiprocess file holds its young collections,
         and the served count is at least the two added).
         """
-        from prometheus_client.multiprocess import MultiProcessCollector
+        import shutil
+
         from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.multiprocess import MultiProcessCollector
 
         conf = os.path.join(self.dir, "llmgate.toml")
         mport = _free_port()
@@ -265,14 +267,17 @@ class WorkersTests(SynchronousTestCase):
             alone = tempfile.mkdtemp(dir=self.dir)
             for name in os.listdir(path):
                 if name.endswith(f"_{pid}.db"):
-                    os.link(os.path.join(path, name), os.path.join(alone, name))
+                    shutil.copyfile(os.path.join(path, name), os.path.join(alone, name))
             registry = CollectorRegistry()
             MultiProcessCollector(registry, path=alone)
             return young(generate_latest(registry).decode())
 
+        def both() -> Any:
+            counts = [own(p) for p in pids]
+            return counts if all(counts) else None
+
         # Pushed once a second; young collections run every 25 ms.
-        counts = _wait(lambda: [c for c in map(own, pids) if c > 0] if all(own(p) > 0 for p in pids) else None,
-                       "both workers' young collections in their files")
+        counts = _wait(both, "both workers' young collections in their files")
         with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as r:
             text = r.read().decode()
         self.assertGreaterEqual(young(text), sum(counts))
