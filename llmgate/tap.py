@@ -240,7 +240,11 @@ def build(
     pauses.setServiceParent(top)
     # A full collection waits for a quiet moment (root is bound below).
     gcstats.YoungCollections(reactor, load=lambda: len(root.active)).setServiceParent(top)
-    metrics.registry.register(pauses)
+    if worker:
+        # The supervisor sums the workers' files, not their registries.
+        gcstats.GCPush(pauses, reactor, metrics.registry).setServiceParent(top)
+    else:
+        metrics.registry.register(pauses)
     if ledger is not None:
         if worker:
             metrics.push_ledger(ledger, reactor).setServiceParent(top)

@@ -56,11 +56,12 @@ from typing import Any, Callable, Deque, Iterable, List, Optional
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+
+from llmgate.ops.periodic import Periodic
 
 OUTCOMES = (
     "completed",
@@ -463,7 +464,7 @@ class Ledger(Service):
         self._inflight: Optional[List[UsageRecord]] = None
         self._inflightDone: Optional[defer.Deferred[None]] = None
         self._pool: Optional[ThreadPool] = None
-        self._loop: Optional[LoopingCall] = None
+        self._loop: Optional[Periodic] = None
         self._droppedLogged = 0
         self.progress_source: Optional[Callable[[], List[Progress]]] = None
         self.progress_interval = progress_interval
@@ -520,9 +521,8 @@ class Ledger(Service):
             self._runInThread = run
         # Recover first: the tick does not flush while this is in flight.
         self._flush(recover=True)
-        loop = LoopingCall(self._tick)
-        loop.clock = self._reactor
-        loop.start(self.batch_interval, now=False)
+        loop = Periodic(self._reactor, self.batch_interval, self._tick)
+        loop.start_timer()
         self._loop = loop
 
     @defer.inlineCallbacks
@@ -534,8 +534,8 @@ class Ledger(Service):
             (or a failed final write has been logged).
         """
         super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        if self._loop is not None:
+            self._loop.stop_timer()
         self._loop = None
         if self._runInThread is None:
             return
@@ -565,8 +565,7 @@ class Ledger(Service):
     # -- flushing -----------------------------------------------------------
 
     def _tick(self) -> None:
-        # Never return the Deferred: a LoopingCall stops on failure and
-        # waits on success, and we want neither.
+        # Never return the Deferred: the timer would wait on it.
         self._reportDropped()
         self._ticksToProgress -= 1
         if self._inflight is not None:

@@ -613,6 +613,9 @@ class Accounting:
         """
         rec = clip_record(self._make_record(ex, None, "upstream_error", ex.upstream_request_id))
         self._access_log(ex, rec)
+        if self.telemetry is not None:
+            # Its span, under its request's (llmgate.ops.otel).
+            self.telemetry.attempt(rec, ex.provider.kind, ex.started, ex.ended or ex.started)
         if self.ledger is not None:
             self.ledger.record(rec)
 

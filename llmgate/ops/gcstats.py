@@ -14,6 +14,13 @@ The callback only adds to plain integers; the Prometheus families are built
 when the registry is scraped. (prometheus_client's own metrics take a lock
 that a collection, which can start inside any allocation, could find held
 by the same thread.)
+
+Under C{--workers} the supervisor serves the sum of the workers'
+multiprocess files (L{llmgate.ops.metrics}), which a collector object in
+a worker's registry never reaches: there L{GCPush} copies the same
+figures, once a second off the callback, into a multiprocess-mode
+histogram and counter of the same names, which the supervisor sums like
+every other counter (a dead worker's pauses stay in the sum).
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ import time
 from bisect import bisect_left
 from typing import Any, Callable, Iterator
 
+from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from twisted.application.service import Service
-from twisted.internet.task import LoopingCall
+
+from llmgate.ops.periodic import Periodic
 
 # From well under a young collection to the pauses seen before the fix.
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -58,6 +67,10 @@ FULL_DEADLINE = 6 * 3600.0
 THRESHOLD0 = 50_000
 THRESHOLD1 = 1_000
 THRESHOLD2 = 1_000_000_000
+
+
+_PAUSE_HELP = "Pauses of the cyclic garbage collector (the reactor stops), by generation."
+_FREED_HELP = "Objects freed by the cyclic garbage collector (garbage in reference cycles), by generation."
 
 
 class GCPauses(Service):
@@ -102,16 +115,8 @@ class GCPauses(Service):
 
     def collect(self) -> Iterator[Any]:
         """The Prometheus collector interface: called on each scrape."""
-        pauses = HistogramMetricFamily(
-            "llmgate_gc_pause_seconds",
-            "Pauses of the cyclic garbage collector (the reactor stops), by generation.",
-            labels=["generation"],
-        )
-        freed = CounterMetricFamily(
-            "llmgate_gc_collected_objects",
-            "Objects freed by the cyclic garbage collector (garbage in reference cycles), by generation.",
-            labels=["generation"],
-        )
+        pauses = HistogramMetricFamily("llmgate_gc_pause_seconds", _PAUSE_HELP, labels=["generation"])
+        freed = CounterMetricFamily("llmgate_gc_collected_objects", _FREED_HELP, labels=["generation"])
         for gen in range(3):
             counts = self.buckets[gen]
             cumulative = []
@@ -123,6 +128,61 @@ class GCPauses(Service):
             freed.add_metric([str(gen)], self.collected[gen])
         yield pauses
         yield freed
+
+
+class GCPush(Periodic):
+    """
+    A worker's L{GCPauses} figures, copied every C{interval} seconds (and
+    at stop) into a prometheus_client C{Histogram} and C{Counter} of the
+    same names as L{GCPauses.collect}'s, so that under multiprocess mode
+    they reach the worker's metrics files.  Only what was added since the
+    last copy is added, so the files hold exactly the process's totals.
+
+    The histogram's buckets are raised by their own count through the
+    child's C{_buckets} and C{_sum} values (prometheus_client has no public
+    call for "n observations in this bucket"; replaying each pause with
+    C{observe} would need every pause kept).  tests.ops.test_gcstats checks
+    the result through the real multiprocess collector, so a
+    prometheus_client that changes them fails there.
+
+    @param registry: where the two metrics are registered (the worker's
+        own, which nothing scrapes: not L{GCPauses}' registry in the
+        single process, whose names they share).
+    """
+
+    def __init__(self, pauses: GCPauses, clock: Any, registry: Any = None, interval: float = 1.0) -> None:
+        super().__init__(clock, interval)
+        self._pauses = pauses
+        hist = Histogram("llmgate_gc_pause_seconds", _PAUSE_HELP, ["generation"], buckets=BUCKETS, registry=registry)
+        freed = Counter("llmgate_gc_collected_objects", _FREED_HELP, ["generation"], registry=registry)
+        self._hist = [hist.labels(str(gen)) for gen in range(3)]
+        self._freed = [freed.labels(str(gen)) for gen in range(3)]
+        n = len(BUCKETS) + 1
+        self._seen_buckets = [[0] * n for _ in range(3)]
+        self._seen_sums = [0.0, 0.0, 0.0]
+        self._seen_collected = [0, 0, 0]
+
+    def tick(self) -> None:
+        p = self._pauses
+        for gen in range(3):
+            child = self._hist[gen]
+            seen = self._seen_buckets[gen]
+            # Copies first: a collection may run (and add) between reads.
+            counts, total, collected = list(p.buckets[gen]), p.sums[gen], p.collected[gen]
+            for i, count in enumerate(counts):
+                if count > seen[i]:
+                    child._buckets[i].inc(count - seen[i])
+                    seen[i] = count
+            if total > self._seen_sums[gen]:
+                child._sum.inc(total - self._seen_sums[gen])
+                self._seen_sums[gen] = total
+            if collected > self._seen_collected[gen]:
+                self._freed[gen].inc(collected - self._seen_collected[gen])
+                self._seen_collected[gen] = collected
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.tick()
 
 
 def tune() -> None:
@@ -137,7 +197,7 @@ def tune() -> None:
     gc.set_threshold(THRESHOLD0, THRESHOLD1, THRESHOLD2)
 
 
-class YoungCollections(Service):
+class YoungCollections(Periodic):
     """
     Collects the young generation every C{interval} seconds and the middle
     one instead every C{every}-th time, on the reactor, so each collection only
@@ -161,7 +221,7 @@ class YoungCollections(Service):
         full_max_load: int = FULL_MAX_LOAD,
         full_deadline: float = FULL_DEADLINE,
     ) -> None:
-        self._interval = interval
+        super().__init__(clock, interval)
         self._every = every
         self._full_every = max(1, round(full_interval / interval))
         self._full_overdue = max(1, round(full_deadline / interval))
@@ -170,19 +230,8 @@ class YoungCollections(Service):
         self._collect = collect
         self._ticks = 0
         self._since_full = 0
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = clock
 
-    def startService(self) -> None:
-        super().startService()
-        self._loop.start(self._interval, now=False)
-
-    def stopService(self) -> None:
-        super().stopService()
-        if self._loop.running:
-            self._loop.stop()
-
-    def _tick(self) -> None:
+    def tick(self) -> None:
         self._ticks += 1
         self._since_full += 1
         if self._since_full >= self._full_every and (

@@ -26,12 +26,12 @@ from typing import Any, Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application.service import Service
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from llmgate.dialects import ENDPOINTS
+from llmgate.ops.periodic import Periodic
 
 # Model names come from clients. A name becomes a label value only if it is
 # configured, or an upstream answered 200 for it (a default provider serves
@@ -179,8 +179,9 @@ class Metrics:
         )
         # Under --workers with in-memory state each worker enforces its own
         # view of the spend; "livemin" shows the least any live worker has
-        # left, the view that refuses first.  With Redis every worker
-        # settles into the same spend, and the views converge.
+        # left, the view that refuses first.  With Redis each worker sets it
+        # from the shared spend Redis returns at each of its settles, so the
+        # least is the latest: the budget less every worker's spend.
         self.budget_remaining = Gauge(
             "llmgate_budget_remaining_usd",
             "Budget left in the current period per key with a budget (USD; negative by the overshoot).",
@@ -334,15 +335,16 @@ class MetricsResource(Resource):
         return generate_latest(self.registry)
 
 
-class _LedgerGauges(Service):
-    """Copies the ledger's state into its gauges on a timer."""
+class _LedgerGauges(Periodic):
+    """Copies the ledger's state into its gauges on a timer (at start, and a last time at stop)."""
 
     def __init__(self, metrics: Metrics, ledger: Any, clock: Any, interval: float) -> None:
+        super().__init__(clock, interval, now=True)
         self._metrics = metrics
         self._ledger = ledger
-        self._loop = LoopingCall(self.update)
-        self._loop.clock = clock
-        self._interval = interval
+
+    def tick(self) -> None:
+        self.update()
 
     def update(self) -> None:
         m, ledger = self._metrics, self._ledger
@@ -353,14 +355,8 @@ class _LedgerGauges(Service):
             m.executor_bytes.labels(executor.name).set(executor.bytes)
             m.executor_rejected.labels(executor.name).set(executor.rejected)
 
-    def startService(self) -> None:
-        super().startService()
-        self._loop.start(self._interval, now=True)
-
     def stopService(self) -> None:
         super().stopService()
-        if self._loop.running:
-            self._loop.stop()
         self.update()
 
 

@@ -26,8 +26,9 @@ import time
 from typing import Any, Callable, Mapping, Optional
 
 from twisted.application.service import Service
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+
+from llmgate.ops.periodic import Periodic
 
 _log = Logger(namespace="llmgate.ops.notify")
 
@@ -141,7 +142,7 @@ class SystemdNotify(Service):
         self.notifier = notifier
         self._clock = clock
         self._ready_at_start = ready_at_start
-        self._beat: Optional[LoopingCall] = None
+        self._beat: Optional[Periodic] = None
 
     def startService(self) -> None:
         super().startService()
@@ -149,9 +150,9 @@ class SystemdNotify(Service):
             self.notifier.ready()
         usec = self.notifier.watchdog_usec
         if self.notifier.enabled and usec:
-            self._beat = LoopingCall(self.notifier.watchdog)
-            self._beat.clock = self._clock
-            self._beat.start(usec / 2_000_000, now=True)
+            # Not a child service: the beat goes on through the drain.
+            self._beat = Periodic(self._clock, usec / 2_000_000, self.notifier.watchdog, now=True)
+            self._beat.start_timer()
 
     def stopService(self) -> None:
         super().stopService()
@@ -159,6 +160,6 @@ class SystemdNotify(Service):
 
     def stop_watchdog(self) -> None:
         """Stops the C{WATCHDOG=1} beat (the reactor's end stops it too)."""
-        if self._beat is not None and self._beat.running:
-            self._beat.stop()
+        if self._beat is not None:
+            self._beat.stop_timer()
         self._beat = None

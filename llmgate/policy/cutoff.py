@@ -18,21 +18,23 @@ the estimated cost so far of those streams (L{Accounting.in_flight_cost
 no tokenizer) is compared with the budget; over it, all of them end.  A
 stream may so run past the budget by up to a second of output.  With
 C{--workers} and in-memory state each worker checks its own spend; with
-Redis, the spend this process knows (the ledger's at start and what it
-settled since).
+Redis, the check first reads the spend of the keys concerned from Redis
+(every worker's settles), one C{MGET} a second while such streams run.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Mapping, Optional
 
-from twisted.application.service import Service
-from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 
+from llmgate.ops.periodic import Periodic
 from llmgate.policy.keys import KeyRecord
 
+log = Logger(namespace="llmgate.policy.cutoff")
 
-class BudgetCutoff(Service):
+
+class BudgetCutoff(Periodic):
     """
     @param relays: the relays in flight (C{GatewayResource.active}).
     @param keys: returns the keys by name, as now configured.
@@ -49,24 +51,15 @@ class BudgetCutoff(Service):
         estimate: Callable[[Any], Optional[float]],
         interval: float = 1.0,
     ) -> None:
-        self.clock = clock
+        super().__init__(clock, interval)
         self._relays = relays
         self._keys = keys
         self._quotas = quotas
         self._estimate = estimate
-        self._interval = interval
-        self._loop = LoopingCall(self.check)
-        self._loop.clock = clock
         self.cut = 0
 
-    def startService(self) -> None:
-        super().startService()
-        self._loop.start(self._interval, now=False)
-
-    def stopService(self) -> None:
-        super().stopService()
-        if self._loop.running:
-            self._loop.stop()
+    def tick(self) -> None:
+        self.check()
 
     def check(self) -> None:
         """Cut the streams of every key that asks for it and is over its budget."""
@@ -78,6 +71,17 @@ class BudgetCutoff(Service):
                 groups.setdefault(rec.name, []).append(relay)
         if not groups:
             return
+        # With Redis the spend this process knows is only its own settles
+        # since its last one: read every worker's first.
+        refresh = getattr(getattr(self._quotas, "state", None), "refresh_spend", None)
+        if refresh is None:
+            self._cut(keys, groups)
+            return
+        d = refresh(list(groups))
+        d.addCallback(lambda _: self._cut(keys, groups))
+        d.addErrback(lambda f: log.failure("budget cut-off check failed", f))
+
+    def _cut(self, keys: Mapping[str, KeyRecord], groups: dict[str, list[Any]]) -> None:
         now = self.clock.seconds()
         for name, relays in groups.items():
             rec = keys[name]

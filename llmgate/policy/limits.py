@@ -361,10 +361,16 @@ class Quotas:
             tokens = (tin or 0) + (tout or 0)
             cost = rec.cost_usd if rec.cost_usd is not None else res.cost
         now = self.clock.seconds()
-        self.state.settle(now, res, tokens, cost)
+        shared = self.state.settle(now, res, tokens, cost)
         budget = self._budgets.get(res.key)
         if budget is not None and self.on_spend is not None:
             self.on_spend(res.key, budget[1] - self.spent(res.key, budget[0], now))
+            if shared is not None:
+                # Shared state: again once Redis answered with every
+                # worker's spend (a metric by this process's own settles
+                # alone would show more left than there is).
+                key, (period, limit), on_spend = res.key, budget, self.on_spend
+                shared.addCallback(lambda _: on_spend(key, limit - self.spent(key, period, self.clock.seconds())))
 
     def spent(self, key: str, period: str, now: float) -> float:
         """

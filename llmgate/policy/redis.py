@@ -47,10 +47,11 @@ from typing import Any, Optional
 from urllib.parse import urlsplit
 
 from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 from prometheus_client import Counter
 
+from llmgate.ops.periodic import Periodic
 from llmgate.policy.keys import PERIODS, Limits, period_start
 from llmgate.policy.limits import Bucket, MemoryState, Refusal, Reservation, Scope
 from llmgate.policy.resp import RedisClient, RedisError
@@ -139,7 +140,8 @@ return levels('ok', 0, '')
 # ARGV: now, worker, estimated tokens, used tokens, reserved cost, cost,
 # day ttl, month ttl, n, then 1/0 per scope (it holds a concurrency slot).
 # KEYS: bucket and concurrency hash per scope, reserved hash, spend day,
-# month and total.
+# month and total.  Returns the key's spend in each period after it
+# (every worker's; '' where Redis has none).
 SETTLE = r"""
 local now, worker = tonumber(ARGV[1]), ARGV[2]
 local est, used, held, cost = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -168,7 +170,9 @@ if cost > 0 then
     if ttls[j] > 0 then redis.call('EXPIRE', k, ttls[j]) end
   end
 end
-return 'ok'
+local spent = {}
+for j = 1, 3 do spent[j] = redis.call('GET', KEYS[2 * n + 1 + j]) or '' end
+return spent
 """
 
 
@@ -260,8 +264,8 @@ class RedisState(Service):
         self._totals: Optional[dict[str, dict[str, float]]] = None
         self._reserve = Script(RESERVE)
         self._settle = Script(SETTLE)
-        self._renew = task.LoopingCall(self._refresh)
-        self._renew.clock = clock
+        # Composed, not a child: stopService waits on the settles first.
+        self._renew = Periodic(clock, lease / 3, self._refresh)
         client.on_connect = self._connected
 
     # -- service -------------------------------------------------------------
@@ -269,13 +273,12 @@ class RedisState(Service):
     def startService(self) -> None:
         super().startService()
         self.client.start()
-        self._renew.start(self.lease / 3, now=False)
+        self._renew.start_timer()
 
     def stopService(self) -> defer.Deferred[None]:
         """Stop once the settles in flight are answered (each has a deadline)."""
         super().stopService()
-        if self._renew.running:
-            self._renew.stop()
+        self._renew.stop_timer()
         d = defer.DeferredList(list(self._inflight), consumeErrors=True)
         d.addBoth(lambda _: self.client.stop())
         return d
@@ -458,9 +461,47 @@ class RedisState(Service):
                            _ttl("day", now), _ttl("month", now), len(res.scopes)]
         args += ["1" if c else "0" for c in res.concurrent]
         d = self._settle.run(self.client, keys, args)
+        d.addCallback(self._shared_spend, res.key, now)
         d.addErrback(self._failed, "settle")
         self._inflight.add(d)
         d.addBoth(self._done, d)
+        return d
+
+    def _shared_spend(self, reply: Any, key: str, now: float) -> None:
+        """
+        Raise this process's view of C{key}'s spend (day, month, total) to
+        what Redis holds: every worker's settles, not only this one's.  Only
+        up: Redis may lack a period this process knows (lost, not synced yet).
+        """
+        if not isinstance(reply, list) or len(reply) != len(PERIODS) or not any(reply):
+            return
+        spend = self.local._spend(key, now)
+        for period, raw in zip(PERIODS, reply):
+            if raw:
+                v = float(raw)
+                if v > spend.spent[period]:
+                    spend.spent[period] = v
+
+    def refresh_spend(self, keys: list[str]) -> defer.Deferred[Any]:
+        """
+        Read C{keys}' spend from Redis into this process's view (for checks
+        that go by it between this process's own settles: the budget
+        cut-off).  Fires when done; a failure is logged, never raised.
+        """
+        if not keys or not self.client.connected:
+            return defer.succeed(None)
+        now = self.clock.seconds()
+        names = [self._spend_key(k, p, now) for k in keys for p in PERIODS]
+        d = self.client.call("MGET", *names)
+
+        def got(reply: Any) -> None:
+            if isinstance(reply, list):
+                n = len(PERIODS)
+                for i, key in enumerate(keys):
+                    self._shared_spend(reply[i * n:(i + 1) * n], key, now)
+
+        d.addCallback(got)
+        d.addErrback(self._failed, "spend read")
         return d
 
     def _done(self, result: Any, d: defer.Deferred[Any]) -> Any:

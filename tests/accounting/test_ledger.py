@@ -399,7 +399,7 @@ class OpenRowTests(SynchronousTestCase):
         beyond what the file already holds.
         """
         if ledger._loop is not None:
-            ledger._loop.stop()
+            ledger._loop.stop_timer()
         ledger._writer.close()
         ledger.running = False
 

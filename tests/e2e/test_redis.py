@@ -118,3 +118,71 @@ class SharedRedisE2ETests(SynchronousTestCase):
             time.sleep(0.1)
         self.assertNotIsInstance(self.chat(1, "free"), int)
         self.assertIn("llmgate:w:", self.redis.command("KEYS", "llmgate:w:*").decode())
+
+
+class WorkersBudgetGaugeE2ETests(SynchronousTestCase):
+    def test_budget_gauge_is_the_shared_spend(self) -> None:
+        """
+        --workers 2 with Redis, requests of one budgeted key served by
+        both workers: the supervisor's llmgate_budget_remaining_usd is the
+        budget less everything spent (the ledger's sum), not less what one
+        worker settled itself.
+        """
+        import json
+        import re
+        import urllib.request
+
+        from llmgate.accounting.ledger import read_records
+        from tests.e2e.test_workers import _free_port, _owners, _wait
+
+        budget = 100000.0
+        redis = RedisServer()
+        redis.start()
+        self.addCleanup(redis.stop)
+        root = tempfile.mkdtemp(prefix="llmgate-e2e-redis-")
+        keyfile = os.path.join(root, "llmgate-keys.json")
+        secret = keys("--file", keyfile, "create", "team", "--budget", str(int(budget)), "--period", "total")
+        mock = Daemon("llmgate-mock", ["--port", "tcp:0:interface=127.0.0.1"], root)
+        self.addCleanup(mock.stop)
+        ledger = os.path.join(root, "usage.db")
+        mport = _free_port()
+        conf = os.path.join(root, "llmgate.toml")
+        with open(conf, "w") as f:
+            f.write(gateway_config(mock.port, PRICES) + f'[keys]\nfile = "{keyfile}"\n[state]\nredis_url = "{redis.url}"\n'
+                    f'[ledger]\npath = "{ledger}"\nbatch_interval = 0.05\n'
+                    f'[metrics]\nport = "tcp:{mport}:interface=127.0.0.1"\n')
+        gw = Daemon("llmgate", ["--config", conf, "--workers", "2", "--port", "tcp:0:interface=127.0.0.1"], root,
+                    env={"E2E_UPSTREAM_KEY": UPSTREAM_KEY})
+        self.addCleanup(gw.stop)
+        for i in (0, 1):
+            gw.wait_for(rf"worker {i} \(pid \d+\) is serving")
+
+        def chat() -> None:
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{gw.port}/v1/chat/completions",
+                data=json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
+                                 "max_tokens": 20}).encode(),
+                headers={"Content-Type": "application/json", "Authorization": f"Bearer {secret}",
+                         "x-mock-tokens": "20"},
+            )
+            with urllib.request.urlopen(req, timeout=20) as r:
+                r.read()
+
+        # New connections until both workers served some (the kernel picks who accepts).
+        for n in range(1, 61):
+            chat()
+            rows = _wait(lambda: _owners(ledger) if len(_owners(ledger)) == n else None, "the rows")
+            owners = {o for outcome, o in rows.values() if outcome == "completed"}
+            if len(owners) == 2 and n >= 6:
+                break
+        _wait(lambda: all(o == "completed" for o, _ in _owners(ledger).values()), "the final records")
+        spent = sum(r["cost_usd"] for r in read_records(ledger))
+        self.assertGreater(spent, 0)
+
+        def gauge() -> float:
+            with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as r:
+                m = re.search(r'^llmgate_budget_remaining_usd\{key="team"\} (\S+)$', r.read().decode(), re.M)
+            return float(m.group(1)) if m else float("nan")
+
+        # Set as Redis answers each settle.
+        _wait(lambda: abs(gauge() - (budget - spent)) < 1e-6, f"the gauge at {budget - spent}", timeout=10)

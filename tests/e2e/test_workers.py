@@ -230,6 +230,61 @@ class WorkersTests(SynchronousTestCase):
         self.assertFalse(any(p for p in pids if os.path.exists(f"/proc/{p}") and _alive(int(p))))
         self.assertNotIn(GATEWAY_KEY, gw.output())
 
+    def test_gc_metrics_summed(self) -> None:
+        """
+        --workers 2: the collector's pause histogram and freed-objects
+        counter are on the supervisor's /metrics, the sum of both workers'
+        (each worker's own multiprocess file holds its young collections,
+        and the served count is at least the two added).
+        """
+        import shutil
+
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        conf = os.path.join(self.dir, "llmgate.toml")
+        mport = _free_port()
+        with open(conf, "w") as f:
+            f.write(gateway_config(
+                _free_port(), f'[ledger]\nenabled = false\n[metrics]\nport = "tcp:{mport}:interface=127.0.0.1"\n'
+            ))
+        gw = Daemon(
+            "llmgate", ["--config", conf, "--workers", "2", "--port", "tcp:0:interface=127.0.0.1"], self.dir,
+            env={"E2E_UPSTREAM_KEY": "k"},
+        )
+        self.addCleanup(gw.stop)
+        pids = [gw.wait_for(rf"worker {i} \(pid (\d+)\) is serving").group(1) for i in (0, 1)]
+        with open(f"/proc/{pids[0]}/environ", "rb") as f:
+            env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        path = env[b"PROMETHEUS_MULTIPROC_DIR"].decode()
+
+        def young(text: str) -> float:
+            m = re.search(r'^llmgate_gc_pause_seconds_count\{generation="0"\} (\S+)$', text, re.M)
+            return float(m.group(1)) if m else 0.0
+
+        def own(pid: str) -> float:
+            """One worker's count, from its own files only."""
+            alone = tempfile.mkdtemp(dir=self.dir)
+            for name in os.listdir(path):
+                if name.endswith(f"_{pid}.db"):
+                    shutil.copyfile(os.path.join(path, name), os.path.join(alone, name))
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=alone)
+            return young(generate_latest(registry).decode())
+
+        def both() -> Any:
+            counts = [own(p) for p in pids]
+            return counts if all(counts) else None
+
+        # Pushed once a second; young collections run every 25 ms.
+        counts = _wait(both, "both workers' young collections in their files")
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        self.assertGreaterEqual(young(text), sum(counts))
+        self.assertRegex(text, r'llmgate_gc_pause_seconds_bucket\{generation="0",le="\+Inf"\} \d')
+        self.assertRegex(text, r'llmgate_gc_collected_objects_total\{generation="0"\} \d')
+        self.assertRegex(text, r"# TYPE llmgate_gc_pause_seconds histogram")
+
     def test_sighup_reloads_every_worker(self) -> None:
         """
         SIGHUP to the supervisor reaches every worker: each re-reads the

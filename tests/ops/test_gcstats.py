@@ -158,3 +158,64 @@ class YoungCollectionTests(SynchronousTestCase):
         self.assertEqual(calls.count(2), 1)
         seconds(1)
         self.assertEqual(calls.count(2), 2)
+
+
+class WorkerPushTests(SynchronousTestCase):
+    """Under --workers the pauses reach the supervisor's sum through the multiprocess files."""
+
+    def worker_push(self, path: str, pid: int, clock: object) -> tuple[GCPauses, gcstats.GCPush]:
+        """A worker's GCPauses and GCPush, writing multiprocess files as pid C{pid}."""
+        import os
+
+        from prometheus_client import values
+
+        self.patch(os, "environ", dict(os.environ, PROMETHEUS_MULTIPROC_DIR=path))
+        self.patch(values, "ValueClass", values.MultiProcessValue(lambda: pid))
+        pauses = GCPauses(FakeClock())
+        return pauses, gcstats.GCPush(pauses, clock, CollectorRegistry(), interval=1.0)
+
+    def pause(self, pauses: GCPauses, gen: int, seconds: float, collected: int) -> None:
+        clock = pauses._clock
+        pauses.callback("start", {"generation": gen})
+        clock.now += seconds  # type: ignore[attr-defined]
+        pauses.callback("stop", {"generation": gen, "collected": collected, "uncollectable": 0})
+
+    def test_two_workers_summed(self) -> None:
+        """
+        Two workers' pauses, pushed on their timer and at stop, add up
+        bucket by bucket in the sum the supervisor serves; only what is
+        new is added at each push.
+        """
+        import os
+
+        from prometheus_client.multiprocess import MultiProcessCollector
+        from twisted.internet.task import Clock
+
+        path = self.mktemp()
+        os.makedirs(path)
+        clock = Clock()
+        a, push_a = self.worker_push(path, 2001, clock)
+        b, push_b = self.worker_push(path, 2002, clock)
+        push_a.startService()
+        push_b.startService()
+        self.pause(a, 1, 0.003, 7)
+        self.pause(b, 1, 0.0004, 2)
+        clock.advance(1.0)
+        self.pause(a, 0, 0.0002, 0)
+        clock.advance(1.0)
+        self.pause(b, 1, 0.003, 1)
+        push_b.stopService()  # the last push, at stop
+        push_a.stopService()
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=path)
+        s = scrape(registry)
+        gen1 = (("generation", "1"),)
+        self.assertEqual(s[("llmgate_gc_pause_seconds_bucket", (("generation", "1"), ("le", "0.0005")))], 1)
+        self.assertEqual(s[("llmgate_gc_pause_seconds_bucket", (("generation", "1"), ("le", "0.005")))], 3)
+        self.assertEqual(s[("llmgate_gc_pause_seconds_bucket", (("generation", "1"), ("le", "+Inf")))], 3)
+        self.assertEqual(s[("llmgate_gc_pause_seconds_count", gen1)], 3)
+        self.assertAlmostEqual(s[("llmgate_gc_pause_seconds_sum", gen1)], 0.0064)
+        self.assertEqual(s[("llmgate_gc_collected_objects_total", gen1)], 10)
+        self.assertEqual(s[("llmgate_gc_pause_seconds_bucket", (("generation", "0"), ("le", "0.00025")))], 1)
+        self.assertEqual(s[("llmgate_gc_pause_seconds_count", (("generation", "0"),))], 1)
+        self.assertEqual(clock.getDelayedCalls(), [])

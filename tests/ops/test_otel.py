@@ -3,6 +3,7 @@ OpenTelemetry GenAI metrics and spans (llmgate.ops.otel), the [otel]
 settings, and that nothing of OpenTelemetry loads when [otel] is off.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -106,10 +107,14 @@ class GenAITelemetryTests(SynchronousTestCase):
         self.assertEqual(dict(dur.attributes), want)
         self.assertAlmostEqual(dur.sum, 1.2)
 
+    def request_spans(self) -> list[Any]:
+        """The spans of client requests (attempt spans have a parent)."""
+        return [s for s in self.spans.get_finished_spans() if s.parent is None]
+
     def test_span_per_request(self) -> None:
         """One CLIENT span per request, named "{operation} {model}", with usage and times."""
         self.stream(5, 7)
-        [span] = self.spans.get_finished_spans()
+        [span] = self.request_spans()
         self.assertEqual(span.name, "chat public-model")
         self.assertEqual(span.kind, SpanKind.CLIENT)
         a = span.attributes
@@ -133,7 +138,7 @@ class GenAITelemetryTests(SynchronousTestCase):
         r.end()
         gw.clock.advance(0)
         [rec] = self.ledger.records
-        [span] = self.spans.get_finished_spans()
+        [span] = self.request_spans()
         self.assertEqual(span.attributes["gen_ai.provider.name"], "anthropic")
         self.assertEqual(span.attributes["error.type"], rec.outcome)
         self.assertEqual(rec.outcome, "upstream_error")
@@ -147,8 +152,152 @@ class GenAITelemetryTests(SynchronousTestCase):
         self.gw.clock.advance(0)
         [rec] = self.ledger.records
         self.assertEqual(rec.outcome, "rejected")
+        # No upstream attempt: the request's span alone.
         [span] = self.spans.get_finished_spans()
         self.assertEqual(span.attributes["error.type"], "rejected")
+
+
+class AttemptSpanTests(SynchronousTestCase):
+    """A child span per upstream attempt under the request's span."""
+
+    def setUp(self) -> None:
+        from tests.routing.helpers import FixedRng, routed_gateway
+
+        self.spans = InMemorySpanExporter()
+        tracer = TracerProvider()
+        tracer.add_span_processor(SimpleSpanProcessor(self.spans))
+        self.gw = routed_gateway()
+        self.gw.resource.rng = FixedRng(0.1)  # a first, then b
+        self.telemetry = GenAITelemetry(MeterProvider(metric_readers=[InMemoryMetricReader()]), tracer)
+        self.gw.accounting.telemetry = self.telemetry
+
+    def by_parent(self) -> tuple[Any, list[Any]]:
+        spans = self.spans.get_finished_spans()
+        [top] = [s for s in spans if s.parent is None]
+        children = sorted((s for s in spans if s.parent is not None), key=lambda s: s.attributes["llmgate.attempt"])
+        for c in children:
+            self.assertEqual(c.parent.span_id, top.context.span_id)
+            self.assertEqual(c.context.trace_id, top.context.trace_id)
+        return top, children
+
+    def test_retried_request_has_a_span_per_attempt(self) -> None:
+        """
+        A 500 from a, then b serves: under the request's span, attempt 1 (a,
+        gpt-4o-a, upstream_error, 500, error status) and attempt 2 (b,
+        gpt-4o-b, completed, its tokens), in order, inside the request's time.
+        """
+        from tests.routing.helpers import CHAT, DONE, E1, USAGE
+        from tests.routing.test_attempts import JSON, answer
+
+        gw = self.gw
+        gw.post("/v1/chat/completions", CHAT)
+        gw.clock.advance(0.25)
+        answer(gw, 0, 500, JSON)
+        gw.clock.advance(0.5)
+        r = answer(gw, 1)
+        gw.clock.advance(0.125)
+        r.send(E1)
+        r.send(USAGE + DONE)
+        r.end()
+        gw.clock.advance(0)
+        top, [first, second] = self.by_parent()
+        a, b = first.attributes, second.attributes
+        self.assertEqual(first.name, "chat gpt-4o-a")
+        self.assertEqual(
+            (a["llmgate.attempt"], a["llmgate.provider"], a["gen_ai.provider.name"], a["gen_ai.request.model"],
+             a["llmgate.outcome"], a["http.response.status_code"], a["error.type"], a["llmgate.phase"]),
+            (1, "a", "openai", "gpt-4o-a", "upstream_error", 500, "upstream_error", "headers"),
+        )
+        self.assertNotIn("gen_ai.usage.output_tokens", a)
+        self.assertEqual(first.status.status_code, StatusCode.ERROR)
+        self.assertEqual(first.kind, SpanKind.CLIENT)
+        self.assertEqual(second.name, "chat gpt-4o-b")
+        self.assertEqual(
+            (b["llmgate.attempt"], b["llmgate.provider"], b["gen_ai.request.model"], b["llmgate.outcome"],
+             b["http.response.status_code"], b["gen_ai.usage.input_tokens"], b["gen_ai.usage.output_tokens"]),
+            (2, "b", "gpt-4o-b", "completed", 200, 3, 1),
+        )
+        self.assertNotIn("error.type", b)
+        self.assertEqual(second.status.status_code, StatusCode.UNSET)
+        # Times: the request 0.875 s; attempt 1 its first 0.25 s, attempt 2 the rest.
+        self.assertAlmostEqual((top.end_time - top.start_time) / 1e9, 0.875, places=6)
+        self.assertEqual(first.start_time, top.start_time)
+        self.assertAlmostEqual((first.end_time - first.start_time) / 1e9, 0.25, places=6)
+        self.assertEqual(second.start_time, first.end_time)
+        self.assertEqual(second.end_time, top.end_time)
+        self.assertEqual(self.telemetry._waiting, {})
+
+    def test_single_attempt(self) -> None:
+        """A request served at once: one attempt span, attempt 1, with the served model and tokens."""
+        from tests.routing.helpers import CHAT, DONE, E1, USAGE
+        from tests.routing.test_attempts import answer
+
+        gw = self.gw
+        gw.post("/v1/chat/completions", CHAT)
+        r = answer(gw, 0)
+        r.send(E1)
+        r.send(USAGE + DONE)
+        r.end()
+        gw.clock.advance(0)
+        top, [only] = self.by_parent()
+        self.assertEqual((only.attributes["llmgate.attempt"], only.attributes["llmgate.provider"]), (1, "a"))
+        self.assertEqual((only.start_time, only.end_time), (top.start_time, top.end_time))
+
+    def test_attempt_reported_after_its_request(self) -> None:
+        """
+        An attempt reported once its request has ended (a hedge lost and
+        recorded late) still gets its span under the request's, at once;
+        one whose request is unknown waits, bounded.
+        """
+        from llmgate.ops import otel
+        from tests.routing.helpers import CHAT, DONE, E1, USAGE
+        from tests.routing.test_attempts import answer
+
+        gw = self.gw
+        gw.post("/v1/chat/completions", CHAT)
+        r = answer(gw, 0)
+        r.send(E1)
+        r.send(USAGE + DONE)
+        r.end()
+        gw.clock.advance(0)
+        top, [served] = self.by_parent()
+        [final] = gw.accounting.exchanges
+        lost = dataclasses.replace(
+            gw.accounting.ledger.records[-1], request_id=final.request_id + "-2",
+            parent_request_id=final.request_id, attempt=2, outcome="hedge_lost", status=0,
+        )
+        self.telemetry.attempt(lost, "openai", final.started, final.started + 0.5)
+        top2, [_, late] = self.by_parent()
+        self.assertEqual(top2.context.span_id, top.context.span_id)
+        self.assertEqual((late.attributes["llmgate.outcome"], late.attributes["error.type"]), ("hedge_lost", "hedge_lost"))
+        self.assertEqual(late.start_time, top.start_time)
+        self.patch(otel, "MAX_WAITING", 2)
+        for i in range(3):
+            self.telemetry.attempt(dataclasses.replace(lost, parent_request_id=f"unknown-{i}"), "openai", 0.0, 1.0)
+        self.assertEqual(list(self.telemetry._waiting), ["unknown-1", "unknown-2"])
+
+
+class ResourceTests(SynchronousTestCase):
+    """The exported resource names the process."""
+
+    def test_instance_id_per_process_start(self) -> None:
+        """
+        service.instance.id is a UUID of its own each time an exporter is
+        set up (each worker, each restart), beside the service name, host
+        name and pid.
+        """
+        import socket
+        import uuid
+
+        from llmgate.ops.otel import resource_attributes
+
+        a, b = resource_attributes("gw"), resource_attributes("gw")
+        self.assertNotEqual(a["service.instance.id"], b["service.instance.id"])
+        self.assertEqual(uuid.UUID(a["service.instance.id"]).version, 4)
+        self.assertEqual(
+            {k: v for k, v in a.items() if k != "service.instance.id"},
+            {"service.name": "gw", "host.name": socket.gethostname(), "process.pid": os.getpid()},
+        )
 
 
 class OtelConfigTests(SynchronousTestCase):

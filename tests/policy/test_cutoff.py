@@ -116,11 +116,39 @@ class CutoffTests(SynchronousTestCase):
         self.cutoff.check()
         self.assertEqual(self.cutoff.cut, 1)
 
+    def test_shared_spend_read_before_the_check(self) -> None:
+        """
+        With shared state (Redis) the check first reads the key's spend
+        from it (other workers' settles), then cuts by that: $0.45 settled
+        elsewhere plus this stream's ~$0.11 is past the $0.50 budget.
+        """
+        from twisted.internet import defer
+
+        quotas = self.gw.resource.quotas
+        reads: list[tuple[list[str], defer.Deferred[None]]] = []
+
+        def refresh_spend(keys: list[str]) -> defer.Deferred[None]:
+            d: defer.Deferred[None] = defer.Deferred()
+            reads.append((keys, d))
+            return d
+
+        quotas.state.refresh_spend = refresh_spend  # as RedisState has
+        t, resp = self.stream("lg-alice")
+        resp.send(chunk("x" * 400))
+        self.settle()
+        self.cutoff.check()
+        [(keys, d)] = reads
+        self.assertEqual(keys, ["alice"])
+        self.assertEqual(self.cutoff.cut, 0)
+        # What another worker settled, as the read brings it in.
+        quotas.state._spend("alice", self.gw.clock.seconds()).add(0.45)
+        d.callback(None)
+        self.assertEqual(self.cutoff.cut, 1)
+
     def test_timer(self) -> None:
         """Started, it checks once a second, not per event."""
         calls = []
         self.patch(self.cutoff, "check", lambda: calls.append(1))
-        self.cutoff._loop.f = lambda: self.cutoff.check()
         self.cutoff.startService()
         self.gw.clock.advance(0.5)
         self.assertEqual(calls, [])

@@ -129,6 +129,37 @@ class RedisStateTests(TestCase):
         self.assertEqual(self.server.command("TTL", "llmgate:s:k:total:0"), b":-1\r\n")
 
     @defer.inlineCallbacks
+    def test_spend_view_is_every_workers(self) -> None:
+        """
+        A worker's view of a key's spend (its budget gauge, the cut-off)
+        is every worker's: raised to Redis's after each of its own
+        settles, and by refresh_spend between them; on_spend reports the
+        budget left by that view.
+        """
+        a = yield self.worker()
+        b = yield self.worker()
+        left: list[tuple[str, float]] = []
+        b.on_spend = lambda key, remaining: left.append((key, round(remaining, 9)))
+        key = KeyRecord("k", b"x" * 32, budget_usd=1.0, period="month")
+        v = yield a.admit(key, "m", "openai", 10, 0.4)
+        a.hold("r1", v.reservation)
+        a.settle(record("r1", 5, 5, 0.3))
+        yield self.until(lambda: not a.state._inflight)
+        w = yield b.admit(key, "m", "openai", 10, 0.4)
+        b.hold("r2", w.reservation)
+        b.settle(record("r2", 5, 5, 0.2))
+        yield self.until(lambda: not b.state._inflight)
+        now = self.clock.seconds()
+        self.assertAlmostEqual(b.spent("k", "month", now), 0.5)
+        self.assertAlmostEqual(b.spent("k", "total", now), 0.5)
+        # First by its own settle, then once Redis answered.
+        self.assertEqual(left, [("k", 0.8), ("k", 0.5)])
+        self.assertAlmostEqual(a.spent("k", "month", now), 0.3)
+        yield a.state.refresh_spend(["k", "unknown"])
+        self.assertAlmostEqual(a.spent("k", "month", now), 0.5)
+        self.assertEqual(a.spent("unknown", "month", now), 0.0)
+
+    @defer.inlineCallbacks
     def test_dead_worker_slots_expire(self) -> None:
         """A worker that dies holding a concurrency slot and reserved spend frees both when its lease expires."""
         a = yield self.worker(lease=0.5)
@@ -137,7 +168,7 @@ class RedisStateTests(TestCase):
         v = yield a.admit(key, "m", "openai", 10, 0.9)
         self.assertIsNotNone(v.reservation)
         # a dies: no settle, no more lease renewals.
-        a.state._renew.stop()
+        a.state._renew.stop_timer()
         a.state.client.stop()
         refused = yield b.admit(key, "m", "openai", 10, 0.9)
         self.assertEqual(refused.status, 429)
