@@ -35,8 +35,8 @@ import os
 from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Gauge
-from twisted.application.service import Service
-from twisted.internet.task import LoopingCall
+
+from llmgate.ops.periodic import Periodic
 
 Key = tuple[str, str]
 
@@ -107,19 +107,8 @@ class DeploymentGauges:
         self._timed.discard(k)
 
 
-class DeploymentGaugesLoop(Service):
+class DeploymentGaugesLoop(Periodic):
     """A worker's L{DeploymentGauges.update} every C{interval} seconds."""
 
     def __init__(self, gauges: DeploymentGauges, clock: Any, interval: float = 1.0) -> None:
-        self._loop = LoopingCall(gauges.update)
-        self._loop.clock = clock
-        self._interval = interval
-
-    def startService(self) -> None:
-        super().startService()
-        self._loop.start(self._interval, now=True)
-
-    def stopService(self) -> None:
-        super().stopService()
-        if self._loop.running:
-            self._loop.stop()
+        super().__init__(clock, interval, gauges.update, now=True)
