@@ -82,6 +82,45 @@ class Attempts(TypingProtocol):
         """The upstream answered with a status that is not retried."""
 
 
+# -- the relay's phases ------------------------------------------------------
+# Where one relay's exchange is; L{Relay._enter} is the only place that
+# changes it, and L{_MOVES} says which moves exist.
+NEW = "new"
+# The upstream request is out; no response headers yet.
+CONNECTING = "connecting"
+# A 200 event stream's headers are in, but routing may still act (another
+# attempt, a hedge): nothing was sent to the client; events are held until
+# the first content event.
+GATED = "gated"
+# The response is this attempt's: the client gets what the upstream sends.
+STREAMING = "streaming"
+# The client's response is complete (or its connection was aborted); the
+# upstream body may still be draining.
+FINISHED = "finished"
+# The client went away before its response was complete.
+GONE = "gone"
+# Recorded: nothing more happens.
+ENDED = "ended"
+# Another attempt took the client over (a retry, or the hedge that won):
+# this relay writes and records nothing more.
+DETACHED = "detached"
+
+_MOVES: dict[str, frozenset[str]] = {
+    NEW: frozenset({CONNECTING}),
+    CONNECTING: frozenset({GATED, STREAMING, FINISHED, GONE, ENDED, DETACHED}),
+    GATED: frozenset({STREAMING, FINISHED, GONE, ENDED, DETACHED}),
+    STREAMING: frozenset({FINISHED, GONE, ENDED}),
+    FINISHED: frozenset({GONE, ENDED}),
+    GONE: frozenset({ENDED}),
+    ENDED: frozenset(),
+    DETACHED: frozenset(),
+}
+# The phases in which the relay still answers the client.
+_RELAYING = frozenset({CONNECTING, GATED, STREAMING})
+# The phases in which the client is gone or its response is over.
+_OVER = frozenset({FINISHED, GONE, ENDED, DETACHED})
+
+
 # Any line end followed by a line end: the blank line that ends an SSE event.
 _BLANK_LINE = re.compile(rb"(?:\r\n|\r|\n)(?:\r\n|\r|\n)")
 
@@ -318,9 +357,7 @@ class Relay:
 
     __slots__ = (
         "_attempts",
-        "_detached",
         "_started",
-        "_client_gone",
         "_coalescer",
         "_corked",
         "_queued",
@@ -330,7 +367,6 @@ class Relay:
         "_done",
         "_err_body",
         "_err_len",
-        "_finished",
         "_held",
         "_held_len",
         "_last_data",
@@ -339,8 +375,8 @@ class Relay:
         "_out_since",
         "_paused_at",
         "_pending_d",
+        "_phase",
         "_producing",
-        "_recorded",
         "_sse",
         "_headers_late",
         "_upstream",
@@ -367,7 +403,8 @@ class Relay:
         # Asked before a failure is relayed whether another attempt takes
         # over; L{None} when this is the only attempt.
         self._attempts = attempts
-        self._detached = False
+        # Where the exchange is (see L{_enter}): the only phase state.
+        self._phase = NEW
         self._started = exchange.started
         self.http = http
         self.clock = clock
@@ -383,9 +420,6 @@ class Relay:
         self._cut_message: Optional[str] = None
         # Set when the gateway cut the stream for its key's budget.
         self._cut_quota = False
-        self._client_gone = False
-        self._finished = False
-        self._recorded = False
         self._sse = False
         self._held: list[bytes] = []
         self._held_len = 0
@@ -404,6 +438,25 @@ class Relay:
         self._err_body: Optional[list[bytes]] = None
         self._err_len = 0
 
+    # -- phases ------------------------------------------------------------
+
+    @property
+    def phase(self) -> str:
+        """Where the exchange is (C{NEW}, C{CONNECTING}, ... C{DETACHED})."""
+        return self._phase
+
+    def _enter(self, phase: str) -> None:
+        """
+        Move to C{phase}. A move L{_MOVES} does not list is a bug: logged,
+        and not made (staying put is safer than a made-up phase).
+        """
+        if phase == self._phase:
+            return
+        if phase not in _MOVES[self._phase]:
+            log.error("relay phase {old} cannot move to {new}", old=self._phase, new=phase)
+            return
+        self._phase = phase
+
     # -- start -------------------------------------------------------------
 
     def start(self, url: str, headers: Headers, body: bytes) -> None:
@@ -412,6 +465,7 @@ class Relay:
         if self.exchange.attempt > 1:
             # A later attempt's headers timeout runs from its own start.
             self._started = self.clock.seconds()
+        self._enter(CONNECTING)
         self.request.notifyFinish().addBoth(self._request_finished)
         d = self.http.request(
             "POST",
@@ -442,7 +496,7 @@ class Relay:
         ) or response.headers.getRawHeaders(b"request-id")
         if rid:
             ex.upstream_request_id = rid[0].decode("latin-1")
-        if self._client_gone:
+        if self._phase is not CONNECTING:
             response.deliverBody(_Discard())
             self._record()
             return
@@ -498,6 +552,7 @@ class Relay:
         self._sse = is_sse
         if ex.counter is not None:
             ex.counter.sse = is_sse
+        self._enter(STREAMING)
         req = self.request
         req.setResponseCode(response.code, response.phrase or None)
         copy_response_headers(response.headers, req.responseHeaders, redactor_for(ex.provider.api_key))
@@ -523,7 +578,7 @@ class Relay:
 
     def _request_failed(self, failure: Failure) -> None:
         self._pending_d = None
-        if self._client_gone:
+        if self._phase is not CONNECTING:
             self._record()
             return
         if self._cut_message is not None:
@@ -555,19 +610,18 @@ class Relay:
         request and records nothing (the router records the attempt).
         """
         attempts, self._attempts = self._attempts, None
-        if attempts is None or self._client_gone or self._cut_message is not None:
+        if attempts is None or self._phase not in _RELAYING or self._cut_message is not None:
             return False
         if not attempts.attempt_failed(self, status, phase, message, after):
             return False
-        self._detached = True
-        self._recorded = True
+        self._enter(DETACHED)
         self._done = None
         return True
 
     def _internal_error(self, failure: Failure) -> None:
         log.failure("relay error", failure)
         self._abort_upstream()
-        if not self._finished and not self._client_gone:
+        if self._phase in _RELAYING:
             try:
                 self._fail(500, "internal gateway error", self.exchange.phase or "body")
             except Exception:
@@ -599,7 +653,7 @@ class Relay:
 
     def body_started(self, transport: Any) -> None:
         self._upstream = transport
-        if self._client_gone:
+        if self._phase is GONE:
             transport.stopProducing()
             return
         try:
@@ -612,7 +666,7 @@ class Relay:
 
     def body_data(self, data: bytes) -> None:
         self._last_data = self.clock.seconds()
-        if self._client_gone or self._finished or self._cut_message is not None:
+        if self._phase in _OVER or self._cut_message is not None:
             # Stopping the upstream does not stop the rest of a read that
             # is already being parsed.
             return
@@ -694,7 +748,7 @@ class Relay:
         if not out:
             return
         self._out = []
-        if self._client_gone or self._finished:
+        if self._phase in _OVER:
             return
         ex = self.exchange
         if ex.first_write_at is None:
@@ -753,7 +807,7 @@ class Relay:
 
     def body_ended(self, reason: Failure) -> None:
         # The last events and the chunked terminator leave in one send.
-        corked = not self._client_gone and self._cork()
+        corked = self._phase is not GONE and self._cork()
         try:
             self._body_ended(reason)
         finally:
@@ -771,7 +825,7 @@ class Relay:
                 # The channel is gone (the client left): Twisted's Request
                 # would keep the producer, a reference cycle back to us.
                 self.request.producer = None
-        if self._client_gone:
+        if self._phase is GONE:
             self._record()
             return
         if self._cut_message is not None:
@@ -838,7 +892,7 @@ class Relay:
         ex.phase = "body"
         ex.error = message
         self._abort_upstream()
-        if self._finished or self._client_gone:
+        if self._phase in _OVER:
             return
         self.flush()
         if self._sse:
@@ -863,7 +917,7 @@ class Relay:
         is the client's stall, not the upstream's). Otherwise: the idle gap
         between upstream bytes. A long stream is never cut for its length.
         """
-        if self._recorded or self._client_gone:
+        if self._phase not in _RELAYING and self._phase is not FINISHED:
             return
         t = self.timeouts
         if self._pending_d is not None:
@@ -887,7 +941,7 @@ class Relay:
         client gets an error in its dialect, the upstream is closed, and the
         exchange is recorded.
         """
-        if self._recorded or self._client_gone:
+        if self._phase not in _RELAYING and self._phase is not FINISHED:
             return
         self._cut_message = message
         if self._pending_d is not None:
@@ -904,7 +958,7 @@ class Relay:
         no C{[DONE]}.  Only an event stream whose body is flowing is cut
         (a JSON body cannot be ended visibly).  Whether it was.
         """
-        if self._recorded or self._client_gone or self._upstream is None or not self._sse or self._cut_message is not None:
+        if self._phase not in _RELAYING and self._phase is not FINISHED or self._upstream is None or not self._sse or self._cut_message is not None:
             return False
         self._cut_quota = True
         self._cut(message)
@@ -913,14 +967,16 @@ class Relay:
     # -- the client side ---------------------------------------------------
 
     def _request_finished(self, result: Any) -> None:
-        if not isinstance(result, Failure) or self._detached:
+        if not isinstance(result, Failure) or self._phase in (DETACHED, GONE):
             # (A detached relay's attempt is over: its exchange is the
             # next attempt's now.)
             return
         # The client went away before we finished: stop paying for it.
-        self._client_gone = True
+        was = self._phase
+        if was is not ENDED:
+            self._enter(GONE)
         ex = self.exchange
-        if not self._finished and not self._terminal_relayed():
+        if was in _RELAYING and not self._terminal_relayed():
             ex.outcome = "client_cancelled"
             ex.phase = (
                 "body"
@@ -949,21 +1005,22 @@ class Relay:
             up.stopProducing()
 
     def _abort_client(self) -> None:
-        self._finished = True
+        if self._phase in _RELAYING:
+            self._enter(FINISHED)
         channel = getattr(self.request, "channel", None)
         if channel is not None and channel.transport is not None:
             channel.transport.abortConnection()
 
     def _finish(self) -> None:
-        if self._finished or self._client_gone:
+        if self._phase not in _RELAYING:
             return
-        self._finished = True
+        self._enter(FINISHED)
         self.request.finish()
 
     def _record(self) -> None:
-        if self._recorded:
+        if self._phase in (ENDED, DETACHED):
             return
-        self._recorded = True
+        self._enter(ENDED)
         self.exchange.ended = self.clock.seconds()
         # The callback usually refers back to this relay: let go of it.
         done, self._done = self._done, None
