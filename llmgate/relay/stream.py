@@ -43,6 +43,7 @@ from llmgate import dialects
 from llmgate.config import Provider, Timeouts
 from llmgate.relay.client import ResponseHeadersTooLarge
 from llmgate.relay.decode import DECODABLE, BodyDecoder, DecodeError, content_encoding
+from llmgate.relay.gate import CONTENT, ERROR, MAX_HELD, WAIT, Gate, error_message
 from llmgate.relay.headers import copy_response_headers
 from llmgate.relay.redact import redactor_for
 
@@ -69,6 +70,11 @@ def retry_after(headers: Headers) -> Optional[float]:
     return value if value >= 0 and value == value and value != float("inf") else None
 
 
+def _is_sse(response: Any) -> bool:
+    ctype = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+    return ctype.lower().startswith(b"text/event-stream")
+
+
 class Attempts(TypingProtocol):
     """
     Told about the outcome of the relay's upstream attempt before anything
@@ -79,7 +85,18 @@ class Attempts(TypingProtocol):
         """The attempt failed; True if another attempt takes the client over."""
 
     def attempt_answered(self, relay: "Relay") -> None:
-        """The upstream answered with a status that is not retried."""
+        """
+        The attempt is the client's answer (the upstream answered with a
+        status that is not retried, or a gated stream reached its first
+        content): no other attempt may follow, other attempts stop.
+        """
+
+    def gate(self, relay: "Relay") -> bool:
+        """
+        Whether routing may still act on this attempt, whose 200 event
+        stream headers just came in: then the relay holds them and the
+        first events until the first content (L{llmgate.relay.gate}).
+        """
 
 
 # -- the relay's phases ------------------------------------------------------
@@ -90,7 +107,7 @@ NEW = "new"
 CONNECTING = "connecting"
 # A 200 event stream's headers are in, but routing may still act (another
 # attempt, a hedge): nothing was sent to the client; events are held until
-# the first content event.
+# the first content event (L{llmgate.relay.gate}).
 GATED = "gated"
 # The response is this attempt's: the client gets what the upstream sends.
 STREAMING = "streaming"
@@ -261,6 +278,8 @@ class Exchange:
     # attempt's own record names the client-facing request as its parent.
     attempt: int = 1
     parent_request_id: Optional[str] = None
+    # A hedge (a second attempt racing the first) was started for it.
+    hedged: bool = False
     # The latency the gateway adds to later chunks (coalesced writes after
     # the first): the worst and the sum over the stream, and how many, kept
     # in plain numbers here and observed once when the request ends (not
@@ -376,6 +395,10 @@ class Relay:
         "_paused_at",
         "_pending_d",
         "_phase",
+        "_gate",
+        "_gate_held",
+        "_gate_len",
+        "_response",
         "_producing",
         "_sse",
         "_headers_late",
@@ -405,6 +428,12 @@ class Relay:
         self._attempts = attempts
         # Where the exchange is (see L{_enter}): the only phase state.
         self._phase = NEW
+        # While GATED: the scanner, the events held and their size, and the
+        # upstream response whose status line and headers wait with them.
+        self._gate: Optional[Gate] = None
+        self._gate_held: list[bytes] = []
+        self._gate_len = 0
+        self._response: Any = None
         self._started = exchange.started
         self.http = http
         self.clock = clock
@@ -500,10 +529,13 @@ class Relay:
             response.deliverBody(_Discard())
             self._record()
             return
+        gated = False
         if self._attempts is not None:
             code = response.code
             if code not in RETRYABLE_STATUSES:
-                self._attempts.attempt_answered(self)
+                gated = code == 200 and ex.streamed and _is_sse(response) and self._attempts.gate(self)
+                if not gated:
+                    self._attempts.attempt_answered(self)
             elif self._try_again(
                 code, "headers", f"upstream answered {code}",
                 retry_after(response.headers) if code in (429, 503) else None,
@@ -552,7 +584,27 @@ class Relay:
         self._sse = is_sse
         if ex.counter is not None:
             ex.counter.sse = is_sse
+        self._last_data = self.clock.seconds()
+        if gated:
+            # Nothing goes to the client before the first content: the
+            # status line waits with the events (see L{_through_gate}).
+            self._enter(GATED)
+            self._gate = Gate(ex.endpoint.kind == "anthropic")
+            self._response = response
+            response.deliverBody(_BodyRelay(self))
+            return
         self._enter(STREAMING)
+        self._respond(response, is_sse)
+        if response.code != 200:
+            # An upstream error is relayed untouched but counted as no usage.
+            ex.counter = None
+            ex.outcome = "upstream_error"
+            ex.phase = "headers"
+        response.deliverBody(_BodyRelay(self))
+
+    def _respond(self, response: Any, is_sse: bool) -> None:
+        """Set the client's status line and headers from the upstream's."""
+        ex = self.exchange
         req = self.request
         req.setResponseCode(response.code, response.phrase or None)
         copy_response_headers(response.headers, req.responseHeaders, redactor_for(ex.provider.api_key))
@@ -568,13 +620,68 @@ class Relay:
                 self._queue()
             else:
                 req.write(b"")
-        if response.code != 200:
-            # An upstream error is relayed untouched but counted as no usage.
-            ex.counter = None
-            ex.outcome = "upstream_error"
-            ex.phase = "headers"
-        self._last_data = self.clock.seconds()
-        response.deliverBody(_BodyRelay(self))
+
+    # -- the first-content gate ----------------------------------------------
+
+    def _through_gate(self, data: bytes) -> bytes:
+        """
+        Hold C{data} (whole events) while GATED; what to relay now: nothing
+        while only preamble came, everything held once content came (or
+        more than L{MAX_HELD} bytes of preamble): the attempt commits. An
+        Anthropic C{error} event before any content is this attempt's
+        failure before the first byte: another attempt takes over if
+        routing allows, else it is relayed as before.
+        """
+        self._gate_held.append(data)
+        self._gate_len += len(data)
+        verdict = self._gate.scan(data) if self._gate is not None else CONTENT
+        if verdict is WAIT and self._gate_len <= MAX_HELD:
+            return b""
+        if verdict is ERROR and self._try_again(self.exchange.status, "body", error_message(data), None):
+            self.let_go()
+            return b""
+        return self._commit()
+
+    def _commit(self) -> bytes:
+        """
+        The attempt becomes the client's answer: routing is told (a hedge
+        racing it stops), the status line and headers are set, and the held
+        events are returned to be relayed with them, in one write.
+        """
+        held = b"".join(self._gate_held)
+        self._gate_held = []
+        self._gate_len = 0
+        self._gate = None
+        if self._attempts is not None:
+            self._attempts.attempt_answered(self)
+        self._enter(STREAMING)
+        response, self._response = self._response, None
+        self._respond(response, True)
+        if self._upstream is not None:
+            self._register(self._upstream)
+        return held
+
+    def let_go(self) -> bytes:
+        """
+        Another attempt took the client over (a retry after an error event,
+        or a hedge that reached content first): stop this one's upstream at
+        once, write and record nothing. What it held is returned (the
+        ledger estimates a hedge loser's cost from it).
+        """
+        held = b"".join(self._gate_held)
+        self._gate_held = []
+        self._gate_len = 0
+        self._gate = None
+        self._response = None
+        if self._phase in (CONNECTING, GATED):
+            self._enter(DETACHED)
+        self._attempts = None
+        self._done = None
+        if self._pending_d is not None:
+            d, self._pending_d = self._pending_d, None
+            d.cancel()
+        self._abort_upstream()
+        return held
 
     def _request_failed(self, failure: Failure) -> None:
         self._pending_d = None
@@ -653,9 +760,16 @@ class Relay:
 
     def body_started(self, transport: Any) -> None:
         self._upstream = transport
-        if self._phase is GONE:
+        if self._phase is GONE or self._phase is DETACHED:
             transport.stopProducing()
             return
+        if self._phase is GATED:
+            # Registered as the client's producer at the commit (the
+            # held bytes are bounded by MAX_HELD).
+            return
+        self._register(transport)
+
+    def _register(self, transport: Any) -> None:
         try:
             self.request.registerProducer(_Throttle(transport, self), True)
             self._producing = True
@@ -691,6 +805,15 @@ class Relay:
             data = self._whole_events(data)
             if not data:
                 return
+            if self._phase is GATED:
+                data = self._through_gate(data)
+                if not data:
+                    return
+        self._relay_events(data)
+
+    def _relay_events(self, data: bytes) -> None:
+        """Relay C{data} (whole events, or body bytes) to the client."""
+        ex = self.exchange
         counter = ex.counter
         if counter is not None:
             counter.feed(data)
@@ -815,6 +938,21 @@ class Relay:
                 self._uncork()
 
     def _body_ended(self, reason: Failure) -> None:
+        if self._phase is DETACHED:
+            self._upstream = None
+            return
+        if self._phase is GATED:
+            if (
+                self._cut_message is None
+                and not reason.check(ResponseDone, PotentialDataLoss)
+                and self._try_again(self.exchange.status, "body", "upstream connection lost before any content", None)
+            ):
+                self.let_go()
+                self._upstream = None
+                return
+            held = self._commit()
+            if held:
+                self._relay_events(held)
         self.flush()
         self._upstream = None
         if self._producing:
