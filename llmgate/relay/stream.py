@@ -737,6 +737,10 @@ class Relay:
 
     def _fail(self, status: int, message: str, phase: str, retry: bool = True) -> None:
         """Answer with a gateway error in the route's dialect."""
+        if self._attempts is not None:
+            # This attempt answers the client now (e.g. cut short at
+            # shutdown while a hedge raced it): the other one stops.
+            self._attempts.attempt_answered(self)
         ex = self.exchange
         ex.status = status
         ex.outcome = "upstream_error"

@@ -296,3 +296,23 @@ class AttemptCounterTests(SynchronousTestCase):
             [metric(gw, "llmgate_upstream_attempts_total", provider=p, reason=r) for p, r in (("a", "first"), ("b", "retry"), ("b", "fallback"))],
             [1, 1, 1],
         )
+
+
+class DrainDuringRaceTests(SynchronousTestCase):
+    def test_shutdown_abort_answers_once(self) -> None:
+        """The gateway stops while two attempts wait for headers: the client gets one 503, the other attempt is let go."""
+        gw = routed_gateway(models=hedged_models())
+        gw.resource.rng = FixedRng(0.1)
+        _, transport = gw.post("/v1/chat/completions", CHAT)
+        gw.clock.advance(0.6)
+        self.assertEqual(len(gw.http.calls), 2)
+        for relay in list(gw.resource.active):
+            relay.abort("the gateway is shutting down")
+        gw.clock.advance(0)
+        raw = transport.value()
+        self.assertEqual(raw.count(b"HTTP/1.1"), 1)
+        self.assertEqual(parse_response(raw)[0], 503)
+        recs = gw.accounting.ledger.records
+        self.assertEqual(len([r for r in recs if r.parent_request_id is None]), 1)
+        self.assertEqual(len(recs), 2)
+        self.assertEqual(gw.resource.active, set())
