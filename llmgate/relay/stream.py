@@ -128,7 +128,7 @@ _MOVES: dict[str, frozenset[str]] = {
     GATED: frozenset({STREAMING, FINISHED, GONE, ENDED, DETACHED}),
     STREAMING: frozenset({FINISHED, GONE, ENDED}),
     FINISHED: frozenset({GONE, ENDED}),
-    GONE: frozenset({ENDED}),
+    GONE: frozenset({ENDED, DETACHED}),
     ENDED: frozenset(),
     DETACHED: frozenset(),
 }
@@ -673,7 +673,9 @@ class Relay:
         self._gate_len = 0
         self._gate = None
         self._response = None
-        if self._phase in (CONNECTING, GATED):
+        if self._phase in (CONNECTING, GATED, GONE):
+            # (GONE: the client left while attempts raced; the router
+            # records this one now.)
             self._enter(DETACHED)
         self._attempts = None
         self._done = None
@@ -942,9 +944,6 @@ class Relay:
                 self._uncork()
 
     def _body_ended(self, reason: Failure) -> None:
-        if self._phase is DETACHED:
-            self._upstream = None
-            return
         if self._phase is GATED:
             if (
                 self._cut_message is None
@@ -967,6 +966,9 @@ class Relay:
                 # The channel is gone (the client left): Twisted's Request
                 # would keep the producer, a reference cycle back to us.
                 self.request.producer = None
+        if self._phase is DETACHED:
+            # Another attempt has the client (and recorded this one).
+            return
         if self._phase is GONE:
             self._record()
             return
@@ -1166,4 +1168,5 @@ class Relay:
         self.exchange.ended = self.clock.seconds()
         # The callback usually refers back to this relay: let go of it.
         done, self._done = self._done, None
-        done(self.exchange)
+        if done is not None:
+            done(self.exchange)

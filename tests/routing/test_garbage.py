@@ -155,3 +155,21 @@ class FailoverGarbageTests(SynchronousTestCase):
             close(channel)
 
         self.run_scenario(scenario)
+
+    def test_client_gone_with_two_gated_streams(self) -> None:
+        """The client leaves while both racing attempts hold a 200 stream."""
+        from tests.routing.test_hedge import ROLE, hedged_models
+
+        def scenario(gw) -> None:  # type: ignore[no-untyped-def]
+            channel, _ = gw.post("/v1/chat/completions", CHAT)
+            first = FakeResponse(200, SSE_HEADERS)
+            gw.http.calls[-1]["deferred"].callback(first)
+            first.send(ROLE)
+            gw.clock.advance(0.6)
+            hedge = FakeResponse(200, SSE_HEADERS)
+            gw.http.calls[-1]["deferred"].callback(hedge)
+            hedge.send(ROLE)
+            close(channel)
+            gw.clock.advance(0)
+
+        self.run_scenario(scenario, hedged_models())

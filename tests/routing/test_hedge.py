@@ -316,3 +316,27 @@ class DrainDuringRaceTests(SynchronousTestCase):
         self.assertEqual(len([r for r in recs if r.parent_request_id is None]), 1)
         self.assertEqual(len(recs), 2)
         self.assertEqual(gw.resource.active, set())
+
+
+class ClientGoneBothStreamingTests(SynchronousTestCase):
+    def test_client_gone_with_two_gated_streams(self) -> None:
+        """Both attempts hold a 200 stream when the client leaves: both upstreams stop, one client record, one attempt record, nothing raised."""
+        from tests.test_garbage import close
+
+        gw = routed_gateway(models=hedged_models())
+        gw.resource.rng = FixedRng(0.1)
+        channel, _ = gw.post("/v1/chat/completions", CHAT)
+        first = answer(gw, 0)
+        first.send(ROLE)
+        gw.clock.advance(0.6)
+        hedge = answer(gw, 1)
+        hedge.send(ROLE)
+        close(channel)
+        gw.clock.advance(0)
+        gw.clock.advance(0)
+        self.assertTrue(first.transport.stopped)
+        self.assertTrue(hedge.transport.stopped)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        recs = gw.accounting.ledger.records
+        self.assertEqual(sorted((r.attempt, r.outcome, r.parent_request_id is None) for r in recs), [(1, "client_cancelled", True), (2, "client_cancelled", False)])
+        self.assertEqual(gw.resource.active, set())
