@@ -99,6 +99,31 @@ class _Try:
         self.reason = reason
 
 
+class _Wait:
+    """
+    Stands in the relays' set (the watchdog's and the drain's) for a
+    request waiting out a C{retry-after} with nothing in flight: a stop
+    still answers it (L{abort}) rather than leave it unanswered.
+    """
+
+    __slots__ = ("exchange", "_attempts")
+
+    def __init__(self, attempts: "Attempts") -> None:
+        self.exchange = attempts.exchange
+        self._attempts: Optional[Attempts] = attempts
+
+    def check(self, now: float) -> None:
+        """No timeout of its own: the wait is bounded by retry_after_wait."""
+
+    def cut_for_budget(self, message: str) -> bool:
+        return False
+
+    def abort(self, message: str) -> None:
+        attempts, self._attempts = self._attempts, None
+        if attempts is not None:
+            attempts._abort_wait(message)
+
+
 # The fields of an exchange that describe its upstream attempt: a hedge
 # that takes the client over brings them to the client-facing exchange.
 _ATTEMPT_FIELDS = (
@@ -172,6 +197,7 @@ class Attempts:
         self._committed = False
         self._hedge_call: Any = None
         self._wait_call: Any = None
+        self._wait: Optional[_Wait] = None
         self._hedge_counted = False
         self.n = 0
 
@@ -440,6 +466,8 @@ class Attempts:
         ex.headers_at = ex.upstream_request_id = ex.first_byte_at = None
         if wait > 0:
             self._wait_call = self.clock.callLater(wait, self._retry_same, dep)
+            self._wait = _Wait(self)
+            self.active.add(self._wait)  # type: ignore[arg-type]
         else:
             self._launch(dep, self._reason(dep))
         return True
@@ -452,6 +480,7 @@ class Attempts:
     def _retry_same(self, dep: Deployment) -> None:
         """The retry-after wait is over: the same deployment again."""
         self._wait_call = None
+        self._end_wait()
         if self.request._disconnected:
             # The client left while we waited: nothing in flight to cancel.
             ex = self.exchange
@@ -460,6 +489,30 @@ class Attempts:
             self._finished(ex)
             return
         self._launch(dep, "retry")
+
+    def _end_wait(self) -> None:
+        wait, self._wait = self._wait, None
+        if wait is not None:
+            wait._attempts = None
+            self.active.discard(wait)  # type: ignore[arg-type]
+
+    def _abort_wait(self, message: str) -> None:
+        """The gateway stops during a retry-after wait: a 503 in dialect, recorded."""
+        self._cancel_timers()
+        self._end_wait()
+        ex = self.exchange
+        ex.status, ex.outcome, ex.phase, ex.error, ex.counter = 503, "upstream_error", "headers", message, None
+        ex.ended = self.clock.seconds()
+        req = self.request
+        if not req.finished and not req._disconnected:
+            body = dialects.error_body(ex.endpoint.kind, 503, message)
+            req.setResponseCode(503)
+            req.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+            req.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
+            req.write(body)
+            ex.bytes_out += len(body)
+            req.finish()
+        self._finished(ex)
 
     def _finished(self, ex: Exchange) -> None:
         """A relay recorded its exchange (the request is over, or a racing attempt ended on its own)."""
@@ -475,6 +528,7 @@ class Attempts:
         if t is not None:
             self._forget(t)
         self._cancel_timers()
+        self._end_wait()
         for other in list(self._tries):
             self._lose(other, "client_cancelled" if self.request._disconnected else "hedge_lost")
         self._bodies.clear()

@@ -340,3 +340,22 @@ class ClientGoneBothStreamingTests(SynchronousTestCase):
         recs = gw.accounting.ledger.records
         self.assertEqual(sorted((r.attempt, r.outcome, r.parent_request_id is None) for r in recs), [(1, "client_cancelled", True), (2, "client_cancelled", False)])
         self.assertEqual(gw.resource.active, set())
+
+
+class DrainDuringWaitTests(SynchronousTestCase):
+    def test_stop_during_retry_after_wait(self) -> None:
+        """The gateway stops while a request waits out a retry-after: it is in the drained set, answered 503 in dialect and recorded once; no retry follows."""
+        gw = routed_gateway()
+        _, transport = gw.post("/v1/chat/completions", {**CHAT, "model": "small"})
+        answer(gw, 0, 429, {**JSON, b"retry-after": [b"3"]})
+        self.assertEqual(len(gw.resource.active), 1)
+        for relay in list(gw.resource.active):
+            relay.abort("the gateway is shutting down")
+        gw.clock.advance(5)
+        self.assertEqual(len(gw.http.calls), 1)
+        status, _, body, _ = parse_response(transport.value())
+        self.assertEqual(status, 503)
+        self.assertIn("shutting down", json.loads(body)["error"]["message"])
+        final = [r for r in gw.accounting.ledger.records if r.parent_request_id is None]
+        self.assertEqual([(r.status, r.outcome) for r in final], [(503, "upstream_error")])
+        self.assertEqual(gw.resource.active, set())
