@@ -1,7 +1,15 @@
 # -*- test-case-name: tests.relay.test_stream,tests.relay.test_decode,tests.relay.test_redact -*-
 """
-The relay: one upstream call per client request, its body streamed to the
-client as it arrives.
+The relay: one upstream attempt of a client request, its body streamed to
+the client as it arrives.
+
+Where a relay is lives in one field, L{Relay.phase} (the moves in
+L{_MOVES}). While routing may still act on the attempt after a 200 event
+stream's headers (another attempt could follow, or a hedge races it), the
+relay is GATED: the status line and the first events are held (bounded)
+until the first content event, then go out together
+(L{llmgate.relay.gate}); an Anthropic error event or a lost connection
+before that is a failure before the first byte, handed to routing.
 
 The upstream body transport is registered as the client request's streaming
 producer, so a client that stops reading pauses the upstream read (memory
@@ -431,7 +439,8 @@ class Relay:
         # While GATED: the scanner, the events held and their size, and the
         # upstream response whose status line and headers wait with them.
         self._gate: Optional[Gate] = None
-        self._gate_held: list[bytes] = []
+        # (A list only while GATED: no allocation per ungated request.)
+        self._gate_held: Any = ()
         self._gate_len = 0
         self._response: Any = None
         self._started = exchange.started
@@ -590,6 +599,7 @@ class Relay:
             # status line waits with the events (see L{_through_gate}).
             self._enter(GATED)
             self._gate = Gate(ex.endpoint.kind == "anthropic")
+            self._gate_held = []
             self._response = response
             response.deliverBody(_BodyRelay(self))
             return
@@ -649,7 +659,7 @@ class Relay:
         events are returned to be relayed with them, in one write.
         """
         held = b"".join(self._gate_held)
-        self._gate_held = []
+        self._gate_held = ()
         self._gate_len = 0
         self._gate = None
         if self._attempts is not None:
@@ -669,7 +679,7 @@ class Relay:
         ledger estimates a hedge loser's cost from it).
         """
         held = b"".join(self._gate_held)
-        self._gate_held = []
+        self._gate_held = ()
         self._gate_len = 0
         self._gate = None
         self._response = None
