@@ -16,7 +16,7 @@ import os
 import tomllib
 from urllib.parse import urlsplit
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, Union
 
 from llmgate.accounting.prices import price_entry
 
@@ -66,6 +66,12 @@ class ModelRoute:
     upstream_model: str
     deployments: tuple[Deployment, ...] = ()
     fallbacks: tuple[str, ...] = ()
+    # Hedging (L{llmgate.routing.attempts}): seconds without first content
+    # before a second deployment races the first, or "p95" (the chosen
+    # deployment's observed p95 TTFT); None: off. At most
+    # hedge_max_fraction of the model's requests get a hedge.
+    hedge_after: Union[float, str, None] = None
+    hedge_max_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         if not self.deployments:
@@ -104,6 +110,10 @@ class Routing:
     breaker_failure_ratio: float = 0.5
     breaker_window: float = 30.0
     breaker_min_requests: int = 20
+    # A failed 429/503 whose retry-after is at most this many seconds, when
+    # no other deployment can take the request, is retried on the same
+    # deployment after that wait; 0 disables.
+    retry_after_wait: float = 5.0
 
 
 BALANCES = ("weighted", "least_outstanding", "latency")
@@ -610,7 +620,8 @@ def _models(tables: Mapping[str, Any], providers: Mapping[str, Provider]) -> dic
     for name, table in tables.items():
         where = f"models.{name}"
         _expect(table, dict, where)
-        _no_unknown(table, {"provider", "upstream_model", "deployments", "fallbacks", "tags"}, where)
+        _no_unknown(table, {"provider", "upstream_model", "deployments", "fallbacks", "tags", "hedge_after", "hedge_max_fraction"}, where)
+        hedge = _hedge(table, where)
         if "deployments" in table:
             if "provider" in table or "upstream_model" in table or "tags" in table:
                 raise ConfigError(
@@ -626,13 +637,18 @@ def _models(tables: Mapping[str, Any], providers: Mapping[str, Provider]) -> dic
             if len(kinds) > 1:
                 raise ConfigError(f"{where}.deployments: providers of one dialect only (got {', '.join(sorted(kinds))})")
         else:
-            deps = (_deployment({k: v for k, v in table.items() if k != "fallbacks"}, name, where, providers),)
+            deps = (
+                _deployment(
+                    {k: v for k, v in table.items() if k not in ("fallbacks", "hedge_after", "hedge_max_fraction")},
+                    name, where, providers,
+                ),
+            )
         fallbacks = _expect(table.get("fallbacks", []), list, f"{where}.fallbacks")
         for i, f in enumerate(fallbacks):
             _expect(f, str, f"{where}.fallbacks[{i}]")
             if f == name:
                 raise ConfigError(f"{where}.fallbacks[{i}]: a model cannot be its own fallback")
-        models[name] = ModelRoute(name, deps[0].provider, deps[0].upstream_model, deps, tuple(fallbacks))
+        models[name] = ModelRoute(name, deps[0].provider, deps[0].upstream_model, deps, tuple(fallbacks), *hedge)
     for name, m in models.items():
         kind = providers[m.provider].kind
         for i, f in enumerate(m.fallbacks):
@@ -645,6 +661,27 @@ def _models(tables: Mapping[str, Any], providers: Mapping[str, Provider]) -> dic
                     f"providers, {name!r} by {kind} ones"
                 )
     return models
+
+
+def _hedge(table: Mapping[str, Any], where: str) -> tuple[Union[float, str, None], float]:
+    """C{hedge_after} (seconds > 0, or "p95") and C{hedge_max_fraction} (0 < f <= 1)."""
+    after: Union[float, str, None] = None
+    if "hedge_after" in table:
+        raw = table["hedge_after"]
+        if raw == "p95":
+            after = "p95"
+        elif isinstance(raw, str):
+            raise ConfigError(f"{where}.hedge_after: expected seconds or \"p95\"")
+        else:
+            after = _positive(raw, f"{where}.hedge_after")
+            if not math.isfinite(after):
+                raise ConfigError(f"{where}.hedge_after: must be finite")
+    fraction = 0.1
+    if "hedge_max_fraction" in table:
+        fraction = _positive(table["hedge_max_fraction"], f"{where}.hedge_max_fraction")
+        if fraction > 1:
+            raise ConfigError(f"{where}.hedge_max_fraction: must be at most 1")
+    return after, fraction
 
 
 def _routing(table: Mapping[str, Any]) -> Routing:
@@ -667,6 +704,11 @@ def _routing(table: Mapping[str, Any]) -> Routing:
                 f"routing.breaker_failure_ratio: must be a fraction greater than 0 and at most 1 (0.5 = half the requests), got {r!r}"
             )
         out["breaker_failure_ratio"] = float(r)
+    if "retry_after_wait" in table:
+        v = _expect(table["retry_after_wait"], (int, float), "routing.retry_after_wait")
+        if isinstance(v, bool) or not math.isfinite(v) or v < 0:
+            raise ConfigError("routing.retry_after_wait: must be a number >= 0 (0 disables)")
+        out["retry_after_wait"] = float(v)
     if "balance" in table:
         b = _expect(table["balance"], str, "routing.balance")
         if b not in BALANCES:

@@ -115,6 +115,8 @@ class UsageRecord:
     @ivar parent_request_id: on a failed attempt's record, the
         C{request_id} of the client request it was made for (whose record
         names the attempt that served it); L{None} on a client request's.
+    @ivar hedged: on a client request's record, a hedge (a second attempt
+        racing the first, L{llmgate.routing.attempts}) was started for it.
     """
 
     request_id: str
@@ -145,6 +147,7 @@ class UsageRecord:
     client_request_id: Optional[str] = None
     attempt: int = 1
     parent_request_id: Optional[str] = None
+    hedged: bool = False
 
 
 COLUMNS = tuple(f.name for f in fields(UsageRecord))
@@ -180,6 +183,7 @@ CREATE TABLE IF NOT EXISTS usage (
     client_request_id TEXT,
     attempt INTEGER NOT NULL DEFAULT 1,
     parent_request_id TEXT,
+    hedged INTEGER NOT NULL DEFAULT 0,
     owner TEXT
 );
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);

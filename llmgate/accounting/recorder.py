@@ -601,6 +601,7 @@ class Accounting:
             client_request_id=ex.client_request_id,
             attempt=ex.attempt,
             parent_request_id=ex.parent_request_id,
+            hedged=ex.hedged,
         )
 
     def attempt_failed(self, ex: Exchange) -> None:
@@ -616,6 +617,50 @@ class Accounting:
         if self.telemetry is not None:
             # Its span, under its request's (llmgate.ops.otel).
             self.telemetry.attempt(rec, ex.provider.kind, ex.started, ex.ended or ex.started)
+        if self.ledger is not None:
+            self.ledger.record(rec)
+
+    def attempt_counter(self, ex: Exchange) -> Optional[RequestCounter]:
+        """
+        A counter for another attempt racing the client request C{ex}'s
+        (a hedge): no open row (the attempt gets its own record when it
+        ends), the same stripping as the request's own counter.
+        """
+        counter = ex.counter
+        if not self.enabled or not isinstance(counter, RequestCounter):
+            return None
+        return RequestCounter(counter.api, counter._strip)
+
+    def attempt_ended(self, ex: Exchange) -> None:
+        """
+        An upstream attempt that ended without serving the client (a hedge
+        that lost the race, cancelled at once): its own record, with the
+        tokens it cost (the provider's, or estimated from the prompt and
+        what it streamed), linked by C{parent_request_id}. Like
+        L{attempt_failed}, it settles no budget and is no request in the
+        metrics.
+        """
+        counter = ex.counter
+        if counter is None:
+            self._attempt_record(None, ex)
+            return
+        d = maybeDeferred(self._usage, ex, counter)
+        d.addCallback(self._attempt_record, ex)
+        d.addErrback(self._attempt_failed_count, ex)
+        self._counting += 1
+        d.addBoth(self._counted)
+
+    def _attempt_failed_count(self, failure: Any, ex: Exchange) -> None:
+        self.errors += 1
+        log.failure("counting failed for {rid}", failure, rid=ex.request_id)
+        self._attempt_record(None, ex)
+
+    def _attempt_record(self, usage: Optional[Usage], ex: Exchange) -> None:
+        counter = ex.counter
+        served = counter.served_model() if isinstance(counter, RequestCounter) else None
+        cost = None if usage is None else self.cost(ex, served, usage)
+        rec = clip_record(self._make_record(ex, usage, ex.outcome, ex.upstream_request_id, cost, served))
+        self._access_log(ex, rec)
         if self.ledger is not None:
             self.ledger.record(rec)
 

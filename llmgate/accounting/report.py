@@ -72,7 +72,9 @@ SUMS: List[tuple[str, str]] = [
     ("cache_creation_1h_tokens", "TOTAL(cache_creation_1h_tokens)"),
     ("reasoning_tokens", "TOTAL(reasoning_tokens)"),
     ("cost_usd", "SUM(cost_usd)"),
-    ("unknown_cost", "COUNT(*) - COUNT(cost_usd) - COUNT(parent_request_id)"),
+    # Client requests without a cost (an attempt's row, priced or not, is
+    # none; a hedge that lost has its own cost, counted in cost_usd).
+    ("unknown_cost", "COUNT(*) - COUNT(cost_usd) - COUNT(parent_request_id) + COUNT(parent_request_id || cost_usd)"),
     ("estimated", "TOTAL(source = 'estimated')"),
     ("in_flight", "TOTAL(outcome = 'open')"),
     ("interrupted", "TOTAL(outcome = 'interrupted')"),
@@ -202,7 +204,7 @@ def query(
     ]
     if "parent_request_id" in missing:
         # A file from before retries: every row is a client request.
-        select += ["%s AS %s" % ("0" if name in missing else expr.replace("COUNT(parent_request_id)", "0"), name) for name, expr in SUMS]
+        select += ["%s AS %s" % ("0" if name in missing else expr.replace("COUNT(parent_request_id || cost_usd)", "0").replace("COUNT(parent_request_id)", "0"), name) for name, expr in SUMS]
     else:
         select += ["%s AS %s" % ("0" if name in missing else expr, name) for name, expr in SUMS]
     where, params = [], []

@@ -32,7 +32,7 @@ from llmgate.policy.limits import Quotas, estimate_tokens
 from llmgate.relay.headers import upstream_request_headers
 from llmgate.relay.stream import Coalescer, Exchange, Relay, Watchdog, new_exchange
 from llmgate.routing import balance
-from llmgate.routing.attempts import Attempts
+from llmgate.routing.attempts import Attempts, HedgeBudget
 from llmgate.routing.breaker import Breakers
 
 log = Logger(namespace="llmgate.api.resource")
@@ -168,6 +168,9 @@ class GatewayResource(Resource):
         # each deployment's breaker, kept across reloads.
         self.rng = rng if rng is not None else random.Random()
         self.breakers = Breakers(clock)
+        # Each hedging model's policy and counts (the hedge cap), kept
+        # across reloads.
+        self.hedges: dict[str, HedgeBudget] = {}
         # Limits and budgets: every usage record settles its request's
         # reservation (the same record the ledger and metrics get).
         self.quotas = quotas if quotas is not None else Quotas(clock)
@@ -191,6 +194,14 @@ class GatewayResource(Resource):
             r.breaker_failures, r.breaker_cooldown, r.breaker_failure_ratio, r.breaker_window,
             r.breaker_min_requests, balance.configured_keys(config),
         )
+        hedges = {}
+        for name, m in config.models.items():
+            if m.hedge_after is None:
+                continue
+            budget = self.hedges.get(name) or HedgeBudget(m.hedge_after, m.hedge_max_fraction)
+            budget.configure(m.hedge_after, m.hedge_max_fraction)
+            hedges[name] = budget
+        self.hedges = hedges
 
     # -- dispatch ------------------------------------------------------------
 
@@ -527,6 +538,8 @@ class GatewayResource(Resource):
             active=self.active,
             coalescer=self._coalescer,
             done=self.accounting.finished,
+            hedge=self.hedges.get(model),
+            metrics=getattr(self.accounting, "metrics", None),
         ).start(dep)
 
     # -- limits and budgets ---------------------------------------------------

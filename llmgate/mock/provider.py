@@ -63,6 +63,8 @@ _FAULTS = (
     "status-529",
     "status-500",
     "html-200",
+    "error-first",
+    "stall-first",
 )
 
 # Headers from fixtures/README.md, "Headers to send with the error fixtures".
@@ -442,6 +444,31 @@ def _messages(call: _Call) -> Reply:
     return _sse_reply(pieces)
 
 
+def _error_first(call: _Call) -> Reply:
+    """
+    C{error-first}: a 200 event stream whose first events are an error
+    before any content, as Anthropic sends when it is overloaded after the
+    headers went out (C{message_start}, then an C{overloaded_error}).
+    """
+    call.parse()
+    error = {"type": "overloaded_error", "message": "Overloaded"}
+    if not call.anthropic:
+        return _sse_reply([(0.0, _data({"error": {**error, "code": None, "param": None}}))])
+    start = {"id": f"msg_mock{call.seq}", "type": "message", "role": "assistant", "model": call.model,
+             "content": [], "stop_reason": None, "stop_sequence": None,
+             "usage": {"input_tokens": call.prompt_tokens, "output_tokens": 1}}
+    return _sse_reply([
+        (0.0, _event("message_start", {"type": "message_start", "message": start})),
+        (0.0, _event("error", {"type": "error", "error": error})),
+    ])
+
+
+def _note_cancel(provider: "MockProvider") -> None:
+    """Keep the time of a cancelled stream (the last 100)."""
+    provider.cancels.append(provider.reactor.seconds())
+    del provider.cancels[:-100]
+
+
 def _count_tokens(call: _Call) -> Reply:
     return 200, {"content-type": _JSON}, [(0.0, _dumps({"input_tokens": call.prompt_tokens}))], False
 
@@ -535,7 +562,7 @@ class _Stream:
         self._provider.stats["faults"] += 1
         if self._sent == 0:
             self._request.write(b"")  # both faults come after the headers
-        if self._fault == "stall-mid":
+        if self._fault in ("stall-mid", "stall-first"):
             self.state = "stalled"
             return
         self.state = "done"  # an abort we chose: neither completed nor cancelled
@@ -555,6 +582,7 @@ class _Stream:
             self._timer = None
         if self.state != "done" and self._counted:
             self._provider.stats["streams_cancelled"] += 1
+            _note_cancel(self._provider)
         self.state = "done"
 
     # IPushProducer
@@ -614,6 +642,9 @@ class MockProvider:
         self._fixtures = _load_fixtures()  # read once: no disk I/O per request
         self._random = random.Random(seed)
         self._seq = itertools.count(1)
+        # When (reactor seconds) each cancelled stream's client went away
+        # (GET /mock/cancels): hedging tests time the gateway's cancel.
+        self.cancels: list[float] = []
 
     def _render(self, request: Request) -> bytes | int:
         finished = request.notifyFinish()  # first: it never fires if asked for late
@@ -657,7 +688,9 @@ class MockProvider:
             if call.fault in ("reset-mid", "stall-mid"):
                 (delay, data), = pieces
                 pieces = [(delay, data[:len(data) // 2]), (0.0, data[len(data) // 2:])]
-        if call.fault not in ("reset-mid", "stall-mid"):
+        if call.fault == "stall-first":
+            fault_after = 1
+        elif call.fault not in ("reset-mid", "stall-mid"):
             fault_after = -1
         elif fault_after < 0:
             fault_after = 3 if call.fault == "stall-mid" else max(1, len(pieces) // 2)
@@ -676,6 +709,9 @@ class MockProvider:
         if fault == "stall-headers":
             self.stats["faults"] += 1
             return 0, {}, [], False
+        if fault == "error-first":
+            self.stats["faults"] += 1
+            return _error_first(call)
         if fault in ("status-429", "status-529", "status-500", "html-200"):
             self.stats["faults"] += 1
             return self._fault_reply(call, fault)
@@ -729,6 +765,8 @@ class MockProvider:
             return _dumps([
                 {**r, "body": r["body"].decode("utf-8", "replace")} for r in self.requests
             ])
+        if (method, path) == ("GET", "/mock/cancels"):
+            return _dumps(self.cancels)
         if (method, path) == ("POST", "/mock/reset"):
             self.stats.update(dict.fromkeys(self.stats, 0))
             self.requests.clear()

@@ -47,6 +47,9 @@ _DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300
 # when idle, a reactor turn or more under load.
 _ADDED_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
+# Why an upstream attempt was made, for llmgate_upstream_attempts_total.
+ATTEMPT_REASONS = frozenset(["first", "retry", "fallback", "hedge"])
+
 # Key label of a request with no key name (refused before its key was
 # checked), and of a name that is not configured (a key removed by a
 # reload while its requests ran): bounded either way.
@@ -145,6 +148,16 @@ class Metrics:
             "llmgate_upstream_errors", "Requests that failed upstream, by provider and reason.",
             ["provider", "reason"], registry=r,
         )
+        # Every upstream attempt, by why it was made (L{ATTEMPT_REASONS}),
+        # and every hedge by whether it served the client (won) or not.
+        self.upstream_attempts = Counter(
+            "llmgate_upstream_attempts", "Upstream attempts, by provider and reason (first, retry, fallback, hedge).",
+            ["provider", "reason"], registry=r,
+        )
+        self.hedges = Counter(
+            "llmgate_hedges", "Hedged attempts, by model and result (won: the hedge served the client; lost).",
+            ["model", "result"], registry=r,
+        )
         self.ledger_pending = Gauge(
             "llmgate_ledger_pending", "Usage records not yet written.", registry=r, multiprocess_mode="livesum"
         )
@@ -212,6 +225,18 @@ class Metrics:
         if reason == "invalid_key":
             key_name = ""
         self._child(self.rejections, self._key(key_name), reason if reason in REJECTION_REASONS else OTHER).inc()
+
+    def attempt(self, provider: str, reason: str) -> None:
+        """
+        Count an upstream attempt: C{provider} a configured provider's name,
+        C{reason} one of L{ATTEMPT_REASONS} (anything else counts as other).
+        """
+        self._child(self.upstream_attempts, provider, reason if reason in ATTEMPT_REASONS else OTHER).inc()
+
+    def hedge(self, model: str, result: str) -> None:
+        """Count a hedge's C{result} ("won"/"lost") for a configured C{model}."""
+        model = model if model in self._configured else OTHER
+        self._child(self.hedges, model, result if result in ("won", "lost") else OTHER).inc()
 
     def budget_left(self, key_name: str, remaining: float) -> None:
         """Set a configured key's remaining budget (called when its request settles)."""

@@ -1,7 +1,15 @@
 # -*- test-case-name: tests.relay.test_stream,tests.relay.test_decode,tests.relay.test_redact -*-
 """
-The relay: one upstream call per client request, its body streamed to the
-client as it arrives.
+The relay: one upstream attempt of a client request, its body streamed to
+the client as it arrives.
+
+Where a relay is lives in one field, L{Relay.phase} (the moves in
+L{_MOVES}). While routing may still act on the attempt after a 200 event
+stream's headers (another attempt could follow, or a hedge races it), the
+relay is GATED: the status line and the first events are held (bounded)
+until the first content event, then go out together
+(L{llmgate.relay.gate}); an Anthropic error event or a lost connection
+before that is a failure before the first byte, handed to routing.
 
 The upstream body transport is registered as the client request's streaming
 producer, so a client that stops reading pauses the upstream read (memory
@@ -43,6 +51,7 @@ from llmgate import dialects
 from llmgate.config import Provider, Timeouts
 from llmgate.relay.client import ResponseHeadersTooLarge
 from llmgate.relay.decode import DECODABLE, BodyDecoder, DecodeError, content_encoding
+from llmgate.relay.gate import CONTENT, ERROR, MAX_HELD, WAIT, Gate, error_message
 from llmgate.relay.headers import copy_response_headers
 from llmgate.relay.redact import redactor_for
 
@@ -69,6 +78,11 @@ def retry_after(headers: Headers) -> Optional[float]:
     return value if value >= 0 and value == value and value != float("inf") else None
 
 
+def _is_sse(response: Any) -> bool:
+    ctype = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+    return ctype.lower().startswith(b"text/event-stream")
+
+
 class Attempts(TypingProtocol):
     """
     Told about the outcome of the relay's upstream attempt before anything
@@ -79,7 +93,57 @@ class Attempts(TypingProtocol):
         """The attempt failed; True if another attempt takes the client over."""
 
     def attempt_answered(self, relay: "Relay") -> None:
-        """The upstream answered with a status that is not retried."""
+        """
+        The attempt is the client's answer (the upstream answered with a
+        status that is not retried, or a gated stream reached its first
+        content): no other attempt may follow, other attempts stop.
+        """
+
+    def gate(self, relay: "Relay") -> bool:
+        """
+        Whether routing may still act on this attempt, whose 200 event
+        stream headers just came in: then the relay holds them and the
+        first events until the first content (L{llmgate.relay.gate}).
+        """
+
+
+# -- the relay's phases ------------------------------------------------------
+# Where one relay's exchange is; L{Relay._enter} is the only place that
+# changes it, and L{_MOVES} says which moves exist.
+NEW = "new"
+# The upstream request is out; no response headers yet.
+CONNECTING = "connecting"
+# A 200 event stream's headers are in, but routing may still act (another
+# attempt, a hedge): nothing was sent to the client; events are held until
+# the first content event (L{llmgate.relay.gate}).
+GATED = "gated"
+# The response is this attempt's: the client gets what the upstream sends.
+STREAMING = "streaming"
+# The client's response is complete (or its connection was aborted); the
+# upstream body may still be draining.
+FINISHED = "finished"
+# The client went away before its response was complete.
+GONE = "gone"
+# Recorded: nothing more happens.
+ENDED = "ended"
+# Another attempt took the client over (a retry, or the hedge that won):
+# this relay writes and records nothing more.
+DETACHED = "detached"
+
+_MOVES: dict[str, frozenset[str]] = {
+    NEW: frozenset({CONNECTING}),
+    CONNECTING: frozenset({GATED, STREAMING, FINISHED, GONE, ENDED, DETACHED}),
+    GATED: frozenset({STREAMING, FINISHED, GONE, ENDED, DETACHED}),
+    STREAMING: frozenset({FINISHED, GONE, ENDED}),
+    FINISHED: frozenset({GONE, ENDED}),
+    GONE: frozenset({ENDED, DETACHED}),
+    ENDED: frozenset(),
+    DETACHED: frozenset(),
+}
+# The phases in which the relay still answers the client.
+_RELAYING = frozenset({CONNECTING, GATED, STREAMING})
+# The phases in which the client is gone or its response is over.
+_OVER = frozenset({FINISHED, GONE, ENDED, DETACHED})
 
 
 # Any line end followed by a line end: the blank line that ends an SSE event.
@@ -222,6 +286,8 @@ class Exchange:
     # attempt's own record names the client-facing request as its parent.
     attempt: int = 1
     parent_request_id: Optional[str] = None
+    # A hedge (a second attempt racing the first) was started for it.
+    hedged: bool = False
     # The latency the gateway adds to later chunks (coalesced writes after
     # the first): the worst and the sum over the stream, and how many, kept
     # in plain numbers here and observed once when the request ends (not
@@ -318,9 +384,7 @@ class Relay:
 
     __slots__ = (
         "_attempts",
-        "_detached",
         "_started",
-        "_client_gone",
         "_coalescer",
         "_corked",
         "_queued",
@@ -330,7 +394,6 @@ class Relay:
         "_done",
         "_err_body",
         "_err_len",
-        "_finished",
         "_held",
         "_held_len",
         "_last_data",
@@ -339,8 +402,12 @@ class Relay:
         "_out_since",
         "_paused_at",
         "_pending_d",
+        "_phase",
+        "_gate",
+        "_gate_held",
+        "_gate_len",
+        "_response",
         "_producing",
-        "_recorded",
         "_sse",
         "_headers_late",
         "_upstream",
@@ -367,7 +434,15 @@ class Relay:
         # Asked before a failure is relayed whether another attempt takes
         # over; L{None} when this is the only attempt.
         self._attempts = attempts
-        self._detached = False
+        # Where the exchange is (see L{_enter}): the only phase state.
+        self._phase = NEW
+        # While GATED: the scanner, the events held and their size, and the
+        # upstream response whose status line and headers wait with them.
+        self._gate: Optional[Gate] = None
+        # (A list only while GATED: no allocation per ungated request.)
+        self._gate_held: Any = ()
+        self._gate_len = 0
+        self._response: Any = None
         self._started = exchange.started
         self.http = http
         self.clock = clock
@@ -383,9 +458,6 @@ class Relay:
         self._cut_message: Optional[str] = None
         # Set when the gateway cut the stream for its key's budget.
         self._cut_quota = False
-        self._client_gone = False
-        self._finished = False
-        self._recorded = False
         self._sse = False
         self._held: list[bytes] = []
         self._held_len = 0
@@ -404,6 +476,25 @@ class Relay:
         self._err_body: Optional[list[bytes]] = None
         self._err_len = 0
 
+    # -- phases ------------------------------------------------------------
+
+    @property
+    def phase(self) -> str:
+        """Where the exchange is (C{NEW}, C{CONNECTING}, ... C{DETACHED})."""
+        return self._phase
+
+    def _enter(self, phase: str) -> None:
+        """
+        Move to C{phase}. A move L{_MOVES} does not list is a bug: logged,
+        and not made (staying put is safer than a made-up phase).
+        """
+        if phase == self._phase:
+            return
+        if phase not in _MOVES[self._phase]:
+            log.error("relay phase {old} cannot move to {new}", old=self._phase, new=phase)
+            return
+        self._phase = phase
+
     # -- start -------------------------------------------------------------
 
     def start(self, url: str, headers: Headers, body: bytes) -> None:
@@ -412,6 +503,7 @@ class Relay:
         if self.exchange.attempt > 1:
             # A later attempt's headers timeout runs from its own start.
             self._started = self.clock.seconds()
+        self._enter(CONNECTING)
         self.request.notifyFinish().addBoth(self._request_finished)
         d = self.http.request(
             "POST",
@@ -442,14 +534,17 @@ class Relay:
         ) or response.headers.getRawHeaders(b"request-id")
         if rid:
             ex.upstream_request_id = rid[0].decode("latin-1")
-        if self._client_gone:
+        if self._phase is not CONNECTING:
             response.deliverBody(_Discard())
             self._record()
             return
+        gated = False
         if self._attempts is not None:
             code = response.code
             if code not in RETRYABLE_STATUSES:
-                self._attempts.attempt_answered(self)
+                gated = code == 200 and ex.streamed and _is_sse(response) and self._attempts.gate(self)
+                if not gated:
+                    self._attempts.attempt_answered(self)
             elif self._try_again(
                 code, "headers", f"upstream answered {code}",
                 retry_after(response.headers) if code in (429, 503) else None,
@@ -498,6 +593,28 @@ class Relay:
         self._sse = is_sse
         if ex.counter is not None:
             ex.counter.sse = is_sse
+        self._last_data = self.clock.seconds()
+        if gated:
+            # Nothing goes to the client before the first content: the
+            # status line waits with the events (see L{_through_gate}).
+            self._enter(GATED)
+            self._gate = Gate(ex.endpoint.kind == "anthropic")
+            self._gate_held = []
+            self._response = response
+            response.deliverBody(_BodyRelay(self))
+            return
+        self._enter(STREAMING)
+        self._respond(response, is_sse)
+        if response.code != 200:
+            # An upstream error is relayed untouched but counted as no usage.
+            ex.counter = None
+            ex.outcome = "upstream_error"
+            ex.phase = "headers"
+        response.deliverBody(_BodyRelay(self))
+
+    def _respond(self, response: Any, is_sse: bool) -> None:
+        """Set the client's status line and headers from the upstream's."""
+        ex = self.exchange
         req = self.request
         req.setResponseCode(response.code, response.phrase or None)
         copy_response_headers(response.headers, req.responseHeaders, redactor_for(ex.provider.api_key))
@@ -513,17 +630,74 @@ class Relay:
                 self._queue()
             else:
                 req.write(b"")
-        if response.code != 200:
-            # An upstream error is relayed untouched but counted as no usage.
-            ex.counter = None
-            ex.outcome = "upstream_error"
-            ex.phase = "headers"
-        self._last_data = self.clock.seconds()
-        response.deliverBody(_BodyRelay(self))
+
+    # -- the first-content gate ----------------------------------------------
+
+    def _through_gate(self, data: bytes) -> bytes:
+        """
+        Hold C{data} (whole events) while GATED; what to relay now: nothing
+        while only preamble came, everything held once content came (or
+        more than L{MAX_HELD} bytes of preamble): the attempt commits. An
+        Anthropic C{error} event before any content is this attempt's
+        failure before the first byte: another attempt takes over if
+        routing allows, else it is relayed as before.
+        """
+        self._gate_held.append(data)
+        self._gate_len += len(data)
+        verdict = self._gate.scan(data) if self._gate is not None else CONTENT
+        if verdict is WAIT and self._gate_len <= MAX_HELD:
+            return b""
+        if verdict is ERROR and self._try_again(self.exchange.status, "body", error_message(data), None):
+            self.let_go()
+            return b""
+        return self._commit()
+
+    def _commit(self) -> bytes:
+        """
+        The attempt becomes the client's answer: routing is told (a hedge
+        racing it stops), the status line and headers are set, and the held
+        events are returned to be relayed with them, in one write.
+        """
+        held = b"".join(self._gate_held)
+        self._gate_held = ()
+        self._gate_len = 0
+        self._gate = None
+        if self._attempts is not None:
+            self._attempts.attempt_answered(self)
+        self._enter(STREAMING)
+        response, self._response = self._response, None
+        self._respond(response, True)
+        if self._upstream is not None:
+            self._register(self._upstream)
+        return held
+
+    def let_go(self) -> bytes:
+        """
+        Another attempt took the client over (a retry after an error event,
+        or a hedge that reached content first): stop this one's upstream at
+        once, write and record nothing. What it held is returned (the
+        ledger estimates a hedge loser's cost from it).
+        """
+        held = b"".join(self._gate_held)
+        self._gate_held = ()
+        self._gate_len = 0
+        self._gate = None
+        self._response = None
+        if self._phase in (CONNECTING, GATED, GONE):
+            # (GONE: the client left while attempts raced; the router
+            # records this one now.)
+            self._enter(DETACHED)
+        self._attempts = None
+        self._done = None
+        if self._pending_d is not None:
+            d, self._pending_d = self._pending_d, None
+            d.cancel()
+        self._abort_upstream()
+        return held
 
     def _request_failed(self, failure: Failure) -> None:
         self._pending_d = None
-        if self._client_gone:
+        if self._phase is not CONNECTING:
             self._record()
             return
         if self._cut_message is not None:
@@ -555,19 +729,18 @@ class Relay:
         request and records nothing (the router records the attempt).
         """
         attempts, self._attempts = self._attempts, None
-        if attempts is None or self._client_gone or self._cut_message is not None:
+        if attempts is None or self._phase not in _RELAYING or self._cut_message is not None:
             return False
         if not attempts.attempt_failed(self, status, phase, message, after):
             return False
-        self._detached = True
-        self._recorded = True
+        self._enter(DETACHED)
         self._done = None
         return True
 
     def _internal_error(self, failure: Failure) -> None:
         log.failure("relay error", failure)
         self._abort_upstream()
-        if not self._finished and not self._client_gone:
+        if self._phase in _RELAYING:
             try:
                 self._fail(500, "internal gateway error", self.exchange.phase or "body")
             except Exception:
@@ -576,6 +749,10 @@ class Relay:
 
     def _fail(self, status: int, message: str, phase: str, retry: bool = True) -> None:
         """Answer with a gateway error in the route's dialect."""
+        if self._attempts is not None:
+            # This attempt answers the client now (e.g. cut short at
+            # shutdown while a hedge raced it): the other one stops.
+            self._attempts.attempt_answered(self)
         ex = self.exchange
         ex.status = status
         ex.outcome = "upstream_error"
@@ -599,9 +776,16 @@ class Relay:
 
     def body_started(self, transport: Any) -> None:
         self._upstream = transport
-        if self._client_gone:
+        if self._phase is GONE or self._phase is DETACHED:
             transport.stopProducing()
             return
+        if self._phase is GATED:
+            # Registered as the client's producer at the commit (the
+            # held bytes are bounded by MAX_HELD).
+            return
+        self._register(transport)
+
+    def _register(self, transport: Any) -> None:
         try:
             self.request.registerProducer(_Throttle(transport, self), True)
             self._producing = True
@@ -612,7 +796,7 @@ class Relay:
 
     def body_data(self, data: bytes) -> None:
         self._last_data = self.clock.seconds()
-        if self._client_gone or self._finished or self._cut_message is not None:
+        if self._phase in _OVER or self._cut_message is not None:
             # Stopping the upstream does not stop the rest of a read that
             # is already being parsed.
             return
@@ -637,6 +821,15 @@ class Relay:
             data = self._whole_events(data)
             if not data:
                 return
+            if self._phase is GATED:
+                data = self._through_gate(data)
+                if not data:
+                    return
+        self._relay_events(data)
+
+    def _relay_events(self, data: bytes) -> None:
+        """Relay C{data} (whole events, or body bytes) to the client."""
+        ex = self.exchange
         counter = ex.counter
         if counter is not None:
             counter.feed(data)
@@ -694,7 +887,7 @@ class Relay:
         if not out:
             return
         self._out = []
-        if self._client_gone or self._finished:
+        if self._phase in _OVER:
             return
         ex = self.exchange
         if ex.first_write_at is None:
@@ -753,7 +946,7 @@ class Relay:
 
     def body_ended(self, reason: Failure) -> None:
         # The last events and the chunked terminator leave in one send.
-        corked = not self._client_gone and self._cork()
+        corked = self._phase is not GONE and self._cork()
         try:
             self._body_ended(reason)
         finally:
@@ -761,6 +954,18 @@ class Relay:
                 self._uncork()
 
     def _body_ended(self, reason: Failure) -> None:
+        if self._phase is GATED:
+            if (
+                self._cut_message is None
+                and not reason.check(ResponseDone, PotentialDataLoss)
+                and self._try_again(self.exchange.status, "body", "upstream connection lost before any content", None)
+            ):
+                self.let_go()
+                self._upstream = None
+                return
+            held = self._commit()
+            if held:
+                self._relay_events(held)
         self.flush()
         self._upstream = None
         if self._producing:
@@ -771,7 +976,10 @@ class Relay:
                 # The channel is gone (the client left): Twisted's Request
                 # would keep the producer, a reference cycle back to us.
                 self.request.producer = None
-        if self._client_gone:
+        if self._phase is DETACHED:
+            # Another attempt has the client (and recorded this one).
+            return
+        if self._phase is GONE:
             self._record()
             return
         if self._cut_message is not None:
@@ -838,7 +1046,7 @@ class Relay:
         ex.phase = "body"
         ex.error = message
         self._abort_upstream()
-        if self._finished or self._client_gone:
+        if self._phase in _OVER:
             return
         self.flush()
         if self._sse:
@@ -863,7 +1071,7 @@ class Relay:
         is the client's stall, not the upstream's). Otherwise: the idle gap
         between upstream bytes. A long stream is never cut for its length.
         """
-        if self._recorded or self._client_gone:
+        if self._phase not in _RELAYING and self._phase is not FINISHED:
             return
         t = self.timeouts
         if self._pending_d is not None:
@@ -887,7 +1095,7 @@ class Relay:
         client gets an error in its dialect, the upstream is closed, and the
         exchange is recorded.
         """
-        if self._recorded or self._client_gone:
+        if self._phase not in _RELAYING and self._phase is not FINISHED:
             return
         self._cut_message = message
         if self._pending_d is not None:
@@ -904,7 +1112,7 @@ class Relay:
         no C{[DONE]}.  Only an event stream whose body is flowing is cut
         (a JSON body cannot be ended visibly).  Whether it was.
         """
-        if self._recorded or self._client_gone or self._upstream is None or not self._sse or self._cut_message is not None:
+        if self._phase not in _RELAYING and self._phase is not FINISHED or self._upstream is None or not self._sse or self._cut_message is not None:
             return False
         self._cut_quota = True
         self._cut(message)
@@ -913,14 +1121,16 @@ class Relay:
     # -- the client side ---------------------------------------------------
 
     def _request_finished(self, result: Any) -> None:
-        if not isinstance(result, Failure) or self._detached:
+        if not isinstance(result, Failure) or self._phase in (DETACHED, GONE):
             # (A detached relay's attempt is over: its exchange is the
             # next attempt's now.)
             return
         # The client went away before we finished: stop paying for it.
-        self._client_gone = True
+        was = self._phase
+        if was is not ENDED:
+            self._enter(GONE)
         ex = self.exchange
-        if not self._finished and not self._terminal_relayed():
+        if was in _RELAYING and not self._terminal_relayed():
             ex.outcome = "client_cancelled"
             ex.phase = (
                 "body"
@@ -949,22 +1159,24 @@ class Relay:
             up.stopProducing()
 
     def _abort_client(self) -> None:
-        self._finished = True
+        if self._phase in _RELAYING:
+            self._enter(FINISHED)
         channel = getattr(self.request, "channel", None)
         if channel is not None and channel.transport is not None:
             channel.transport.abortConnection()
 
     def _finish(self) -> None:
-        if self._finished or self._client_gone:
+        if self._phase not in _RELAYING:
             return
-        self._finished = True
+        self._enter(FINISHED)
         self.request.finish()
 
     def _record(self) -> None:
-        if self._recorded:
+        if self._phase in (ENDED, DETACHED):
             return
-        self._recorded = True
+        self._enter(ENDED)
         self.exchange.ended = self.clock.seconds()
         # The callback usually refers back to this relay: let go of it.
         done, self._done = self._done, None
-        done(self.exchange)
+        if done is not None:
+            done(self.exchange)

@@ -540,6 +540,37 @@ class FaultTests(MockTestCase):
         self.assertEqual(self.mock.stats["streams_cancelled"], 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_error_first_anthropic(self) -> None:
+        """
+        error-first answers an Anthropic stream 200 with message_start and
+        then an overloaded_error event, before any content, and ends it.
+        """
+        _, transport = self.send("/v1/messages", {"stream": True, "max_tokens": 5, "model": "claude-x"},
+                                 x_mock_fault="error-first")
+        self.clock.advance(0)
+        r = Response(transport.value())
+        self.assertEqual((r.status, r.complete), (200, True))
+        self.assertEqual([name for name, _ in r.events()], ["message_start", "error"])
+        self.assertEqual(json.loads(r.events()[1][1])["error"]["type"], "overloaded_error")
+        self.assertEqual(self.mock.stats["faults"], 1)
+
+    def test_stall_first(self) -> None:
+        """
+        stall-first sends the headers and the first event (the role chunk:
+        no content), then nothing; the client giving up is a cancelled
+        stream whose time is listed at GET /mock/cancels.
+        """
+        channel, transport = self.send("/v1/chat/completions", {"stream": True},
+                                       x_mock_fault="stall-first")
+        self.clock.advance(3600)
+        r = Response(transport.value())
+        self.assertEqual((r.status, len(r.events()), r.complete), (200, 1, False))
+        self.assertEqual(json.loads(r.events()[0][1])["choices"][0]["delta"]["content"], "")
+        self.clock.advance(5)
+        self.gone(channel)
+        self.assertEqual(self.mock.stats["streams_cancelled"], 1)
+        self.assertEqual(self.mock.cancels, [3605.0])
+
 
 class BytesTests(MockTestCase):
     def test_bytes_honours_backpressure(self) -> None:

@@ -200,14 +200,14 @@ class StreamingTests(SynchronousTestCase):
         self.assertEqual(json.loads(body)["error"]["type"], "upstream_error")
 
     def test_upstream_error_status_relayed_untouched(self) -> None:
-        """An upstream 429 is relayed with its status, headers and body."""
+        """An upstream 429 (its retry-after too long to wait for) is relayed with its status, headers and body."""
         body = b'{"error":{"message":"slow down","type":"tokens","param":null,"code":"rate_limit_exceeded"}}'
-        r = self.respond(429, {b"content-type": [b"application/json"], b"retry-after": [b"1"], b"content-length": [str(len(body)).encode()]})
+        r = self.respond(429, {b"content-type": [b"application/json"], b"retry-after": [b"30"], b"content-length": [str(len(body)).encode()]})
         r.send(body)
         r.end()
         status, headers, got, complete = parse_response(self.transport.value())
         self.assertEqual((status, got, complete), (429, body, True))
-        self.assertEqual(headers[b"retry-after"], [b"1"])
+        self.assertEqual(headers[b"retry-after"], [b"30"])
 
     def test_stream_answered_with_html_is_502(self) -> None:
         """A 200 that is not an event stream is never relayed as one."""

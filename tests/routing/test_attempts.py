@@ -109,13 +109,16 @@ class FailoverTests(SynchronousTestCase):
         self.assertEqual([r.parent_request_id for r in gw.accounting.ledger.records], [None])
 
     def test_body_let_go_once_answered(self) -> None:
-        """Once an attempt is answered no retry can follow: the request body is not held for the rest of the stream."""
+        """Once an attempt commits (its first content) no retry can follow: the request body is not held for the rest of the stream."""
         gw = self.gw
         gw.post("/v1/chat/completions", CHAT)
         [relay] = gw.resource.active
         attempts = relay._attempts
         self.assertEqual(len(attempts._bodies), 1)
-        answer(gw, 0)
+        r = answer(gw, 0)
+        # Gated (another attempt could still follow): the body is kept.
+        self.assertEqual(len(attempts._bodies), 1)
+        r.send(E1)
         self.assertEqual(attempts._bodies, {})
 
     def test_no_retry_after_first_byte(self) -> None:

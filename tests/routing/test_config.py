@@ -63,6 +63,58 @@ class DeploymentConfigTests(SynchronousTestCase):
         self.assertEqual(cfg.routing, Routing(4, 9.0, 7.0, 2, 5.0, "least_outstanding"))
 
 
+class HedgeConfigTests(SynchronousTestCase):
+    def test_hedge_settings(self) -> None:
+        """hedge_after (seconds or "p95") and hedge_max_fraction per model; off (None) by default; retry_after_wait in [routing]."""
+        cfg = make_config(
+            models={
+                "a": {"provider": "oai", "hedge_after": 0.5},
+                "b": {"deployments": [{"provider": "oai"}], "hedge_after": "p95", "hedge_max_fraction": 0.25},
+                "c": {"provider": "oai"},
+            },
+            routing={"retry_after_wait": 2},
+        )
+        m = cfg.models
+        self.assertEqual((m["a"].hedge_after, m["a"].hedge_max_fraction), (0.5, 0.1))
+        self.assertEqual((m["b"].hedge_after, m["b"].hedge_max_fraction), ("p95", 0.25))
+        self.assertEqual(m["c"].hedge_after, None)
+        self.assertEqual(cfg.routing.retry_after_wait, 2.0)
+        self.assertEqual(Routing().retry_after_wait, 5.0)
+        self.assertEqual(make_config(routing={"retry_after_wait": 0}).routing.retry_after_wait, 0.0)
+
+    def test_hedge_errors(self) -> None:
+        """Bad hedging settings are refused with their names."""
+        cases = [
+            ({"m": {"provider": "oai", "hedge_after": 0}}, {}, "models.m.hedge_after"),
+            ({"m": {"provider": "oai", "hedge_after": "p99"}}, {}, "models.m.hedge_after"),
+            ({"m": {"provider": "oai", "hedge_after": True}}, {}, "models.m.hedge_after"),
+            ({"m": {"provider": "oai", "hedge_after": 1, "hedge_max_fraction": 0}}, {}, "models.m.hedge_max_fraction"),
+            ({"m": {"provider": "oai", "hedge_after": 1, "hedge_max_fraction": 1.5}}, {}, "models.m.hedge_max_fraction"),
+            ({}, {"retry_after_wait": -1}, "routing.retry_after_wait"),
+            ({}, {"retry_after_wait": "5"}, "routing.retry_after_wait"),
+        ]
+        for models, routing, where in cases:
+            doc = {"models": models}
+            if routing:
+                doc["routing"] = routing
+            with self.assertRaises(ConfigError, msg=where) as e:
+                make_config(**doc)
+            self.assertIn(where, str(e.exception))
+
+    def test_old_file_gets_hedged_column(self) -> None:
+        """A ledger file without the hedged column gets it: old rows read 0, a hedged record 1."""
+        d = self.mktemp()
+        os.makedirs(d)
+        path = os.path.join(d, "usage.db")
+        oldLedgerFile(path, drop=("hedged",))
+        ledger = Ledger(path, Clock(), run_in_thread=syncRunner)
+        ledger.startService()
+        ledger.record(makeRecord(1, hedged=True))
+        self.successResultOf(ledger.stopService())
+        rows = read_records(path)
+        self.assertEqual([r["hedged"] for r in rows], [0, 1])
+
+
 class AttemptColumnsMigrationTests(SynchronousTestCase):
     def test_old_file_gets_attempt_columns(self) -> None:
         """A ledger file without attempt/parent_request_id gets them: old rows read attempt 1, new rows keep theirs."""
@@ -129,6 +181,29 @@ class ReportTests(SynchronousTestCase):
         self.assertEqual((total["requests"], total["failed_attempts"], total["unknown_cost"]), (1, 1, 0))
         self.assertEqual((by["a"]["requests"], by["a"]["failed_attempts"]), (0, 1))
         self.assertEqual((by["b"]["requests"], by["b"]["failed_attempts"]), (1, 0))
+
+    def test_hedge_loser_cost_counted(self) -> None:
+        """A hedge that lost has its own priced row: its cost is in the total, it is no request and no unknown cost."""
+        from llmgate.accounting import report
+
+        d = self.mktemp()
+        os.makedirs(d)
+        path = os.path.join(d, "usage.db")
+        ledger = Ledger(path, Clock(), run_in_thread=syncRunner)
+        ledger.startService()
+        served = makeRecord(1, attempt=2, provider="b", cost_usd=0.5, hedged=True)
+        lost = makeRecord(
+            2, request_id=served.request_id + "-1", parent_request_id=served.request_id, provider="a",
+            outcome="hedge_lost", cost_usd=0.25,
+        )
+        unpriced = makeRecord(3, cost_usd=None)
+        for rec in (served, lost, unpriced):
+            ledger.record(rec)
+        self.successResultOf(ledger.stopService())
+        conn = sqlite3.connect(path)
+        [total] = report.query(conn, [])
+        conn.close()
+        self.assertEqual((total["requests"], total["failed_attempts"], total["unknown_cost"], total["cost_usd"]), (2, 1, 1, 0.75))
 
 
 class StartupLineTests(SynchronousTestCase):

@@ -14,8 +14,8 @@ from tests.test_garbage import close, cyclic_garbage
 
 
 class FailoverGarbageTests(SynchronousTestCase):
-    def run_scenario(self, scenario) -> None:  # type: ignore[no-untyped-def]
-        gw = routed_gateway()
+    def run_scenario(self, scenario, models=None) -> None:  # type: ignore[no-untyped-def]
+        gw = routed_gateway(models=models)
         gw.resource.rng = FixedRng()
 
         def forget() -> None:
@@ -25,6 +25,7 @@ class FailoverGarbageTests(SynchronousTestCase):
             gw.accounting.ledger.opened.clear()
 
         scenario(gw)
+        gw.clock.advance(0)
         gw.clock.advance(0)
         forget()
 
@@ -64,3 +65,111 @@ class FailoverGarbageTests(SynchronousTestCase):
             close(channel)
 
         self.run_scenario(scenario)
+
+    def test_hedge_wins(self) -> None:
+        """A hedge races the first attempt and wins: the loser is let go and recorded."""
+        from tests.routing.test_hedge import ROLE, hedged_models
+
+        def scenario(gw) -> None:  # type: ignore[no-untyped-def]
+            channel, _ = gw.post("/v1/chat/completions", CHAT)
+            slow = FakeResponse(200, SSE_HEADERS)
+            gw.http.calls[-1]["deferred"].callback(slow)
+            slow.send(ROLE)
+            gw.clock.advance(0.6)
+            fast = FakeResponse(200, SSE_HEADERS)
+            gw.http.calls[-1]["deferred"].callback(fast)
+            fast.send(E1 + USAGE + DONE)
+            fast.end()
+            gw.clock.advance(0)
+            gw.clock.advance(0)
+            close(channel)
+
+        self.run_scenario(scenario, hedged_models())
+
+    def test_hedge_loses_waiting_for_headers(self) -> None:
+        """The first attempt wins while the hedge waits for headers: the hedge's request is cancelled."""
+        from tests.routing.test_hedge import hedged_models
+
+        def scenario(gw) -> None:  # type: ignore[no-untyped-def]
+            channel, _ = gw.post("/v1/chat/completions", CHAT)
+            first = gw.http.calls[-1]["deferred"]
+            gw.clock.advance(0.6)
+            r = FakeResponse(200, SSE_HEADERS)
+            first.callback(r)
+            r.send(E1 + USAGE + DONE)
+            r.end()
+            gw.clock.advance(0)
+            gw.clock.advance(0)
+            close(channel)
+
+        self.run_scenario(scenario, hedged_models())
+
+    def test_client_gone_during_race(self) -> None:
+        """The client leaves while two attempts race."""
+        from tests.routing.test_hedge import ROLE, hedged_models
+
+        def scenario(gw) -> None:  # type: ignore[no-untyped-def]
+            channel, _ = gw.post("/v1/chat/completions", CHAT)
+            slow = FakeResponse(200, SSE_HEADERS)
+            gw.http.calls[-1]["deferred"].callback(slow)
+            slow.send(ROLE)
+            gw.clock.advance(0.6)
+            close(channel)
+            gw.clock.advance(0)
+
+        self.run_scenario(scenario, hedged_models())
+
+    def test_error_first_failover(self) -> None:
+        """An Anthropic stream that begins with an error, then the other deployment serves."""
+        from tests.routing.test_gate import BLOCK, CLAUDE, ERROR, MSG, START, STOP
+
+        def scenario(gw) -> None:  # type: ignore[no-untyped-def]
+            channel, _ = gw.post("/v1/messages", MSG)
+            bad = FakeResponse(200, SSE_HEADERS)
+            gw.http.calls[-1]["deferred"].callback(bad)
+            bad.send(START + ERROR)
+            gw.clock.advance(0)
+            good = FakeResponse(200, SSE_HEADERS)
+            gw.http.calls[-1]["deferred"].callback(good)
+            good.send(START + BLOCK + STOP)
+            good.end()
+            gw.clock.advance(0)
+            close(channel)
+
+        self.run_scenario(scenario, CLAUDE)
+
+    def test_retry_same_after_wait(self) -> None:
+        """A 429 with a short retry-after on the only deployment, then its success."""
+
+        def scenario(gw) -> None:  # type: ignore[no-untyped-def]
+            channel, _ = gw.post("/v1/chat/completions", {**CHAT, "model": "small"})
+            gw.http.calls[-1]["deferred"].callback(
+                FakeResponse(429, {b"content-type": [b"application/json"], b"retry-after": [b"1"]})
+            )
+            gw.clock.advance(1)
+            r = FakeResponse(200, SSE_HEADERS)
+            gw.http.calls[-1]["deferred"].callback(r)
+            r.send(E1 + USAGE + DONE)
+            r.end()
+            gw.clock.advance(0)
+            close(channel)
+
+        self.run_scenario(scenario)
+
+    def test_client_gone_with_two_gated_streams(self) -> None:
+        """The client leaves while both racing attempts hold a 200 stream."""
+        from tests.routing.test_hedge import ROLE, hedged_models
+
+        def scenario(gw) -> None:  # type: ignore[no-untyped-def]
+            channel, _ = gw.post("/v1/chat/completions", CHAT)
+            first = FakeResponse(200, SSE_HEADERS)
+            gw.http.calls[-1]["deferred"].callback(first)
+            first.send(ROLE)
+            gw.clock.advance(0.6)
+            hedge = FakeResponse(200, SSE_HEADERS)
+            gw.http.calls[-1]["deferred"].callback(hedge)
+            hedge.send(ROLE)
+            close(channel)
+            gw.clock.advance(0)
+
+        self.run_scenario(scenario, hedged_models())
