@@ -149,6 +149,9 @@ class WorkersBudgetGaugeE2ETests(SynchronousTestCase):
         conf = os.path.join(root, "llmgate.toml")
         with open(conf, "w") as f:
             f.write(gateway_config(mock.port, PRICES) + f'[keys]\nfile = "{keyfile}"\n[state]\nredis_url = "{redis.url}"\n'
+                    # The default 0.2 s state timeout answers 503 (fail_closed)
+                    # when a loaded machine delays Redis; not what this tests.
+                    'timeout = 2.0\n'
                     f'[ledger]\npath = "{ledger}"\nbatch_interval = 0.05\n'
                     f'[metrics]\nport = "tcp:{mport}:interface=127.0.0.1"\n')
         gw = Daemon("llmgate", ["--config", conf, "--workers", "2", "--port", "tcp:0:interface=127.0.0.1"], root,
