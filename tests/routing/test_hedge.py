@@ -192,6 +192,18 @@ class HedgeTests(SynchronousTestCase):
         gw.clock.advance(0.2)
         self.assertEqual(host(gw.http.calls[2]), "b.test")
 
+    def test_p95_mode_from_observed_ttfts(self) -> None:
+        """hedge_after = "p95" with the real per-deployment observations: served TTFTs of 1 s put the hedge at 1 s."""
+        gw = routed_gateway(models=hedged_models(after="p95"))
+        gw.resource.rng = FixedRng(*([0.1] * 4))
+        for _ in range(40):
+            gw.resource.breakers.observe_ttft(("a", "gpt-4o-a"), 1.0)
+        gw.post("/v1/chat/completions", CHAT)
+        gw.clock.advance(0.9)
+        self.assertEqual(len(gw.http.calls), 1)
+        gw.clock.advance(0.2)
+        self.assertEqual([host(c) for c in gw.http.calls], ["a.test", "b.test"])
+
     def test_client_gone_during_race(self) -> None:
         """The client leaves while both attempts wait: both upstreams stop; one client record and one attempt record."""
         from tests.test_garbage import close
