@@ -11,7 +11,8 @@
 // seeded generator (-seed), so a run is repeatable for a given arrival order:
 // -slow-fraction F -slow-ttft S: that fraction of streams send their headers at
 // once but wait S seconds before the first event; -fail-fraction F -fail-status
-// N: that fraction are answered N at once with an OpenAI error body.
+// N: that fraction are answered N at once with an OpenAI error body (N = 0:
+// the connection is reset instead).
 //
 // GET /stats   -> {"started","completed","cancelled","active","slowed","failed","cancel_gap_ms_p50","cancel_gap_ms_p99"}
 // GET /cancels -> {"<id>": <unix ns when the closed client connection was detected>, ...}
@@ -24,6 +25,7 @@ import (
 	"io"
 	"log"
 	"math/rand"
+	"net"
 	"net/http"
 	"sort"
 	"strconv"
@@ -69,9 +71,19 @@ func (f *faults) draw() (bool, bool) {
 	return false, x < f.failFraction+f.slowFraction
 }
 
-// fail answers the request with the configured status and an OpenAI error body.
+// fail answers the request with the configured status and an OpenAI error
+// body, or (-fail-status 0) resets the connection without an answer.
 func (f *faults) fail(w http.ResponseWriter) {
 	atomic.AddInt64(&st.failed, 1)
+	if f.failStatus == 0 {
+		if conn, _, err := w.(http.Hijacker).Hijack(); err == nil {
+			if tc, ok := conn.(*net.TCPConn); ok {
+				tc.SetLinger(0) // RST, not FIN
+			}
+			conn.Close()
+		}
+		return
+	}
 	typ := "server_error"
 	if f.failStatus == 429 {
 		typ = "rate_limit_exceeded"
@@ -233,13 +245,13 @@ func main() {
 	flag.Float64Var(&ft.slowFraction, "slow-fraction", 0, "fraction of streams whose first event waits -slow-ttft")
 	slowTTFT := flag.Float64("slow-ttft", 2, "seconds a slow stream waits before its first event")
 	flag.Float64Var(&ft.failFraction, "fail-fraction", 0, "fraction of requests answered -fail-status at once")
-	flag.IntVar(&ft.failStatus, "fail-status", 503, "status of the failed requests")
+	flag.IntVar(&ft.failStatus, "fail-status", 503, "status of the failed requests (0: reset the connection)")
 	seed := flag.Int64("seed", 1, "seed of the fault draws")
 	flag.Parse()
 	ft.slowTTFT = time.Duration(*slowTTFT * float64(time.Second))
 	ft.rng = rand.New(rand.NewSource(*seed))
-	if ft.slowFraction < 0 || ft.failFraction < 0 || ft.slowFraction+ft.failFraction > 1 || ft.failStatus < 400 || ft.failStatus > 599 {
-		log.Fatal("-slow-fraction and -fail-fraction must be >= 0 with a sum <= 1; -fail-status 400..599")
+	if ft.slowFraction < 0 || ft.failFraction < 0 || ft.slowFraction+ft.failFraction > 1 || (ft.failStatus != 0 && (ft.failStatus < 400 || ft.failStatus > 599)) {
+		log.Fatal("-slow-fraction and -fail-fraction must be >= 0 with a sum <= 1; -fail-status 400..599 or 0")
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("/v1/chat/completions", func(w http.ResponseWriter, r *http.Request) {
