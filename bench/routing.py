@@ -8,11 +8,13 @@ generator (bench/loadgen) in a closed loop. After each llmgate peer has
 stopped, its SQLite ledger is read (stdlib sqlite3) for the attempt rows.
 
 HEDGE   A fast; B slow on 10% of requests (first event after 2 s). Peers:
-        direct-a (the fast deployment's own TTFT), llmgate (no hedging),
-        llmgate-hedge (hedge_after = 0.25), llmgate-hedge-p95 (hedge_after =
-        "p95"). Reports TTFT p50/p99, the hedged p99 / direct-a p99 ratio
-        (issue 11's target: <= 1.2x), the hedge rate and the losers' tokens
-        and cost (ledger rows with outcome "hedge_lost").
+        direct-a (the fast deployment's own TTFT), llmgate-a-only (llmgate
+        over A alone: the gateway's own floor at this load), llmgate (both,
+        no hedging), llmgate-hedge (hedge_after = 0.25), llmgate-hedge-p95
+        (hedge_after = "p95"). Reports TTFT p50/p99, the p99 ratios to
+        direct-a (issue 11's target for the hedged peers: <= 1.2x) and to
+        llmgate-a-only, the hedge rate and the losers' tokens and cost
+        (ledger rows with outcome "hedge_lost").
 FAIL30  A healthy; B answers 30% of requests 503 at once (FAIL30-500: 500;
         FAIL30-RESET: the connection is reset). Peers: direct-a, direct-b,
         llmgate (default routing). Reports client-visible errors (target 0),
@@ -55,7 +57,9 @@ def scenarios(smoke=False, concurrency=100, hold=20.0):
     """Scenario parameters: the load (as bench/run.py's: c, tokens, delay ms,
     ramp s, hold s), each upstream's fault flags, and the peers. A peer is
     (name, target) with target "a"/"b" (direct to that upstream) or a dict
-    of llmgate settings (hedge_after; absent = hedging off)."""
+    of llmgate settings (hedge_after; absent = hedging off; only = the one
+    upstream the model uses, for the gateway's own floor without the slow
+    deployment)."""
     load = dict(c=concurrency, tokens=30, delay=20, ramp=1.0, hold=hold)
     slow_ttft = 2.0
     if smoke:
@@ -64,8 +68,8 @@ def scenarios(smoke=False, concurrency=100, hold=20.0):
     hedge = dict(
         desc="A fast; B slow (first event after %g s) on 10%% of its requests" % slow_ttft,
         kind="hedge", upstreams={"a": [], "b": ["-slow-fraction", "0.1", "-slow-ttft", "%g" % slow_ttft]},
-        peers=[("direct-a", "a"), ("llmgate", {}), ("llmgate-hedge", {"hedge_after": 0.25}),
-               ("llmgate-hedge-p95", {"hedge_after": "p95"})], **load)
+        peers=[("direct-a", "a"), ("llmgate-a-only", {"only": "a"}), ("llmgate", {}),
+               ("llmgate-hedge", {"hedge_after": 0.25}), ("llmgate-hedge-p95", {"hedge_after": "p95"})], **load)
     fail = lambda status, what: dict(
         desc="A healthy; B %s on 30%% of its requests" % what, kind="fail",
         upstreams={"a": [], "b": ["-fail-fraction", "0.3", "-fail-status", str(status)]},
@@ -76,8 +80,8 @@ def scenarios(smoke=False, concurrency=100, hold=20.0):
         "FAIL30-500": fail(500, "answers 500 at once"),
         "FAIL30-RESET": fail(0, "resets the connection before answering"),
     }
-    if smoke:  # seconds, not minutes: one hedged peer, no direct-b
-        sc["HEDGE"]["peers"] = sc["HEDGE"]["peers"][:3]
+    if smoke:  # seconds, not minutes: one hedged peer, no direct-b, no llmgate-a-only
+        sc["HEDGE"]["peers"] = [p for p in sc["HEDGE"]["peers"] if p[0] in ("direct-a", "llmgate", "llmgate-hedge")]
         for name in ("FAIL30", "FAIL30-500", "FAIL30-RESET"):
             sc[name]["peers"] = [p for p in sc[name]["peers"] if p[0] != "direct-b"]
     return sc
@@ -102,6 +106,14 @@ def routing_config(up_ports, ledger_path, model_settings=None):
         lines.append("%s = %s" % (k, _toml_value(v)))
     lines += ["", "[ledger]", "path = %s" % json.dumps(ledger_path), ""]
     return "\n".join(lines)
+
+
+def peer_deployments(up_ports, settings):
+    """(upstreams, model settings) of an llmgate peer: `only` keeps one
+    upstream and is not a model setting."""
+    settings = dict(settings)
+    only = settings.pop("only", None)
+    return ({only: up_ports[only]} if only else dict(up_ports)), settings
 
 
 def check_config(path):
@@ -191,6 +203,7 @@ def start_upstreams(faults, workdir, tag):
 def start_llmgate(name, up_ports, settings, workdir):
     """Start llmgate over the upstreams; (proc, url, ledger) or raises
     run.Unavailable when check-config refuses the configuration."""
+    up_ports, settings = peer_deployments(up_ports, settings)
     tmp = tempfile.mkdtemp(prefix=name + "-", dir=workdir)
     ledger = os.path.join(tmp, "usage.db")
     conf = os.path.join(tmp, "llmgate.toml")
@@ -291,13 +304,14 @@ def p99_ratio(m, base):
 
 
 HEDGE_COLUMNS = ("peer | ok/launched | err | TTFT p50 ms | TTFT p99 ms | p99 / direct-a p99 (target <= 1.2x) | "
+                 "p99 / llmgate-a-only p99 | "
                  "hedges (rate) | hedge_lost rows | losers' output tokens | losers' cost USD (share) | "
                  "B slowed | upstream cancels")
 FAIL_COLUMNS = ("peer | ok/launched | client errors (target 0) | TTFT p50 ms | TTFT p99 ms | +p99 vs direct-a ms | "
                 "failed attempts (upstream_error rows) | retries/request | B failed")
 
 
-def _row(peer, m, base, kind):
+def _row(peer, m, base, kind, floor=None):
     if "failed" in m:
         return "| %s | FAILED: %s |" % (peer, m["failed"].splitlines()[0][:150])
     if "unavailable" in m:
@@ -308,9 +322,10 @@ def _row(peer, m, base, kind):
     common = [peer, "%d/%d" % (m["ok_streams"], m["launched"]), f(m["errors"]),
               f(m["ttft_p50_ms"]), f(m["ttft_p99_ms"])]
     if kind == "hedge":
-        r = p99_ratio(m, base)
+        r, rf = p99_ratio(m, base), p99_ratio(m, floor or {})
         cells = common + [
             "" if peer == "direct-a" else ("-" if r is None else "%.2fx" % r),
+            "" if peer in ("direct-a", "llmgate-a-only") else ("-" if rf is None else "%.2fx" % rf),
             "%s (%s)" % (f(m.get("hedges")), pct(m.get("hedge_rate"))) if gated else "",
             f(m.get("hedge_lost_rows")) if gated else "",
             f(m.get("hedge_lost_output_tokens")) if gated else "",
@@ -339,7 +354,7 @@ def markdown(results, scen):
                   "| " + cols + " |", "|" + "---|" * (cols.count("|") + 1)]
         base = peers.get("direct-a", {})
         for peer, m in peers.items():
-            lines.append(_row(peer, m, base, sc["kind"]))
+            lines.append(_row(peer, m, base, sc["kind"], peers.get("llmgate-a-only")))
         for peer, m in peers.items():
             if m.get("error_kinds"):
                 lines.append("\n%s errors: %s" % (peer, json.dumps(m["error_kinds"])[:300]))

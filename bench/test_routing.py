@@ -61,6 +61,13 @@ class ConfigTests(unittest.TestCase):
         self.assertIn('hedge_after = "p95"\n', table)
         self.assertIn("hedge_max_fraction = 0.1\n", table)
 
+    def test_only_keeps_one_deployment(self):
+        """A peer with only="a" uses upstream a alone and passes no `only`
+        setting to llmgate; other settings go through."""
+        self.assertEqual(routing.peer_deployments({"a": 1, "b": 2}, {"only": "a", "hedge_after": 0.25}),
+                         ({"a": 1}, {"hedge_after": 0.25}))
+        self.assertEqual(routing.peer_deployments({"a": 1, "b": 2}, {}), ({"a": 1, "b": 2}, {}))
+
     def test_check_config_accepts_and_refuses(self):
         """check_config is None for a valid file and llmgate's message for a
         setting it does not know (the hedged peers' fate before hedging)."""
@@ -157,13 +164,14 @@ class ReportTests(unittest.TestCase):
 
     def test_hedge_ratio_against_direct_a(self):
         """The hedge table states each gateway peer's TTFT p99 over direct-a's
-        and an unavailable peer's reason."""
+        and over llmgate-a-only's, and an unavailable peer's reason."""
         scen = routing.scenarios(smoke=True)
-        results = {"HEDGE": {"direct-a": self.peer(10.0), "llmgate": self.peer(12.0),
+        results = {"HEDGE": {"direct-a": self.peer(10.0), "llmgate-a-only": self.peer(8.0),
+                             "llmgate": self.peer(12.0),
                              "llmgate-hedge": {"unavailable": "n/a: config rejected (x)"}}}
         text = routing.markdown(results, scen)
         row = next(l for l in text.splitlines() if l.startswith("| llmgate |"))
-        self.assertIn("| 1.20x |", row)
+        self.assertIn("| 1.20x | 1.50x |", row)
         self.assertIn("| llmgate-hedge | n/a: config rejected (x) |", text)
 
     def test_smoke_fails_on_client_errors_in_fail30(self):
