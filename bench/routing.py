@@ -11,7 +11,8 @@ HEDGE   A fast; B slow on 10% of requests (first event after 2 s). Peers:
         direct-a (the fast deployment's own TTFT), llmgate-a-only (llmgate
         over A alone: the gateway's own floor at this load), llmgate (both,
         no hedging), llmgate-hedge (hedge_after = 0.25), llmgate-hedge-p95
-        (hedge_after = "p95"). Reports TTFT p50/p99, the p99 ratios to
+        (hedge_after = "p95"), llmgate-latency ([routing] balance =
+        "latency") and llmgate-latency-hedge (both). Reports TTFT p50/p99, the p99 ratios to
         direct-a (issue 11's target for the hedged peers: <= 1.2x) and to
         llmgate-a-only, the hedge rate and the losers' tokens and cost
         (ledger rows with outcome "hedge_lost").
@@ -69,7 +70,9 @@ def scenarios(smoke=False, concurrency=100, hold=20.0):
         desc="A fast; B slow (first event after %g s) on 10%% of its requests" % slow_ttft,
         kind="hedge", upstreams={"a": [], "b": ["-slow-fraction", "0.1", "-slow-ttft", "%g" % slow_ttft]},
         peers=[("direct-a", "a"), ("llmgate-a-only", {"only": "a"}), ("llmgate", {}),
-               ("llmgate-hedge", {"hedge_after": 0.25}), ("llmgate-hedge-p95", {"hedge_after": "p95"})], **load)
+               ("llmgate-hedge", {"hedge_after": 0.25}), ("llmgate-hedge-p95", {"hedge_after": "p95"}),
+               ("llmgate-latency", {"routing.balance": "latency"}),
+               ("llmgate-latency-hedge", {"routing.balance": "latency", "hedge_after": 0.25})], **load)
     fail = lambda status, what: dict(
         desc="A healthy; B %s on 30%% of its requests" % what, kind="fail",
         upstreams={"a": [], "b": ["-fail-fraction", "0.3", "-fail-status", str(status)]},
@@ -93,8 +96,9 @@ def _toml_value(v):
 
 def routing_config(up_ports, ledger_path, model_settings=None):
     """llmgate's TOML: providers a and b (one mock upstream each), one model
-    over both at equal weight, the model's extra settings (e.g. hedge_after),
-    the ledger at ledger_path."""
+    over both at equal weight, the model's extra settings (e.g. hedge_after;
+    a "routing.NAME" key goes to [routing] as NAME), the ledger at
+    ledger_path."""
     lines = []
     for name, port in sorted(up_ports.items()):
         lines += ['[providers.%s]' % name, 'kind = "openai"',
@@ -102,8 +106,13 @@ def routing_config(up_ports, ledger_path, model_settings=None):
     deps = ", ".join('{provider = "%s", upstream_model = "%s", weight = 1}' % (n, MODEL)
                      for n in sorted(up_ports))
     lines += ['[models."%s"]' % MODEL, "deployments = [%s]" % deps]
-    for k, v in sorted((model_settings or {}).items()):
-        lines.append("%s = %s" % (k, _toml_value(v)))
+    settings = sorted((model_settings or {}).items())
+    for k, v in settings:
+        if not k.startswith("routing."):
+            lines.append("%s = %s" % (k, _toml_value(v)))
+    routing = [(k.split(".", 1)[1], v) for k, v in settings if k.startswith("routing.")]
+    if routing:
+        lines += ["", "[routing]"] + ["%s = %s" % (k, _toml_value(v)) for k, v in routing]
     lines += ["", "[ledger]", "path = %s" % json.dumps(ledger_path), ""]
     return "\n".join(lines)
 

@@ -61,6 +61,16 @@ class ConfigTests(unittest.TestCase):
         self.assertIn('hedge_after = "p95"\n', table)
         self.assertIn("hedge_max_fraction = 0.1\n", table)
 
+    def test_routing_settings_in_routing_table(self):
+        """A "routing.NAME" setting is written as NAME in [routing], not in
+        the model's table; llmgate loads it there."""
+        from llmgate import config as configmod
+        text = routing.routing_config({"a": 1, "b": 2}, os.path.join(self.tmp, "u.db"),
+                                      {"routing.balance": "least_outstanding"})
+        self.assertNotIn("balance", text.split('[models."gpt-4o-mini"]', 1)[1].split("[routing]", 1)[0])
+        cfg = configmod.load(self.write(text), inherited=False)
+        self.assertEqual(cfg.routing.balance, "least_outstanding")
+
     def test_only_keeps_one_deployment(self):
         """A peer with only="a" uses upstream a alone and passes no `only`
         setting to llmgate; other settings go through."""
