@@ -7,7 +7,14 @@
 // body max_tokens, then the -tokens/-delay-ms flags). A stream id comes from
 // x-mock-id (fallback: body "user"); it keys the cancellation record.
 //
-// GET /stats   -> {"started","completed","cancelled","active","cancel_gap_ms_p50","cancel_gap_ms_p99"}
+// Faults (routing scenarios, bench/routing.py), drawn per request from one
+// seeded generator (-seed), so a run is repeatable for a given arrival order:
+// -slow-fraction F -slow-ttft S: that fraction of streams send their headers at
+// once but wait S seconds before the first event; -fail-fraction F -fail-status
+// N: that fraction are answered N at once with an OpenAI error body (N = 0:
+// the connection is reset instead).
+//
+// GET /stats   -> {"started","completed","cancelled","active","slowed","failed","cancel_gap_ms_p50","cancel_gap_ms_p99"}
 // GET /cancels -> {"<id>": <unix ns when the closed client connection was detected>, ...}
 // POST /reset  -> clears counters and records.
 package main
@@ -17,6 +24,8 @@ import (
 	"flag"
 	"io"
 	"log"
+	"math/rand"
+	"net"
 	"net/http"
 	"sort"
 	"strconv"
@@ -28,13 +37,75 @@ import (
 var words = []string{" the", " quick", " brown", " fox", " jumps", " over", " a", " lazy", " dog", " and"}
 
 type stats struct {
-	started, completed, cancelled, active int64
-	mu                                    sync.Mutex
-	gaps                                  []float64 // ms from the last event write to detecting the close
-	cancels                               map[string]int64
+	started, completed, cancelled, active, slowed, failed int64
+	mu                                                    sync.Mutex
+	gaps                                                  []float64 // ms from the last event write to detecting the close
+	cancels                                               map[string]int64
 }
 
 var st = &stats{cancels: map[string]int64{}}
+
+// faults: the seeded per-process fractions of slow and failing requests.
+type faults struct {
+	mu                         sync.Mutex
+	rng                        *rand.Rand
+	slowFraction, failFraction float64
+	slowTTFT                   time.Duration
+	failStatus                 int
+}
+
+var ft = &faults{rng: rand.New(rand.NewSource(1))}
+
+// draw decides one request's fate: (fail, slow). One draw per request from
+// the shared seeded generator; fail is decided first, then slow.
+func (f *faults) draw() (bool, bool) {
+	if f.failFraction <= 0 && f.slowFraction <= 0 {
+		return false, false
+	}
+	f.mu.Lock()
+	x := f.rng.Float64()
+	f.mu.Unlock()
+	if x < f.failFraction {
+		return true, false
+	}
+	return false, x < f.failFraction+f.slowFraction
+}
+
+// fail answers the request with the configured status and an OpenAI error
+// body, or (-fail-status 0) resets the connection without an answer.
+func (f *faults) fail(w http.ResponseWriter) {
+	atomic.AddInt64(&st.failed, 1)
+	if f.failStatus == 0 {
+		if conn, _, err := w.(http.Hijacker).Hijack(); err == nil {
+			if tc, ok := conn.(*net.TCPConn); ok {
+				tc.SetLinger(0) // RST, not FIN
+			}
+			conn.Close()
+		}
+		return
+	}
+	typ := "server_error"
+	if f.failStatus == 429 {
+		typ = "rate_limit_exceeded"
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(f.failStatus)
+	io.WriteString(w, `{"error":{"message":"mock upstream: injected failure","type":"`+typ+`","param":null,"code":null}}`+"\n")
+}
+
+// waitSlow holds a slow stream's first event for slowTTFT after its headers
+// were flushed; false when the client went away meanwhile.
+func (f *faults) waitSlow(r *http.Request) bool {
+	atomic.AddInt64(&st.slowed, 1)
+	t := time.NewTimer(f.slowTTFT)
+	defer t.Stop()
+	select {
+	case <-r.Context().Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
 
 type chatReq struct {
 	Model         string `json:"model"`
@@ -55,6 +126,11 @@ func headerInt(r *http.Request, name string, def int) int {
 
 func chat(w http.ResponseWriter, r *http.Request, defTokens, defDelay int) {
 	body, _ := io.ReadAll(r.Body)
+	failNow, slow := ft.draw()
+	if failNow {
+		ft.fail(w)
+		return
+	}
 	var req chatReq
 	if err := json.Unmarshal(body, &req); err != nil {
 		http.Error(w, `{"error":{"message":"bad json"}}`, 400)
@@ -112,6 +188,13 @@ func chat(w http.ResponseWriter, r *http.Request, defTokens, defDelay int) {
 		st.mu.Unlock()
 	}
 	ctx := r.Context()
+	if slow {
+		fl.Flush() // headers now, content late: the case a hedge must catch
+		if !ft.waitSlow(r) {
+			cancelled()
+			return
+		}
+	}
 	if !send(head + `[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}` + "\n\n") {
 		cancelled()
 		return
@@ -159,7 +242,17 @@ func main() {
 	addr := flag.String("addr", "127.0.0.1:18000", "listen address")
 	defTokens := flag.Int("tokens", 20, "default content chunks")
 	defDelay := flag.Int("delay-ms", 10, "default delay between content chunks")
+	flag.Float64Var(&ft.slowFraction, "slow-fraction", 0, "fraction of streams whose first event waits -slow-ttft")
+	slowTTFT := flag.Float64("slow-ttft", 2, "seconds a slow stream waits before its first event")
+	flag.Float64Var(&ft.failFraction, "fail-fraction", 0, "fraction of requests answered -fail-status at once")
+	flag.IntVar(&ft.failStatus, "fail-status", 503, "status of the failed requests (0: reset the connection)")
+	seed := flag.Int64("seed", 1, "seed of the fault draws")
 	flag.Parse()
+	ft.slowTTFT = time.Duration(*slowTTFT * float64(time.Second))
+	ft.rng = rand.New(rand.NewSource(*seed))
+	if ft.slowFraction < 0 || ft.failFraction < 0 || ft.slowFraction+ft.failFraction > 1 || (ft.failStatus != 0 && (ft.failStatus < 400 || ft.failStatus > 599)) {
+		log.Fatal("-slow-fraction and -fail-fraction must be >= 0 with a sum <= 1; -fail-status 400..599 or 0")
+	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("/v1/chat/completions", func(w http.ResponseWriter, r *http.Request) {
 		chat(w, r, *defTokens, *defDelay)
@@ -169,6 +262,7 @@ func main() {
 		out := map[string]interface{}{
 			"started": atomic.LoadInt64(&st.started), "completed": atomic.LoadInt64(&st.completed),
 			"cancelled": atomic.LoadInt64(&st.cancelled), "active": atomic.LoadInt64(&st.active),
+			"slowed": atomic.LoadInt64(&st.slowed), "failed": atomic.LoadInt64(&st.failed),
 			"cancel_gap_ms_p50": pct(st.gaps, 0.5), "cancel_gap_ms_p99": pct(st.gaps, 0.99),
 		}
 		st.mu.Unlock()
@@ -184,6 +278,8 @@ func main() {
 		atomic.StoreInt64(&st.started, 0)
 		atomic.StoreInt64(&st.completed, 0)
 		atomic.StoreInt64(&st.cancelled, 0)
+		atomic.StoreInt64(&st.slowed, 0)
+		atomic.StoreInt64(&st.failed, 0)
 		st.gaps, st.cancels = nil, map[string]int64{}
 		st.mu.Unlock()
 		io.WriteString(w, "{}\n")

@@ -163,6 +163,7 @@ class _Call:
         self.fault_after = self._number("x-mock-fault-after", -1, int)
         self.bytes = self._number("x-mock-bytes", -1, int)
         self.fault = headers.get("x-mock-fault")
+        self.fail_status = 0  # set by L{Fractions}: answer this status at once
         if self.fault is not None and self.fault not in _FAULTS:
             raise _BadControl(f"unknown x-mock-fault {self.fault!r}")
         self.json: dict[str, Any] = {}
@@ -494,6 +495,46 @@ _ROUTES: dict[tuple[str, str], Callable[[_Call], Reply]] = {
 
 
 @implementer(IPushProducer)
+class Fractions:
+    """
+    Seeded per-process fractions of slow and failing requests
+    (C{--slow-fraction F --slow-ttft S}, C{--fail-fraction F --fail-status N}):
+    a deployment that is slow or fails on some requests only, for the routing
+    benchmark and tests of retries and hedging. One draw per API request, in
+    arrival order, from its own generator: a given seed and order always
+    picks the same requests. A request's own C{x-mock-fault} wins.
+
+    @ivar slowed: requests made slow so far.
+    @ivar failed: requests failed so far.
+    """
+
+    def __init__(self, seed: int = 0, slow_fraction: float = 0.0, slow_ttft: float = 2.0,
+                 fail_fraction: float = 0.0, fail_status: int = 503):
+        if not (0.0 <= slow_fraction and 0.0 <= fail_fraction and slow_fraction + fail_fraction <= 1.0):
+            raise ValueError("slow and fail fractions must be >= 0 with a sum <= 1")
+        if slow_ttft < 0:
+            raise ValueError("slow_ttft must not be negative")
+        if not 400 <= fail_status <= 599:
+            raise ValueError("fail_status must be 400..599")
+        self.slow_fraction, self.slow_ttft = slow_fraction, slow_ttft
+        self.fail_fraction, self.fail_status = fail_fraction, fail_status
+        self._random = random.Random(seed)
+        self.slowed = self.failed = 0
+
+    def apply(self, call: _Call) -> None:
+        """Draw this request's fate: fail it (C{call.fail_status}), make its
+        first piece wait C{slow_ttft} more, or leave it alone."""
+        if not self.slow_fraction and not self.fail_fraction:
+            return
+        x = self._random.random()
+        if x < self.fail_fraction:
+            self.failed += 1
+            call.fail_status = self.fail_status
+        elif x < self.fail_fraction + self.slow_fraction:
+            self.slowed += 1
+            call.ttft += self.slow_ttft
+
+
 class _Stream:
     """
     Writes one response's pieces, each with ONE C{request.write()}.
@@ -627,7 +668,8 @@ class MockProvider:
         C{path}, C{headers} (lowercased names) and C{body} (bytes).
     """
 
-    def __init__(self, reactor: IReactorTime, seed: int = 0, fault: str | None = None, ttft_ms: float | None = None):
+    def __init__(self, reactor: IReactorTime, seed: int = 0, fault: str | None = None, ttft_ms: float | None = None,
+                 fractions: Fractions | None = None):
         if fault is not None and fault not in _FAULTS:
             raise ValueError(f"unknown fault {fault!r} (one of: {', '.join(_FAULTS)})")
         self.reactor = reactor
@@ -645,6 +687,7 @@ class MockProvider:
         # When (reactor seconds) each cancelled stream's client went away
         # (GET /mock/cancels): hedging tests time the gateway's cancel.
         self.cancels: list[float] = []
+        self.fractions = fractions or Fractions()
 
     def _render(self, request: Request) -> bytes | int:
         finished = request.notifyFinish()  # first: it never fires if asked for late
@@ -665,6 +708,7 @@ class MockProvider:
         call: _Call | None = None
         try:
             call = _Call(headers, path, body, seq, int(self.reactor.seconds()))
+            self.fractions.apply(call)
             status, resp_headers, pieces, counted = self._reply(call, method)
         except _BadControl as e:
             finished.addErrback(lambda _: None)
@@ -715,6 +759,8 @@ class MockProvider:
         if fault in ("status-429", "status-529", "status-500", "html-200"):
             self.stats["faults"] += 1
             return self._fault_reply(call, fault)
+        if call.fail_status:
+            return self._fraction_reply(call)
         fixture = call.headers.get("x-mock-fixture")
         if fixture is not None:
             return self._fixture_reply(fixture, call.delay)
@@ -736,6 +782,12 @@ class MockProvider:
             return 500, {"content-type": _JSON}, [(0.0, body)], False
         html = b"<html><body><h1>502 Bad Gateway</h1><p>mock html-200</p></body></html>\n"
         return 200, {"content-type": "text/html; charset=utf-8"}, [(0.0, html)], False
+
+    def _fraction_reply(self, call: _Call) -> Reply:
+        """A request L{Fractions} failed: its status at once, an error body in its dialect."""
+        self.stats["faults"] += 1
+        body = call.error_body(call.fail_status, "mock: injected failure (--fail-fraction)")
+        return call.fail_status, {"content-type": _JSON}, [(0.0, body)], False
 
     def _fixture_reply(self, name: str, delay: float = 0.0) -> Reply:
         data = self._fixtures.get(name)

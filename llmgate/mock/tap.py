@@ -29,6 +29,10 @@ class Options(usage.Options):
          "The x-mock-fault of every request that sends none (e.g. status-500): a failing provider."],
         ["ttft-ms", None, None,
          "The x-mock-ttft-ms of every request that sends none: a provider slow to start.", float],
+        ["slow-fraction", None, 0.0, "Fraction of requests (seeded draw) whose first piece waits --slow-ttft.", float],
+        ["slow-ttft", None, 2.0, "Seconds a --slow-fraction request waits before its first piece.", float],
+        ["fail-fraction", None, 0.0, "Fraction of requests (seeded draw) answered --fail-status at once.", float],
+        ["fail-status", None, 503, "Status of the --fail-fraction requests.", int],
     ]
 
     def postOptions(self) -> None:
@@ -40,13 +44,26 @@ class Options(usage.Options):
 
         if self["fault"] is not None and self["fault"] not in _FAULTS:
             raise usage.UsageError(f"--fault: one of {', '.join(_FAULTS)}")
+        self["fractions"] = _fractions(self)
+
+
+def _fractions(options: Options) -> Any:
+    """The seeded slow/fail fractions of C{--slow-*}/C{--fail-*}; bad values are a usage error."""
+    from llmgate.mock.provider import Fractions
+
+    try:
+        return Fractions(options["seed"], options["slow-fraction"], options["slow-ttft"],
+                         options["fail-fraction"], options["fail-status"])
+    except ValueError as e:
+        raise usage.UsageError(str(e)) from None
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     """One HTTP listener serving a fresh L{MockProvider}."""
     if reactor is None:
         from twisted.internet import reactor
-    mock = MockProvider(reactor, seed=options["seed"], fault=options["fault"], ttft_ms=options["ttft-ms"])
+    mock = MockProvider(reactor, seed=options["seed"], fault=options["fault"], ttft_ms=options["ttft-ms"],
+                        fractions=options.get("fractions"))
     service = MultiService()
     endpoint = serverFromString(reactor, options["port"])
     listener = StreamServerEndpointService(endpoint, Site(mock.resource, reactor=reactor))
