@@ -305,7 +305,14 @@ class Attempts:
     def _arm_hedge(self) -> None:
         after = self.hedge.after if self.hedge is not None else None
         if after == "p95":
-            after = self.breakers.ttft_p95(self._tries[0].key) if self._tries else None
+            # The p95 TTFT of the model's fastest deployment (by p95), not
+            # only the first attempt's own: a deployment slow on some
+            # requests has those in its own p95 (10% slow = a p95 of the
+            # slow TTFT), and waiting that long hedges nothing. A hedge pays
+            # when the wait already exceeds what another deployment
+            # delivers 95% of the time; hedge_max_fraction caps the cost.
+            known = [p for p in (self.breakers.ttft_p95(key(d)) for d in self.groups[0]) if p is not None]
+            after = min(known) if known and self._tries else None
         if after is None:
             return
         self._hedge_call = self.clock.callLater(after, self._start_hedge)
@@ -372,6 +379,12 @@ class Attempts:
         what it cost (estimated from the prompt and what it streamed).
         """
         held = t.relay.let_go()
+        if outcome == "hedge_lost":
+            # Its TTFT is at least this long. Observing only the attempts
+            # that served would hide a slow deployment's slow requests
+            # behind the hedges that beat them (survivor bias), and latency
+            # balancing would keep sending it traffic.
+            self.breakers.observe_ttft(t.key, self.clock.seconds() - t.started)
         self._forget(t)
         counter = t.exchange.counter
         if t.exchange is self.exchange:

@@ -192,6 +192,34 @@ class HedgeTests(SynchronousTestCase):
         gw.clock.advance(0.2)
         self.assertEqual(host(gw.http.calls[2]), "b.test")
 
+    def test_p95_mode_takes_the_fastest_deployments_p95(self) -> None:
+        """hedge_after = "p95": the first attempt on the deployment with a p95 of 2 s is hedged after the other's 0.3 s."""
+        gw = routed_gateway(models=hedged_models(after="p95"))
+        gw.resource.rng = FixedRng(0.1, 0.1)
+        gw.resource.breakers.ttft_p95 = {("a", "gpt-4o-a"): 2.0, ("b", "gpt-4o-b"): 0.3}.get
+        gw.post("/v1/chat/completions", CHAT)
+        gw.clock.advance(0.29)
+        self.assertEqual(len(gw.http.calls), 1)
+        gw.clock.advance(0.02)
+        self.assertEqual([host(c) for c in gw.http.calls], ["a.test", "b.test"])
+
+    def test_loser_ttft_observed(self) -> None:
+        """A hedge loser's wait counts as a TTFT sample (a lower bound): a deployment slow behind hedges still looks slow."""
+        gw = self.gw
+        gw.post("/v1/chat/completions", CHAT)
+        slow = answer(gw, 0)
+        slow.send(ROLE)
+        gw.clock.advance(0.6)
+        fast = answer(gw, 1)
+        fast.send(ROLE + E2)
+        gw.clock.advance(0)
+        fast.send(USAGE + DONE)
+        fast.end()
+        gw.clock.advance(0)
+        breakers = gw.resource.breakers
+        self.assertAlmostEqual(breakers.ttft_ewma(("a", "gpt-4o-a")), 0.6)
+        self.assertAlmostEqual(breakers.ttft_ewma(("b", "gpt-4o-b")), 0.0)
+
     def test_p95_mode_from_observed_ttfts(self) -> None:
         """hedge_after = "p95" with the real per-deployment observations: served TTFTs of 1 s put the hedge at 1 s."""
         gw = routed_gateway(models=hedged_models(after="p95"))
