@@ -67,8 +67,8 @@ class ModelRoute:
     deployments: tuple[Deployment, ...] = ()
     fallbacks: tuple[str, ...] = ()
     # Hedging (L{llmgate.routing.attempts}): seconds without first content
-    # before a second deployment races the first, or "p95" (the chosen
-    # deployment's observed p95 TTFT); None: off. At most
+    # before a second deployment races the first, or "p95" (the lowest
+    # observed p95 TTFT among the model's deployments); None: off. At most
     # hedge_max_fraction of the model's requests get a hedge.
     hedge_after: Union[float, str, None] = None
     hedge_max_fraction: float = 0.1
