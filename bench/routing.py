@@ -12,7 +12,7 @@ HEDGE   A fast; B slow on 10% of requests (first event after 2 s). Peers:
         over A alone: the gateway's own floor at this load), llmgate (both,
         no hedging), llmgate-hedge (hedge_after = 0.25), llmgate-hedge-p95
         (hedge_after = "p95"), llmgate-latency ([routing] balance =
-        "latency") and llmgate-latency-hedge (both). Reports TTFT p50/p99, the p99 ratios to
+        "latency") and llmgate-latency-hedge (latency + "p95"). Reports TTFT p50/p99, the p99 ratios to
         direct-a (issue 11's target for the hedged peers: <= 1.2x) and to
         llmgate-a-only, the hedge rate and the losers' tokens and cost
         (ledger rows with outcome "hedge_lost").
@@ -72,7 +72,7 @@ def scenarios(smoke=False, concurrency=100, hold=20.0):
         peers=[("direct-a", "a"), ("llmgate-a-only", {"only": "a"}), ("llmgate", {}),
                ("llmgate-hedge", {"hedge_after": 0.25}), ("llmgate-hedge-p95", {"hedge_after": "p95"}),
                ("llmgate-latency", {"routing.balance": "latency"}),
-               ("llmgate-latency-hedge", {"routing.balance": "latency", "hedge_after": 0.25})], **load)
+               ("llmgate-latency-hedge", {"routing.balance": "latency", "hedge_after": "p95"})], **load)
     fail = lambda status, what: dict(
         desc="A healthy; B %s on 30%% of its requests" % what, kind="fail",
         upstreams={"a": [], "b": ["-fail-fraction", "0.3", "-fail-status", str(status)]},

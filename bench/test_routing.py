@@ -95,8 +95,12 @@ def make_ledger(path, hedged_column):
     from llmgate.accounting import ledger as ledgermod
     conn = sqlite3.connect(path)
     conn.executescript(ledgermod._SCHEMA)
-    if hedged_column:
+    has = any(r[1] == "hedged" for r in conn.execute("PRAGMA table_info(usage)"))
+    if hedged_column and not has:
         conn.execute("ALTER TABLE usage ADD COLUMN hedged INTEGER NOT NULL DEFAULT 0")
+    elif has and not hedged_column:
+        # A ledger written before hedging (the schema has the column now).
+        conn.execute("ALTER TABLE usage DROP COLUMN hedged")
     rows = [
         # request_id, ts, outcome, parent, output_tokens, cost, hedged
         ("w1", 50.0, "completed", None, 3, 0.5, 0),
