@@ -8,10 +8,13 @@ import re
 from dataclasses import replace
 from typing import Any
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from llmgate.ops.deployments import DeploymentGauges
 from llmgate.ops.gcstats import GCPauses
 from llmgate.ops.metrics import Metrics
+from llmgate.routing.breaker import Breakers
 from tests.ops.test_status import REC
 
 DASHBOARD = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "grafana-llmgate.json")
@@ -51,6 +54,12 @@ def exported() -> dict[str, set[str]]:
     metrics.observe(replace(REC, cost_usd=0.01, cached_input_tokens=1, reasoning_tokens=1), ex)
     metrics.observe(replace(REC, outcome="client_cancelled", phase="body"), ex)
     metrics.observe(replace(REC, outcome="upstream_error", phase="headers", status=502), ex)
+    metrics.attempt("a", "retry")
+    metrics.hedge("gpt-4o-mini", "won")
+    # The per-deployment gauges share the registry (as llmgate.tap builds it).
+    breakers = Breakers(Clock())
+    breakers.observe_ttft(("a", "m"), 0.1)
+    DeploymentGauges(metrics.registry, breakers, lambda: [("a", "m")]).update()
     out: dict[str, set[str]] = {}
     for family in metrics.registry.collect():
         labels = {k for s in family.samples for k in s.labels}
@@ -106,7 +115,9 @@ class DashboardTests(SynchronousTestCase):
                        "llmgate_upstream_headers_seconds_bucket", "llmgate_request_duration_seconds_bucket",
                        "llmgate_upstream_errors_total", "llmgate_cancellations_total",
                        "llmgate_active_requests", "llmgate_ledger_pending", "llmgate_ledger_write_failures_total",
-                       "llmgate_executor_jobs", "llmgate_gc_pause_seconds_bucket"):
+                       "llmgate_executor_jobs", "llmgate_gc_pause_seconds_bucket",
+                       "llmgate_upstream_attempts_total", "llmgate_hedges_total",
+                       "llmgate_deployment_breaker_state", "llmgate_deployment_ttft_ewma_seconds"):
             self.assertIn(family, used)
 
     def test_checker_catches_unknown_names(self) -> None:
