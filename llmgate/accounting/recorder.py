@@ -341,6 +341,9 @@ class Accounting:
         # Called with every final record (L{llmgate.policy.limits.Quotas.settle}):
         # budgets and limits settle on the numbers the ledger gets.
         self.on_settle: Optional[Callable[[UsageRecord], Any]] = None
+        # Told of each upstream attempt that served no client but cost
+        # something (a hedge that lost): its key's budget pays for it.
+        self.on_charge: Optional[Callable[[UsageRecord], Any]] = None
         # OpenTelemetry GenAI metrics and spans (llmgate.ops.otel), fed the
         # finished record: None unless [otel] is configured.
         self.telemetry: Any = None
@@ -636,9 +639,9 @@ class Accounting:
         An upstream attempt that ended without serving the client (a hedge
         that lost the race, cancelled at once): its own record, with the
         tokens it cost (the provider's, or estimated from the prompt and
-        what it streamed), linked by C{parent_request_id}. Like
-        L{attempt_failed}, it settles no budget and is no request in the
-        metrics.
+        what it streamed), linked by C{parent_request_id}. Its cost is
+        charged to its key's budget (L{on_charge}: the provider bills it);
+        like L{attempt_failed} it is no request in the metrics.
         """
         counter = ex.counter
         if counter is None:
@@ -661,6 +664,8 @@ class Accounting:
         cost = None if usage is None else self.cost(ex, served, usage)
         rec = clip_record(self._make_record(ex, usage, ex.outcome, ex.upstream_request_id, cost, served))
         self._access_log(ex, rec)
+        if self.on_charge is not None and rec.cost_usd:
+            self.on_charge(rec)
         if self.ledger is not None:
             self.ledger.record(rec)
 

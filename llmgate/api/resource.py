@@ -176,6 +176,7 @@ class GatewayResource(Resource):
         self.quotas = quotas if quotas is not None else Quotas(clock)
         if hasattr(accounting, "on_settle"):
             accounting.on_settle = self.quotas.settle
+            accounting.on_charge = self.quotas.charge
         # Refusals and budget left, to the accounting's metrics.
         self.quotas.on_refuse = self._count_refusal
         self.quotas.on_spend = self._budget_left

@@ -216,6 +216,10 @@ class MemoryState:
         spend.reserved -= res.cost
         spend.add(cost)
 
+    def charge(self, now: float, key: str, cost: float) -> None:
+        """Add spend held by no reservation (an upstream attempt that lost a hedge race)."""
+        self._spend(key, now).add(cost)
+
     def load_spend(self, now: float, totals: dict[str, dict[str, float]]) -> None:
         """Add the ledger's spend (at start) to what this process counted."""
         for key, per in totals.items():
@@ -370,6 +374,26 @@ class Quotas:
                 # worker's spend (a metric by this process's own settles
                 # alone would show more left than there is).
                 key, (period, limit), on_spend = res.key, budget, self.on_spend
+                shared.addCallback(lambda _: on_spend(key, limit - self.spent(key, period, self.clock.seconds())))
+
+    def charge(self, rec: Any) -> None:
+        """
+        Add the cost of an upstream attempt that served no client (a hedge
+        that lost the race, L{llmgate.routing.attempts}) to its key's
+        spend. The provider bills it, so the key's budget pays for it; it
+        held no reservation and no rate-limit slot of its own (the client
+        request's reservation covers those).
+        """
+        cost = rec.cost_usd
+        if not cost or cost <= 0 or not rec.key_name:
+            return
+        now = self.clock.seconds()
+        shared = self.state.charge(now, rec.key_name, cost)
+        budget = self._budgets.get(rec.key_name)
+        if budget is not None and self.on_spend is not None:
+            key, (period, limit), on_spend = rec.key_name, budget, self.on_spend
+            on_spend(key, limit - self.spent(key, period, now))
+            if shared is not None:
                 shared.addCallback(lambda _: on_spend(key, limit - self.spent(key, period, self.clock.seconds())))
 
     def spent(self, key: str, period: str, now: float) -> float:

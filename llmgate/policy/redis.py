@@ -467,6 +467,10 @@ class RedisState(Service):
         d.addBoth(self._done, d)
         return d
 
+    def charge(self, now: float, key: str, cost: float) -> Optional[defer.Deferred[Any]]:
+        """Spend held by no reservation (a hedge loser's cost): the settle script with no scopes and nothing held."""
+        return self.settle(now, SharedReservation((), 0, key, 0.0, ()), 0, cost)
+
     def _shared_spend(self, reply: Any, key: str, now: float) -> None:
         """
         Raise this process's view of C{key}'s spend (day, month, total) to

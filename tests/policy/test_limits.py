@@ -152,6 +152,23 @@ class BudgetTests(SynchronousTestCase):
         self.assertIsNotNone(q.admit(self.key(), "m", "openai", 1, 0.2).reservation)
         self.assertEqual(q.admit(KeyRecord("t", b"y" * 32, budget_usd=1.0, period="total"), "m", "openai", 1, 0.2).status, 429)
 
+    def test_hedge_loser_cost_charged(self) -> None:
+        """A hedge loser's cost (a record with no reservation) counts against its key's budget, and the gauge hears of it."""
+        q = quotas()
+        k = self.key()
+        left = []
+        q.on_spend = lambda key, remaining: left.append((key, remaining))
+        q.hold("r1", q.admit(k, "m", "openai", 1, 0.5).reservation)
+        q.settle(record("r1", 10, 10, 0.5))
+        q.charge(SimpleNamespace(key_name="a", cost_usd=0.3))
+        self.assertAlmostEqual(q.state.spend["a"].spent["day"], 0.8)
+        self.assertAlmostEqual(left[-1][1], 0.2)
+        self.assertEqual(q.admit(k, "m", "openai", 1, 0.3).status, 429)
+        # Nothing to charge: no cost, or no key.
+        q.charge(SimpleNamespace(key_name="a", cost_usd=None))
+        q.charge(SimpleNamespace(key_name="", cost_usd=1.0))
+        self.assertAlmostEqual(q.state.spend["a"].spent["day"], 0.8)
+
     def test_loaded_spend_counts(self) -> None:
         """Spend loaded from the ledger at start counts against the budget."""
         q = quotas()

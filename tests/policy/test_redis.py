@@ -129,6 +129,18 @@ class RedisStateTests(TestCase):
         self.assertEqual(self.server.command("TTL", "llmgate:s:k:total:0"), b":-1\r\n")
 
     @defer.inlineCallbacks
+    def test_hedge_loser_charged_to_shared_budget(self) -> None:
+        """A hedge loser's cost (no reservation) goes into the shared spend: the other worker refuses past the budget."""
+        a = yield self.worker()
+        b = yield self.worker()
+        key = KeyRecord("k", b"x" * 32, budget_usd=1.0, period="day")
+        a.charge(SimpleNamespace(key_name="k", cost_usd=0.7))
+        yield self.until(lambda: not a.state._inflight)
+        self.assertIn(b"0.7", self.server.command("GET", f"llmgate:s:k:day:{int(T0)}"))
+        v = yield b.admit(key, "m", "openai", 10, 0.4)
+        self.assertEqual(v.code, "insufficient_quota")
+
+    @defer.inlineCallbacks
     def test_spend_view_is_every_workers(self) -> None:
         """
         A worker's view of a key's spend (its budget gauge, the cut-off)

@@ -203,6 +203,27 @@ class HedgeTests(SynchronousTestCase):
         gw.clock.advance(0.02)
         self.assertEqual([host(c) for c in gw.http.calls], ["a.test", "b.test"])
 
+    def test_loser_cost_charged_to_key(self) -> None:
+        """The hedge loser's record (with its estimated cost) is charged to its key's budget (on_charge, wired to the quotas)."""
+        gw = self.gw
+        self.assertEqual(gw.accounting.on_charge, gw.resource.quotas.charge)
+        charged = []
+        gw.accounting.on_charge = charged.append
+        gw.post("/v1/chat/completions", CHAT)
+        slow = answer(gw, 0)
+        slow.send(ROLE)
+        gw.clock.advance(0.6)
+        fast = answer(gw, 1)
+        fast.send(ROLE + E2)
+        gw.clock.advance(0)
+        fast.send(USAGE + DONE)
+        fast.end()
+        gw.clock.advance(0)
+        gw.clock.advance(0)
+        [lost] = [r for r in gw.accounting.ledger.records if r.outcome == "hedge_lost"]
+        self.assertGreater(lost.cost_usd, 0)
+        self.assertEqual(charged, [lost])
+
     def test_loser_ttft_observed(self) -> None:
         """A hedge loser's wait counts as a TTFT sample (a lower bound): a deployment slow behind hedges still looks slow."""
         gw = self.gw
