@@ -184,8 +184,8 @@ class RequestCounter:
         if (
             self.sse
             and self._seek <= 0
-            and data[-2:] == b"\n\n"
-            and b"\r" not in data
+            and data.endswith(b"\n\n")
+            and data.find(b"\r") < 0
             and self._parser.between_events
             and self.acc.on_block(data)
         ):
