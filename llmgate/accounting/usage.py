@@ -93,8 +93,11 @@ DEFAULT_SAMPLE_CAP = 256 * 1024  # characters of generated text kept for estimat
 # Bytes of relayed events held per stream before their text is extracted.
 # A stream that ends with its usage within this many bytes never extracts
 # any; a longer one extracts once per this many bytes. It is also the most
-# an open stream holds on top of its extracted sample.
-HOLD_BYTES = 8 * 1024
+# an open stream holds on top of its extracted sample: at 4 KiB a chat
+# counter holds on average what it did when it kept event payloads in 4 KiB
+# batches (tracemalloc over a 50-token stream: 3.7 against 3.8 KB; 8 KiB
+# would make it 5.9 KB, docs/benchmarks.md run 12).
+HOLD_BYTES = 4 * 1024
 
 @dataclass
 class Usage:

@@ -443,13 +443,17 @@ class OnePassTests(SynchronousTestCase):
 
     def test_completed_streams_extract_no_text(self) -> None:
         """
-        A chat, Messages or Responses stream that ends with its usage never
-        runs the text extraction, and relays every content block as the
-        same bytes object; asked afterwards, the held text is the text the
-        stream generated.
+        A chat, Messages or Responses stream that ends with its usage runs
+        the text extraction only when HOLD_BYTES of events are held (never
+        for the shorter Messages and Responses fixtures), and relays every
+        content block as the same bytes object; asked afterwards, the held
+        text is the text the stream generated.
         """
         from llmgate.accounting import usage as usage_mod
         from llmgate.accounting.recorder import RequestCounter
+        from llmgate.accounting.usage import HOLD_BYTES
+
+        self.assertLess(len(fixture("anthropic_messages_stream.sse")), HOLD_BYTES)
 
         def chat_text(objs: list[Any]) -> str:
             return "".join(
@@ -481,13 +485,15 @@ class OnePassTests(SynchronousTestCase):
             self.assertEqual(b"".join(out), fixture(name), name)
             self.assertTrue(counter.acc.complete, name)
             self.assertEqual(counter.acc.usage.output_tokens, output_tokens, name)
-            self.assertEqual(counting.calls, 0, name)
+            # Extracted only each time the hold filled: never for a stream
+            # shorter than the hold.
+            self.assertLessEqual(counting.calls, len(fixture(name)) // HOLD_BYTES, name)
             self.assertEqual(same, len(out), name)
             expected = text_of(_data_objects(fixture(name)))
             self.assertTrue(expected, name)
             self.assertEqual(counter.acc.sample_text(), expected, name)
             self.assertEqual(counter.acc.text_bytes, len(expected.encode("utf-8")), name)
-            self.assertEqual(counting.calls, 1, name)
+            self.assertEqual(counter.acc.held_bytes, 0, name)
 
     def test_held_bytes_are_bounded(self) -> None:
         """
