@@ -5,8 +5,10 @@ its progress about once a second while it relays, and, when the request
 ends, one access-log line and exactly one usage record (replacing the open
 row).
 
-The per-event work on the relay path is the SSE parser plus the usage
-accumulator, which JSON-parses only the few events that can carry usage.
+The per-read work on the relay path is a few byte searches over the whole
+events the relay framed (L{RequestCounter.relay}); only the blocks with
+the events that can carry an id, usage, an error or the end go through the
+SSE parser and the usage accumulator, which JSON-parses only those.
 Everything heavier -- parsing a large non-streaming body, counting a prompt
 or a cancelled stream's text with tiktoken -- runs off the reactor thread
 after the request has ended.  A non-streaming body is kept whole up to
@@ -164,6 +166,36 @@ class RequestCounter:
         # The stream's terminal event ([DONE], message_stop,
         # response.completed or .incomplete) was fed.
         self.terminal = False
+
+    def relay(self, data: bytes) -> bytes:
+        """
+        Account for C{data}, the whole events (or body bytes) the relay is
+        about to write, and return what to write: C{data} without the
+        usage the gateway asked for (L{strip}).
+
+        The relay's framer already found the events' end, so a block of
+        plain content events is not framed again: the accumulator's byte
+        searches (L{UsageAccumulator.on_block}) show that nothing in it is
+        to parse, and it is held as it is for its text, extracted only if
+        an estimate or the progress needs it. Only the blocks with the
+        stream's first events (id, served model), its usage, errors and
+        end go through the parser, event by event.
+        """
+        if (
+            self.sse
+            and self._seek <= 0
+            and data.endswith(b"\n\n")
+            and data.find(b"\r") < 0
+            and self._parser.between_events
+            and self.acc.on_block(data)
+        ):
+            if self._strip and self.api not in _USAGE_BEFORE_TERMINAL:
+                return self.strip(data)
+            # The chat accumulators hold no block with a non-null usage:
+            # nothing to strip.
+            return data
+        self.feed(data)
+        return self.strip(data)
 
     def feed(self, data: bytes) -> None:
         if self.sse:

@@ -37,10 +37,15 @@ when it has an output count), the event type read from the JSON ``type`` when a 
 
 Cost on the hot path: the accumulators do not JSON-parse every event. They
 parse only events that can carry usage, ids or errors (found by event name,
-or for OpenAI chat by a byte search for a non-null ``"usage"``). Generated
-text (kept so the gateway can estimate with tiktoken when a stream dies
-without usage) is pulled out of content events by one compiled regex, a
-batch of events at a time, and JSON-decoded per batch, so that estimates and
+or for OpenAI chat by a byte search for a non-null ``"usage"``). A block of
+whole events the relay framed is not even split into events when byte
+searches show it holds none of those (``on_block``): it is held as it is.
+Generated text (kept so the gateway can estimate with tiktoken when a
+stream dies without usage) is extracted only when it is needed -- an
+estimate, the once-a-second progress of an open stream -- or when
+``HOLD_BYTES`` of events are held: then the held blocks are parsed, their
+content events picked, and their text pulled out by one compiled regex and
+JSON-decoded per batch, so that estimates and
 ``text_bytes`` count the text the model generated, not its escapes (escaped
 bytes overstated JSON and tool output by about a fifth). Every kind of
 generated text counts: content, refusals, reasoning (``reasoning``,
@@ -63,6 +68,8 @@ import json
 import re
 from dataclasses import dataclass
 
+from llmgate.dialects.sse import EventStreamParser
+
 __all__ = [
     "Usage",
     "UsageAccumulator",
@@ -79,10 +86,18 @@ __all__ = [
     "usage_from_anthropic",
     "APIS",
     "DEFAULT_SAMPLE_CAP",
+    "HOLD_BYTES",
 ]
 
 DEFAULT_SAMPLE_CAP = 256 * 1024  # characters of generated text kept for estimates
-_RAW_BATCH = 4 * 1024  # bytes of events batched before their text is extracted
+# Bytes of relayed events held per stream before their text is extracted.
+# A stream that ends with its usage within this many bytes never extracts
+# any; a longer one extracts once per this many bytes. It is also the most
+# an open stream holds on top of its extracted sample: at 4 KiB a chat
+# counter holds on average what it did when it kept event payloads in 4 KiB
+# batches (tracemalloc over a 50-token stream: 3.7 against 3.8 KB; 8 KiB
+# would make it 5.9 KB, docs/benchmarks.md run 12).
+HOLD_BYTES = 4 * 1024
 
 @dataclass
 class Usage:
@@ -313,8 +328,8 @@ class UsageAccumulator:
 
     # One of these lives per open stream: no per-instance dict.
     __slots__ = (
-        "_pending_text",
-        "_raw_len",
+        "_held",
+        "_held_len",
         "_sample",
         "_sample_cap",
         "_sample_len",
@@ -338,8 +353,11 @@ class UsageAccumulator:
         self.error_usage = False
         self.error_detail: object = None
         self._text_bytes = 0
-        self._pending_text: list[bytes] = []  # events whose text is not extracted yet
-        self._raw_len = 0
+        # Text not extracted yet, in stream order: whole-event SSE blocks
+        # (bytes, L{on_block}) and lists of single events' payloads (the
+        # events L{on_event} chose).
+        self._held: list[bytes | list[bytes]] = []
+        self._held_len = 0
         self.upstream_id: str | None = None
         self.model: str | None = None
         self._sample: list[str] = []
@@ -348,6 +366,38 @@ class UsageAccumulator:
 
     def on_event(self, name: bytes | None, data: bytes) -> None:
         """Account for one SSE event (call it for every event of a stream)."""
+
+    def on_block(self, block: bytes) -> bool:
+        """
+        Account for C{block}, whole LF-terminated SSE events, without
+        parsing it, if byte searches show that none of its events can carry
+        usage, an id, an error or the end of the stream: it is only held
+        for its text (L{_text_event} picks the events later, if ever).
+        False (nothing done) when its events must go to L{on_event}.
+        """
+        return False
+
+    def _text_event(self, name: bytes | None, data: bytes) -> bool:
+        """Whether a held block's event is one whose text L{on_event} keeps."""
+        return False
+
+    def _payloads(self, held: list) -> list[bytes]:
+        """The payloads of the held events whose text is kept, in order."""
+        payloads: list[bytes] = []
+        parser = EventStreamParser()
+        for item in held:
+            if type(item) is list:
+                payloads.extend(item)
+            else:
+                self._block_text(item, parser, payloads)
+        return payloads
+
+    def _block_text(self, block: bytes, parser: EventStreamParser, out: list[bytes]) -> None:
+        """Add to C{out} the payloads of C{block}'s text events."""
+        pick = self._text_event
+        for name, data in parser.feed(block):
+            if pick(name, data):
+                out.append(data)
 
     def on_body(self, body: bytes) -> None:
         """Account for a whole non-streaming JSON response body."""
@@ -368,6 +418,11 @@ class UsageAccumulator:
         self._body(obj)
 
     @property
+    def held_bytes(self) -> int:
+        """Bytes of relayed events held until their text is needed (< L{HOLD_BYTES})."""
+        return self._held_len
+
+    @property
     def text_bytes(self) -> int:
         self._extract()
         return self._text_bytes
@@ -381,27 +436,41 @@ class UsageAccumulator:
 
     def _keep_raw(self, data: bytes) -> None:
         """
-        Keep an event whose generated-text values C{_TEXT} will extract.
-        Events are batched (up to L{_RAW_BATCH} bytes) so the extraction is
-        one regex pass per batch instead of one Python loop per event; most
-        streams end with reported usage and need the text only as a count.
+        Keep an event whose generated-text values C{_TEXT} will extract
+        when the text is needed (L{text_bytes}, L{sample_text}) or L{HOLD_BYTES}
+        are held: most streams end with reported usage and never need it.
         """
-        self._pending_text.append(data)
-        self._raw_len += len(data)
-        if self._raw_len >= _RAW_BATCH:
+        held = self._held
+        if held and type(held[-1]) is list:
+            held[-1].append(data)  # type: ignore[union-attr]
+        else:
+            held.append([data])
+        self._held_len += len(data)
+        if self._held_len >= HOLD_BYTES:
             self._extract()
+
+    def _hold(self, block: bytes) -> bool:
+        """Hold a whole-events block for L{on_block}; always True."""
+        self._held.append(block)
+        self._held_len += len(block)
+        if self._held_len >= HOLD_BYTES:
+            self._extract()
+        return True
 
     def _extract(self) -> None:
         """
-        Extract and decode the text of the batched events: the joined
-        string values are one valid JSON string body, decoded in one call.
+        Extract and decode the text of the held events: the held blocks are
+        parsed (each is whole events, so a fresh parser per batch sees them
+        as the stream's parser would), their text events picked, and the
+        string values of all of them, joined, are one valid JSON string
+        body, decoded in one call.
         """
-        if not self._pending_text:
+        held = self._held
+        if not held:
             return
-        data = b"\n".join(self._pending_text)
-        self._pending_text.clear()
-        self._raw_len = 0
-        found = self._TEXT.findall(data)
+        self._held = []
+        self._held_len = 0
+        found = self._TEXT.findall(b"\n".join(self._payloads(held)))
         if found:
             self._add(_decode_raw(b"".join(found)))
 
@@ -481,6 +550,42 @@ class OpenAIChatAccumulator(UsageAccumulator):
     # "reasoning": Groq, gpt-oss, vLLM, OpenRouter (whose reasoning_details
     # repeat it as "text", deliberately not a key here).
     _TEXT = _string_values("content", "arguments", "refusal", "reasoning_content", "reasoning")
+
+    def on_block(self, block):
+        # bytes.find, not "in": the same search, without the operator's
+        # buffer protocol round trip (a third of the cost on short blocks).
+        find = block.find
+        if (
+            self.upstream_id is None
+            or find(b"[DONE]") >= 0
+            or find(b'"error"') >= 0
+            or find(b'"content":[') >= 0
+            or find(b'"content": [') >= 0
+            or has_nonnull_usage(block)
+        ):
+            return False
+        self._held.append(block)
+        self._held_len += len(block)
+        if self._held_len >= HOLD_BYTES:
+            self._extract()
+        return True
+
+    def _text_event(self, name, data):
+        # on_block held only blocks whose every event on_event keeps raw.
+        return True
+
+    def _payloads(self, held):
+        # Every event of a held block is kept, so when the hold is all
+        # blocks and each event one "data: " line, the joined blocks are
+        # what the regex needs: it finds the same string values in them as
+        # in the payloads (no JSON string holds a line end). Three byte
+        # counts per batch instead of a parse.
+        if not any(type(item) is list for item in held):
+            joined = b"".join(held)
+            n = joined.count(b"\n\n")
+            if joined[:6] == b"data: " and joined.count(b"\n") == 2 * n and joined.count(b"\n\ndata: ") == n - 1:
+                return [joined]
+        return super()._payloads(held)
 
     def on_event(self, name, data):
         if data[:6] == b"[DONE]":
@@ -607,6 +712,19 @@ class OpenAIResponsesAccumulator(UsageAccumulator):
         ]
     )
     _TERMINAL = frozenset([b"response.completed", b"response.incomplete", b"response.failed"])
+    # Anything on_event parses: the id, terminal and error events (named,
+    # or typed in the JSON of OpenRouter's data-only events).
+    _PARSED = re.compile(rb"response\.(?:created|completed|incomplete|failed)|error")
+
+    def on_block(self, block):
+        if self._PARSED.search(block) is not None:
+            return False
+        return self._hold(block)
+
+    def _text_event(self, name, data):
+        if name is None:
+            name = _json_type(data)
+        return name in self._TEXT_DELTAS
 
     def on_event(self, name, data):
         if name is None:
@@ -697,10 +815,22 @@ class AnthropicMessagesAccumulator(UsageAccumulator):
     # "content": compaction_delta (the summary a compaction iteration wrote).
     _TEXT = _string_values("text", "partial_json", "thinking", "content")
 
+    # The events on_event parses, as event lines (Anthropic names every
+    # event; a data-only event is ignored).
+    _PARSED = re.compile(rb"event: ?(?:message_|error)")
+
     def __init__(self, sample_cap: int = DEFAULT_SAMPLE_CAP) -> None:
         super().__init__(sample_cap)
         self._raw: dict = {}
         self._iterations: dict | None = None
+
+    def on_block(self, block):
+        if self._PARSED.search(block) is not None:
+            return False
+        return self._hold(block)
+
+    def _text_event(self, name, data):
+        return name == b"content_block_delta"
 
     def on_event(self, name, data):
         if name == b"content_block_delta":

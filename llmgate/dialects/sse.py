@@ -119,6 +119,16 @@ class EventStreamParser:
         self._lines(data, events)
         return events
 
+    @property
+    def between_events(self) -> bool:
+        """
+        Nothing of a partial event, line, CRLF or byte-order mark is
+        pending: bytes of whole LF-terminated events could be skipped here
+        (and parsed by another parser) without changing what this one
+        makes of the bytes after them.
+        """
+        return not (self._tail_len or self._event_len or self._cr_pending or self._bom_check)
+
     def close(self) -> None:
         """
         End of stream: drop any partial line and undispatched event.

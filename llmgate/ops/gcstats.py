@@ -49,7 +49,15 @@ BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 # more at 1,000 streams). So the young generations are collected on a timer
 # instead (L{YoungCollections}): each collection walks only what the last
 # tenth of a second made, and the middle one what the two last made.
-# The count-based thresholds stay as a safety net for bursts, set high.
+# The timer alone is not enough when the reactor is saturated (5,000 open
+# streams on one core): its ticks then come late, after reactor turns of
+# 100 ms and more, and a young collection walked up to 60,000 objects and
+# a middle one 110,000 (up to 66 ms of CPU; docs/benchmarks.md run 12).
+# So the count-based thresholds are low too: a young collection once the
+# count passes THRESHOLD0, the middle one every other time (THRESHOLD1),
+# which bounds the walks of a burst (new streams keep every object they
+# make) whether or not the reactor turns; the timer covers the steady
+# state, where the count does not move.
 # A full collection walks every tracked object of every open stream (tens
 # to hundreds of ms at thousands of streams). Requests leave no cyclic
 # garbage (a full collection after 45 s at 5,000 streams found nothing to
@@ -64,8 +72,8 @@ MIDDLE_EVERY = 2
 FULL_INTERVAL = 600.0
 FULL_MAX_LOAD = 50
 FULL_DEADLINE = 6 * 3600.0
-THRESHOLD0 = 50_000
-THRESHOLD1 = 1_000
+THRESHOLD0 = 1_000
+THRESHOLD1 = 1
 THRESHOLD2 = 1_000_000_000
 
 

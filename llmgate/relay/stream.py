@@ -232,18 +232,20 @@ class Watchdog(Service):
 class Counter(TypingProtocol):
     """
     What the relay feeds while it relays (L{llmgate.accounting.recorder.RequestCounter}):
-    every chunk of whole events (or body bytes) it is about to write, and
-    C{strip} to drop what the client did not ask for. C{terminal}: the
-    stream's terminal event (C{[DONE]}, C{message_stop},
+    C{relay} every chunk of whole events (or body bytes) it is about to
+    write, getting back what to write (without what the client did not ask
+    for); C{feed} an unterminated last event at the end. The relay's
+    framer is the only one that looks for event ends on the hot path.
+    C{terminal}: the stream's terminal event (C{[DONE]}, C{message_stop},
     C{response.completed}) was fed.
     """
 
     sse: bool
     terminal: bool
 
-    def feed(self, data: bytes) -> None: ...
+    def relay(self, data: bytes) -> bytes: ...
 
-    def strip(self, data: bytes) -> bytes: ...
+    def feed(self, data: bytes) -> None: ...
 
 
 @dataclass(slots=True)
@@ -832,8 +834,7 @@ class Relay:
         ex = self.exchange
         counter = ex.counter
         if counter is not None:
-            counter.feed(data)
-            data = counter.strip(data)
+            data = counter.relay(data)
             if not data:
                 return
         if ex.first_byte_at is None:

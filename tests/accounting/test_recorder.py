@@ -403,6 +403,138 @@ class FixtureAccountingTests(SynchronousTestCase):
         self.assertIsNone(gw.ledger.records[0].cost_usd)
 
 
+class _CountingRegex:
+    """Wraps an accumulator's text regex, counting its extractions."""
+
+    def __init__(self, pattern: Any) -> None:
+        self.pattern = pattern
+        self.calls = 0
+
+    def findall(self, data: bytes) -> list[bytes]:
+        self.calls += 1
+        return self.pattern.findall(data)
+
+
+def _blocks(data: bytes) -> list[bytes]:
+    """One whole event per block, as the relay's framer hands them over."""
+    return [e + b"\n\n" for e in data.split(b"\n\n") if e]
+
+
+def _data_objects(data: bytes) -> list[Any]:
+    """The JSON of every data line, parsed here independently of llmgate."""
+    out = []
+    for line in data.split(b"\n"):
+        if line.startswith(b"data: ") and line != b"data: [DONE]":
+            out.append(json.loads(line[6:]))
+    return out
+
+
+class OnePassTests(SynchronousTestCase):
+    """
+    The relay's framer finds the events once; the counter looks into a block
+    of plain content events only with byte searches, holds it, and extracts
+    its text only when an estimate needs it or the hold is full.
+    """
+
+    def _text_regex(self, cls: Any) -> _CountingRegex:
+        counting = _CountingRegex(cls._TEXT)
+        self.patch(cls, "_TEXT", counting)
+        return counting
+
+    def test_completed_streams_extract_no_text(self) -> None:
+        """
+        A chat, Messages or Responses stream that ends with its usage runs
+        the text extraction only when HOLD_BYTES of events are held (never
+        for the shorter Messages and Responses fixtures), and relays every
+        content block as the same bytes object; asked afterwards, the held
+        text is the text the stream generated.
+        """
+        from llmgate.accounting import usage as usage_mod
+        from llmgate.accounting.recorder import RequestCounter
+        from llmgate.accounting.usage import HOLD_BYTES
+
+        self.assertLess(len(fixture("anthropic_messages_stream.sse")), HOLD_BYTES)
+
+        def chat_text(objs: list[Any]) -> str:
+            return "".join(
+                (c.get("delta") or {}).get("content") or "" for o in objs for c in o.get("choices", [])
+            )
+
+        def anthropic_text(objs: list[Any]) -> str:
+            return "".join(
+                o["delta"].get("text", "") for o in objs if o.get("type") == "content_block_delta"
+            )
+
+        def responses_text(objs: list[Any]) -> str:
+            return "".join(o["delta"] for o in objs if o.get("type") == "response.output_text.delta")
+
+        cases = [
+            ("openai_chat_stream.sse", "openai.chat", usage_mod.OpenAIChatAccumulator, chat_text, 17),
+            ("anthropic_messages_stream.sse", "anthropic.messages", usage_mod.AnthropicMessagesAccumulator, anthropic_text, 48),
+            ("openai_responses_stream.sse", "openai.responses", usage_mod.OpenAIResponsesAccumulator, responses_text, 21),
+        ]
+        for name, api, cls, text_of, output_tokens in cases:
+            counting = self._text_regex(cls)
+            counter = RequestCounter(api, strip_usage=False)
+            out = []
+            same = 0
+            for block in _blocks(fixture(name)):
+                relayed = counter.relay(block)
+                same += relayed is block
+                out.append(relayed)
+            self.assertEqual(b"".join(out), fixture(name), name)
+            self.assertTrue(counter.acc.complete, name)
+            self.assertEqual(counter.acc.usage.output_tokens, output_tokens, name)
+            # Extracted only each time the hold filled: never for a stream
+            # shorter than the hold.
+            self.assertLessEqual(counting.calls, len(fixture(name)) // HOLD_BYTES, name)
+            self.assertEqual(same, len(out), name)
+            expected = text_of(_data_objects(fixture(name)))
+            self.assertTrue(expected, name)
+            self.assertEqual(counter.acc.sample_text(), expected, name)
+            self.assertEqual(counter.acc.text_bytes, len(expected.encode("utf-8")), name)
+            self.assertEqual(counter.acc.held_bytes, 0, name)
+
+    def test_held_bytes_are_bounded(self) -> None:
+        """
+        A long stream holds less than HOLD_BYTES of relayed events at any
+        time, extracting a batch each time the hold fills, and its text
+        comes out whole and in order.
+        """
+        from llmgate.accounting.recorder import RequestCounter
+        from llmgate.accounting.usage import HOLD_BYTES, OpenAIChatAccumulator
+
+        counting = self._text_regex(OpenAIChatAccumulator)
+        counter = RequestCounter("openai.chat", strip_usage=False)
+        head = b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","model":"gpt-4o","choices":'
+        words = [f"w{i} \u2014 \\\"q\\\" " for i in range(400)]
+        total = 0
+        counter.relay(head + b'[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n')
+        for w in words:
+            block = head + b'[{"index":0,"delta":{"content":"' + w.encode() + b'"}}]}\n\n'
+            total += len(block)
+            self.assertIs(counter.relay(block), block)
+            self.assertLess(counter.acc.held_bytes, HOLD_BYTES)
+        self.assertGreater(total, 4 * HOLD_BYTES)
+        self.assertGreaterEqual(counting.calls, total // HOLD_BYTES)
+        expected = "".join(json.loads('"' + w + '"') for w in words)
+        self.assertEqual(counter.acc.sample_text(), expected)
+
+    def test_strip_after_held_blocks(self) -> None:
+        """
+        With usage to strip, content blocks are relayed as they came and the
+        usage-only chunk is still taken out; the usage is the provider's.
+        """
+        from llmgate.accounting.recorder import RequestCounter
+
+        counter = RequestCounter("openai.chat", strip_usage=True)
+        data = fixture("openai_chat_stream.sse")
+        out = b"".join(counter.relay(b) for b in _blocks(data))
+        self.assertNotIn(b'"choices":[]', out)
+        self.assertEqual(out, b"".join(b for b in _blocks(data) if b'"choices":[]' not in b))
+        self.assertEqual(counter.acc.usage.output_tokens, 17)
+
+
 class StripTests(SynchronousTestCase):
     def test_injected_usage_chunk_is_removed(self) -> None:
         """

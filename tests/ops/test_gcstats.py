@@ -92,6 +92,35 @@ class TuneTests(SynchronousTestCase):
         )
 
 
+    def test_a_burst_is_collected_in_small_steps(self) -> None:
+        """
+        With the tuned thresholds, a burst of surviving allocations (new
+        streams keep what they make) is collected by the allocation count
+        while it happens, young and middle generations alike, without a
+        timer tick: no collection is left to walk the whole burst.
+        """
+        old = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *old)
+        self.addCleanup(gc.unfreeze)
+        gc.unfreeze()
+        gcstats.tune()
+        seen: list[int] = []
+
+        def probe(phase: str, info: dict) -> None:
+            if phase == "start":
+                seen.append(info["generation"])
+
+        gc.callbacks.append(probe)
+        try:
+            burst = [{} for _ in range(50_000)]
+        finally:
+            gc.callbacks.remove(probe)
+        self.assertEqual(len(burst), 50_000)
+        self.assertGreaterEqual(seen.count(0) + seen.count(1), 20)
+        self.assertGreaterEqual(seen.count(1), 5)
+        self.assertNotIn(2, seen)
+
+
 class YoungCollectionTests(SynchronousTestCase):
     def test_timer_collects_young_then_middle(self) -> None:
         """
