@@ -379,12 +379,17 @@ class Attempts:
         what it cost (estimated from the prompt and what it streamed).
         """
         held = t.relay.let_go()
-        if outcome == "hedge_lost":
+        if outcome == "hedge_lost" and t.reason != "hedge":
             # Its TTFT is at least this long. Observing only the attempts
             # that served would hide a slow deployment's slow requests
             # behind the hedges that beat them (survivor bias), and latency
-            # balancing would keep sending it traffic.
-            self.breakers.observe_ttft(t.key, self.clock.seconds() - t.started)
+            # balancing would keep sending it traffic. A lower bound says
+            # something only above the estimate: a hedge that lost after a
+            # few milliseconds is no sign its deployment is fast.
+            waited = self.clock.seconds() - t.started
+            known = self.breakers.ttft_ewma(t.key)
+            if known is None or waited > known:
+                self.breakers.observe_ttft(t.key, waited)
         self._forget(t)
         counter = t.exchange.counter
         if t.exchange is self.exchange:
@@ -539,10 +544,13 @@ class Attempts:
             return
         if t is not None:
             # The served attempt's own TTFT (from its own start, not the
-            # client request's) feeds latency balancing and the p95 hedge.
-            self.breakers.observe_ttft(
-                t.key, None if ex.status != 200 or ex.first_byte_at is None else ex.first_byte_at - t.started
-            )
+            # client request's) feeds latency balancing and the p95 hedge;
+            # not a hedge's: a hedge serves only when it beat the first
+            # attempt, so its TTFTs are the fast ones (selection bias).
+            if t.reason != "hedge":
+                self.breakers.observe_ttft(
+                    t.key, None if ex.status != 200 or ex.first_byte_at is None else ex.first_byte_at - t.started
+                )
             self._forget(t)
         self._cancel_timers()
         self._end_wait()

@@ -9,7 +9,7 @@ choose the draw), or least outstanding requests (ties broken by weight),
 or latency-aware (L{latency}): power of two choices, two distinct
 deployments drawn by weight and the one with the lower score taken, where
 
-    score = TTFT estimate x (1 + ERROR_WEIGHT x error ratio) x (1 + outstanding)
+    score = TTFT estimate x (1 + ERROR_WEIGHT x error ratio) x (1 + outstanding / (1 + mean outstanding))
 
 with the TTFT estimate the deployment's EWMA aged towards zero while it
 goes unmeasured (L{llmgate.routing.breaker.Breakers.ttft_estimate}), the
@@ -137,12 +137,16 @@ def latency(deps: Sequence[Deployment], breakers: Any, rng: Any) -> Deployment:
     estimates = {d: breakers.ttft_estimate(key(d)) for d in deps}
     measured = [e for e in estimates.values() if e is not None]
     best = min(measured) if measured else 0.0
+    # In flight relative to the group's mean: a provider serves many
+    # streams at once, so 100 in flight is not 100 times worse than one;
+    # what matters is a deployment carrying more than its share.
+    mean_out = sum(breakers.outstanding(key(d)) for d in deps) / len(deps)
 
     def rank(d: Deployment) -> tuple[float, int, int]:
         k = key(d)
         est = estimates[d]
         out = breakers.outstanding(k)
-        score = (best if est is None else est) * (1 + ERROR_WEIGHT * breakers.error_ratio(k)) * (1 + out)
+        score = (best if est is None else est) * (1 + ERROR_WEIGHT * breakers.error_ratio(k)) * (1 + out / (1 + mean_out))
         return (score, out, est is not None)
 
     return b if rank(b) < rank(a) else a

@@ -55,7 +55,7 @@ Key = tuple[str, str]  # (provider name, upstream model)
 _BUCKETS = 10
 # TTFT EWMA: the least weight of a new sample, and the time constant of
 # the weight a sample gets after a gap (seconds).
-ALPHA = 0.2
+ALPHA = 0.1
 TAU = 10.0
 # A deployment's estimate halves every HALF_LIFE seconds without a sample.
 HALF_LIFE = 10.0

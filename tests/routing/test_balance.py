@@ -104,6 +104,23 @@ class LatencyTests(SynchronousTestCase):
             self.breakers.released(k)
         return picks
 
+    def test_in_flight_counts_relative_to_the_group(self) -> None:
+        """Under load (100 streams in flight on the fast one, none on the slow one) a 10x slower deployment still loses: in flight counts as a share, not as a queue."""
+        fast, slow = balance.key(F), balance.key(S)
+        self.breakers.observe_ttft(fast, 0.02)
+        self.breakers.observe_ttft(slow, 0.2)
+        for _ in range(100):
+            self.breakers.taken(fast)
+        self.assertEqual(balance.latency([F, S], self.breakers, self.rng), F)
+        # Far over its share and nearly as fast: the other one takes it.
+        self.breakers.observe_ttft(slow, 0.021)
+        self.breakers.observe_ttft(slow, 0.021)
+        self.breakers.observe_ttft(slow, 0.021)
+        self.clock.advance(60)
+        self.breakers.observe_ttft(slow, 0.021)
+        self.breakers.observe_ttft(fast, 0.02)
+        self.assertEqual(balance.latency([F, S], self.breakers, self.rng), S)
+
     def test_slow_gets_much_less_but_not_zero_then_recovers(self) -> None:
         """A deployment 10x slower gets a trickle (a few %, never none); once it is as fast, it wins half back."""
         picks = self.run_traffic(300, {"fast": 0.1, "slow": 1.0})

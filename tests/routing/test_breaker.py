@@ -168,19 +168,19 @@ class ObservationTests(SynchronousTestCase):
         self.assertEqual(self.b.error_ratio(K), 0.0)
 
     def test_ewma_follows_samples(self) -> None:
-        """The first sample is the EWMA; back-to-back ones weigh 0.2; after a long gap a sample weighs almost all."""
+        """The first sample is the EWMA; back-to-back ones weigh 0.1; after a long gap a sample weighs almost all."""
         self.b.observe_ttft(K, 1.0)
         self.assertEqual(self.b.ttft_ewma(K), 1.0)
         self.b.observe_ttft(K, 2.0)
-        self.assertAlmostEqual(self.b.ttft_ewma(K), 1.2)
+        self.assertAlmostEqual(self.b.ttft_ewma(K), 1.1)
         self.clock.advance(60)
         self.b.observe_ttft(K, 0.1)
         # alpha = 1 - exp(-6)
-        self.assertAlmostEqual(self.b.ttft_ewma(K), 0.1 + 1.1 * 0.00247875, places=5)
+        self.assertAlmostEqual(self.b.ttft_ewma(K), 0.1 + 1.0 * 0.00247875, places=5)
         self.b.observe_ttft(K, None)
         self.b.observe_ttft(K, float("nan"))
         self.b.observe_ttft(K, -1)
-        self.assertAlmostEqual(self.b.ttft_ewma(K), 0.1 + 1.1 * 0.00247875, places=5)
+        self.assertAlmostEqual(self.b.ttft_ewma(K), 0.1 + 1.0 * 0.00247875, places=5)
 
     def test_estimate_decays_without_samples(self) -> None:
         """The pick's estimate halves every 10 s without a sample; the EWMA itself does not."""

@@ -239,7 +239,26 @@ class HedgeTests(SynchronousTestCase):
         gw.clock.advance(0)
         breakers = gw.resource.breakers
         self.assertAlmostEqual(breakers.ttft_ewma(("a", "gpt-4o-a")), 0.6)
-        self.assertAlmostEqual(breakers.ttft_ewma(("b", "gpt-4o-b")), 0.0)
+        # The winning hedge's TTFT is no sample (only hedges that beat the
+        # first attempt serve: the fast ones).
+        self.assertIsNone(breakers.ttft_ewma(("b", "gpt-4o-b")))
+
+    def test_short_loser_wait_not_observed(self) -> None:
+        """A loser's wait below its deployment's estimate is no sample: a hedge that lost after a moment does not make its deployment look fast."""
+        gw = self.gw
+        breakers = gw.resource.breakers
+        breakers.observe_ttft(("b", "gpt-4o-b"), 2.0)
+        gw.post("/v1/chat/completions", CHAT)
+        slow = answer(gw, 0)
+        slow.send(ROLE)
+        gw.clock.advance(0.6)
+        hedge = answer(gw, 1)
+        hedge.send(ROLE)
+        gw.clock.advance(0.1)
+        slow.send(E2)
+        gw.clock.advance(0)
+        self.assertTrue(hedge.transport.stopped)
+        self.assertAlmostEqual(breakers.ttft_ewma(("b", "gpt-4o-b")), 2.0)
 
     def test_p95_mode_from_observed_ttfts(self) -> None:
         """hedge_after = "p95" with the real per-deployment observations: served TTFTs of 1 s put the hedge at 1 s."""
