@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.fakes import Gateway, make_config
+from tests.fakes import SSE_HEADERS, FakeResponse, Gateway, make_config
 
 CHAT = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 E1 = b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
@@ -69,3 +69,10 @@ def routed_gateway(routing: Any = None, models: Any = None) -> Gateway:
 def host(call: dict[str, Any]) -> str:
     """The upstream host of a recorded call."""
     return call["url"].split("/")[2]
+
+
+def answer(gw: Gateway, i: int, code: int = 200, headers: Any = None) -> FakeResponse:
+    """Answer upstream call C{i} (-1: the latest) with C{code} and event-stream (or C{headers}) headers."""
+    r = FakeResponse(code, SSE_HEADERS if headers is None else headers)
+    gw.http.calls[i]["deferred"].callback(r)
+    return r

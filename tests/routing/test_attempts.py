@@ -12,16 +12,10 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.fakes import SSE_HEADERS, FakeResponse, parse_response
-from tests.routing.helpers import CHAT, DONE, E1, USAGE, FixedRng, host, routed_gateway
+from tests.fakes import FakeResponse, parse_response
+from tests.routing.helpers import CHAT, DONE, E1, USAGE, FixedRng, answer, host, routed_gateway
 
 JSON = {b"content-type": [b"application/json"]}
-
-
-def answer(gw, i, code=200, headers=None):  # type: ignore[no-untyped-def]
-    r = FakeResponse(code, SSE_HEADERS if headers is None else headers)
-    gw.http.calls[i]["deferred"].callback(r)
-    return r
 
 
 class FailoverTests(SynchronousTestCase):

@@ -8,8 +8,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.fakes import SSE_HEADERS, FakeResponse
-from tests.routing.helpers import CHAT, DONE, E1, USAGE, FixedRng, routed_gateway
+from tests.routing.helpers import CHAT, DONE, E1, USAGE, FixedRng, answer, routed_gateway
 from tests.test_garbage import close, cyclic_garbage
 
 
@@ -44,9 +43,8 @@ class FailoverGarbageTests(SynchronousTestCase):
 
         def scenario(gw) -> None:  # type: ignore[no-untyped-def]
             channel, _ = gw.post("/v1/chat/completions", CHAT)
-            gw.http.calls[-1]["deferred"].callback(FakeResponse(503, {b"content-type": [b"application/json"]}))
-            r = FakeResponse(200, SSE_HEADERS)
-            gw.http.calls[-1]["deferred"].callback(r)
+            answer(gw, -1, 503, {b"content-type": [b"application/json"]})
+            r = answer(gw, -1)
             r.send(E1 + USAGE + DONE)
             r.end()
             gw.clock.advance(0)
@@ -72,12 +70,10 @@ class FailoverGarbageTests(SynchronousTestCase):
 
         def scenario(gw) -> None:  # type: ignore[no-untyped-def]
             channel, _ = gw.post("/v1/chat/completions", CHAT)
-            slow = FakeResponse(200, SSE_HEADERS)
-            gw.http.calls[-1]["deferred"].callback(slow)
+            slow = answer(gw, -1)
             slow.send(ROLE)
             gw.clock.advance(0.6)
-            fast = FakeResponse(200, SSE_HEADERS)
-            gw.http.calls[-1]["deferred"].callback(fast)
+            fast = answer(gw, -1)
             fast.send(E1 + USAGE + DONE)
             fast.end()
             gw.clock.advance(0)
@@ -92,10 +88,8 @@ class FailoverGarbageTests(SynchronousTestCase):
 
         def scenario(gw) -> None:  # type: ignore[no-untyped-def]
             channel, _ = gw.post("/v1/chat/completions", CHAT)
-            first = gw.http.calls[-1]["deferred"]
             gw.clock.advance(0.6)
-            r = FakeResponse(200, SSE_HEADERS)
-            first.callback(r)
+            r = answer(gw, -2)  # the first attempt (the hedge is the latest call)
             r.send(E1 + USAGE + DONE)
             r.end()
             gw.clock.advance(0)
@@ -110,8 +104,7 @@ class FailoverGarbageTests(SynchronousTestCase):
 
         def scenario(gw) -> None:  # type: ignore[no-untyped-def]
             channel, _ = gw.post("/v1/chat/completions", CHAT)
-            slow = FakeResponse(200, SSE_HEADERS)
-            gw.http.calls[-1]["deferred"].callback(slow)
+            slow = answer(gw, -1)
             slow.send(ROLE)
             gw.clock.advance(0.6)
             close(channel)
@@ -125,12 +118,10 @@ class FailoverGarbageTests(SynchronousTestCase):
 
         def scenario(gw) -> None:  # type: ignore[no-untyped-def]
             channel, _ = gw.post("/v1/messages", MSG)
-            bad = FakeResponse(200, SSE_HEADERS)
-            gw.http.calls[-1]["deferred"].callback(bad)
+            bad = answer(gw, -1)
             bad.send(START + ERROR)
             gw.clock.advance(0)
-            good = FakeResponse(200, SSE_HEADERS)
-            gw.http.calls[-1]["deferred"].callback(good)
+            good = answer(gw, -1)
             good.send(START + BLOCK + STOP)
             good.end()
             gw.clock.advance(0)
@@ -143,12 +134,9 @@ class FailoverGarbageTests(SynchronousTestCase):
 
         def scenario(gw) -> None:  # type: ignore[no-untyped-def]
             channel, _ = gw.post("/v1/chat/completions", {**CHAT, "model": "small"})
-            gw.http.calls[-1]["deferred"].callback(
-                FakeResponse(429, {b"content-type": [b"application/json"], b"retry-after": [b"1"]})
-            )
+            answer(gw, -1, 429, {b"content-type": [b"application/json"], b"retry-after": [b"1"]})
             gw.clock.advance(1)
-            r = FakeResponse(200, SSE_HEADERS)
-            gw.http.calls[-1]["deferred"].callback(r)
+            r = answer(gw, -1)
             r.send(E1 + USAGE + DONE)
             r.end()
             gw.clock.advance(0)
@@ -162,12 +150,10 @@ class FailoverGarbageTests(SynchronousTestCase):
 
         def scenario(gw) -> None:  # type: ignore[no-untyped-def]
             channel, _ = gw.post("/v1/chat/completions", CHAT)
-            first = FakeResponse(200, SSE_HEADERS)
-            gw.http.calls[-1]["deferred"].callback(first)
+            first = answer(gw, -1)
             first.send(ROLE)
             gw.clock.advance(0.6)
-            hedge = FakeResponse(200, SSE_HEADERS)
-            gw.http.calls[-1]["deferred"].callback(hedge)
+            hedge = answer(gw, -1)
             hedge.send(ROLE)
             close(channel)
             gw.clock.advance(0)

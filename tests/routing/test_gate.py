@@ -13,8 +13,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from llmgate.relay.gate import MAX_HELD
 from llmgate.relay.stream import GATED, STREAMING
-from tests.fakes import SSE_HEADERS, FakeResponse, parse_response
-from tests.routing.helpers import CHAT, DONE, E1, USAGE, FixedRng, host, routed_gateway
+from tests.fakes import parse_response
+from tests.routing.helpers import CHAT, DONE, E1, USAGE, FixedRng, answer, host, routed_gateway
 
 ROLE = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'
 CLAUDE = {"claude": {"deployments": [{"provider": "ant", "upstream_model": "c1"}, {"provider": "ant", "upstream_model": "c2"}]}}
@@ -31,12 +31,6 @@ ERROR = ev("error", {"type": "error", "error": {"type": "overloaded_error", "mes
 BLOCK = ev("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
 DELTA = ev("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}})
 STOP = ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 1}}) + ev("message_stop", {"type": "message_stop"})
-
-
-def answer(gw, i, code=200):  # type: ignore[no-untyped-def]
-    r = FakeResponse(code, SSE_HEADERS)
-    gw.http.calls[i]["deferred"].callback(r)
-    return r
 
 
 def only_relay(gw):  # type: ignore[no-untyped-def]

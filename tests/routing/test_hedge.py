@@ -11,8 +11,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from llmgate.ops.metrics import Metrics
 from llmgate.routing.attempts import HedgeBudget
-from tests.fakes import SSE_HEADERS, FakeResponse, parse_response
-from tests.routing.helpers import CHAT, DONE, E1, USAGE, FixedRng, host, routed_gateway
+from tests.fakes import parse_response
+from tests.routing.helpers import CHAT, DONE, E1, USAGE, FixedRng, answer, host, routed_gateway
 
 ROLE = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'
 E2 = b'data: {"choices":[{"delta":{"content":"b"}}]}\n\n'
@@ -31,12 +31,6 @@ def hedged_models(after=0.5, fraction=1.0):  # type: ignore[no-untyped-def]
         },
         "small": {"provider": "b", "upstream_model": "small-b"},
     }
-
-
-def answer(gw, i, code=200, headers=None):  # type: ignore[no-untyped-def]
-    r = FakeResponse(code, SSE_HEADERS if headers is None else headers)
-    gw.http.calls[i]["deferred"].callback(r)
-    return r
 
 
 def metric(gw, name, **labels):  # type: ignore[no-untyped-def]
