@@ -288,20 +288,6 @@ def run_case(sc, peer, target, workdir, tag):
 
 # --------------------------------------------------------------------------- reporting
 
-def median_of(runs):
-    """Median of the top-level numbers over repeats (the rest from the first run)."""
-    ok = [r for r in runs if "failed" not in r and "unavailable" not in r]
-    if not ok:
-        return runs[0]
-    out = dict(ok[0])
-    for k in out:
-        vals = [r.get(k) for r in ok if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
-        if vals:
-            out[k] = statistics.median(vals)
-    out["repeats"] = len(ok)
-    return out
-
-
 def pct(x):
     return "-" if x is None else "%.1f%%" % (100 * x)
 
@@ -434,7 +420,7 @@ def main():
                 raw.setdefault(n, {}).setdefault(peer, []).append(
                     run_case(scen[n], peer, target, workdir, "%s-%s-%d" % (n, peer, rep)))
                 time.sleep(0.1 if args.smoke else 1)
-    results = {n: {p: median_of(rs) for p, rs in peers.items()} for n, peers in raw.items()}
+    results = {n: {p: run.median_of(rs) for p, rs in peers.items()} for n, peers in raw.items()}
     doc = {"time": stamp, "machine": facts, "args": vars(args), "scenarios": scen, "workdir": workdir,
            "results": results, "raw": raw, "elapsed_s": time.time() - t0}
     path = args.out or os.path.join(run.OUT, "routing-%s%s.json" % ("smoke-" if args.smoke else "", stamp))
