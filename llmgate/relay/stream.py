@@ -818,7 +818,6 @@ class Relay:
                 return
             self._err_body.append(data)
             return
-        ex = self.exchange
         if self._sse:
             data = self._whole_events(data)
             if not data:
