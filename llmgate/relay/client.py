@@ -32,10 +32,13 @@ from twisted.web.client import (
     HTTPConnectionPool,
     _HTTP11ClientFactory,
 )
-from twisted.web._newclient import HEADER, HTTP11ClientProtocol, HTTPClientParser, _ensureValidURI
+from twisted.python.failure import Failure
+from twisted.web._newclient import BODY, HEADER, HTTP11ClientProtocol, HTTPClientParser, Response, _ensureValidURI
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
+
+from llmgate.relay.chunked import ChunkedDecoder
 
 
 @implementer(IBodyProducer)
@@ -207,6 +210,27 @@ class ResponseHeadersTooLarge(Exception):
     """An upstream response head went over the header caps."""
 
 
+def _to_body_protocol(deliver: Any) -> Any:
+    """
+    C{Response._bodyDataReceived} (what the parser hands the decoder),
+    calling the body protocol directly once the response is connected to
+    one: the response's stateful dispatcher looks its state's method up by
+    name for every read, and the relay connects its protocol before the
+    first body byte is read. Before that (and after), Twisted's method runs.
+    """
+    response = getattr(deliver, "__self__", None)
+    if not isinstance(response, Response):
+        return deliver
+
+    def data(chunk: bytes) -> None:
+        if response._state == "CONNECTED":
+            response._bodyProtocol.dataReceived(chunk)
+        else:
+            deliver(chunk)
+
+    return data
+
+
 class _CappedParser(HTTPClientParser):
     """
     Twisted's response parser with caps on the head, and the headers that
@@ -221,6 +245,8 @@ class _CappedParser(HTTPClientParser):
 
     max_bytes = MAX_RESPONSE_HEADER_BYTES
     max_headers = MAX_RESPONSE_HEADERS
+    # Event streams come chunked: decoded a read at a time (relay/chunked.py).
+    _transferDecoders = {b"chunked": lambda deliver, finish: ChunkedDecoder(_to_body_protocol(deliver), finish)}
     # Class defaults: the instance is a plain HTTPClientParser whose class
     # is swapped before its first byte (see _CappedClientProtocol). Counts
     # run over interim 1xx heads too, so endless 100s are bounded as well.
@@ -277,6 +303,29 @@ class _CappedClientProtocol(HTTP11ClientProtocol):
         if type(parser) is HTTPClientParser:
             parser.__class__ = _CappedParser
         return d
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Body bytes go straight to the body decoder: Twisted's path to it
+        (the parser's C{dataReceived}, the line receiver's buffer loop in
+        raw mode, C{rawDataReceived}) does nothing else for them once the
+        head is parsed and nothing is buffered, and it ran for every event.
+        Anything else (the head, or a parser mid-call) takes Twisted's path.
+        """
+        parser = self._parser
+        if (
+            parser is not None
+            and parser.state == BODY
+            and not parser._buffer
+            and not parser._busyReceiving
+            and not parser.paused
+        ):
+            try:
+                parser.bodyDecoder.dataReceived(data)
+            except BaseException:
+                self._giveUp(Failure())
+            return
+        super().dataReceived(data)
 
     def connectionLost(self, reason: Any) -> None:
         transport = self.transport

@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
 
-from twisted.web.client import ResponseFailed
+from twisted.web.client import ResponseDone, ResponseFailed
 
 from llmgate.relay.client import (
     BytesProducer,
@@ -377,3 +380,84 @@ class ClosedConnectionPoolingTests(SynchronousTestCase):
             self.assertFalse(_closing(conn))
             close(conn)
             self.assertTrue(_closing(conn))
+
+
+class _Collect(Protocol):
+    def __init__(self) -> None:
+        self.reads: list[bytes] = []
+        self.reason: Any = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.reads.append(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.reason = reason
+
+
+_SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def _chunk(payload: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+class ChunkedBodyPathTests(SynchronousTestCase):
+    """
+    The pool's protocol decodes a chunked body a read at a time and hands
+    it to the body protocol directly, with Twisted's behaviour kept before
+    the body protocol is connected and on bad framing.
+    """
+
+    def connected(self) -> tuple[Any, StringTransport, Any, _Collect]:
+        proto, transport, d = capped_connection()
+        responses: list[Any] = []
+        d.addCallback(responses.append)
+        proto.dataReceived(_SSE_HEAD)
+        body = _Collect()
+        responses[0].deliverBody(body)
+        return proto, transport, responses[0], body
+
+    def test_one_delivery_per_read(self) -> None:
+        """Three events in one read reach the body protocol in one call; the response's dispatcher is not used."""
+        proto, transport, response, body = self.connected()
+        from twisted.web._newclient import Response
+
+        dispatched: list[bytes] = []
+        original = Response._bodyDataReceived_CONNECTED
+        self.patch(Response, "_bodyDataReceived_CONNECTED", lambda r, data: (dispatched.append(data), original(r, data)))
+        proto.dataReceived(b"".join(_chunk(b"data: %d\n\n" % i) for i in range(3)))
+        proto.dataReceived(_chunk(b"data: 3\n\n")[:9])
+        self.assertEqual(body.reads, [b"data: 0\n\ndata: 1\n\ndata: 2\n\n", b"data: "])
+        self.assertEqual(dispatched, [])
+        proto.dataReceived(_chunk(b"data: 3\n\n")[9:] + b"0\r\n\r\n")
+        self.assertEqual(b"".join(body.reads), b"data: 0\n\ndata: 1\n\ndata: 2\n\ndata: 3\n\n")
+        self.assertTrue(body.reason.check(ResponseDone))
+        self.assertFalse(transport.disconnecting)
+
+    def test_bytes_before_deliver_body_are_kept(self) -> None:
+        """Body bytes read with the head, before the relay connects its protocol, are delivered first, in order."""
+        proto, transport, d = capped_connection()
+        responses: list[Any] = []
+        d.addCallback(responses.append)
+        proto.dataReceived(_SSE_HEAD + _chunk(b"data: a\n\n"))
+        proto.dataReceived(_chunk(b"data: b\n\n"))
+        body = _Collect()
+        responses[0].deliverBody(body)
+        proto.dataReceived(_chunk(b"data: c\n\n") + b"0\r\n\r\n")
+        self.assertEqual(b"".join(body.reads), b"data: a\n\ndata: b\n\ndata: c\n\n")
+        self.assertTrue(body.reason.check(ResponseDone))
+
+    def test_bad_framing_fails_the_body_and_closes(self) -> None:
+        """A malformed chunk mid-stream: the payload before it is delivered, the body fails, the connection is closed."""
+        proto, transport, response, body = self.connected()
+        proto.dataReceived(_chunk(b"data: 1\n\n") + b"zz\r\n")
+        self.assertEqual(body.reads, [b"data: 1\n\n"])
+        self.assertTrue(body.reason.check(ResponseFailed))
+        self.assertTrue(transport.disconnecting)
+
+    def test_early_close_is_data_loss(self) -> None:
+        """The connection lost before the last chunk fails the body (not a clean end)."""
+        proto, transport, response, body = self.connected()
+        proto.dataReceived(_chunk(b"data: 1\n\n"))
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(body.reason.check(ResponseFailed))
