@@ -423,9 +423,11 @@ class Ledger(Service):
         C{max_pending} were waiting for a failing disk.
     @ivar on_write_failure: optional C{callable(Failure)} called after each
         failed write, e.g. to bump a metric.
-    @ivar progress_source: optional C{callable() -> list of Progress}, asked
-        on every batch tick that ends a C{progress_interval} (in whole ticks) for the
-        progress of the requests still open (the accounting sets it).
+    @ivar progress_source: optional C{callable(parts) -> list of Progress},
+        asked on every batch tick for the progress of a C{parts}-th of the
+        requests still open, C{parts} being the ticks in a
+        C{progress_interval}, so each is reported about once an interval
+        and the work is spread over the ticks (the accounting sets it).
     @ivar recovered: open rows of a previous run marked C{interrupted}.
     """
 
@@ -474,7 +476,6 @@ class Ledger(Service):
         self.progress_interval = progress_interval
         # Progress goes with every n-th tick (clock arithmetic would drift).
         self._progressEvery = max(1, round(progress_interval / batch_interval))
-        self._ticksToProgress = self._progressEvery
         self.flushed = 0
         self.write_failures = 0
         self.dropped = 0
@@ -571,15 +572,13 @@ class Ledger(Service):
     def _tick(self) -> None:
         # Never return the Deferred: the timer would wait on it.
         self._reportDropped()
-        self._ticksToProgress -= 1
         if self._inflight is not None:
             return
         progress: List[Progress] = []
         source = self.progress_source
-        if source is not None and self._ticksToProgress <= 0:
-            self._ticksToProgress = self._progressEvery
+        if source is not None:
             try:
-                progress = source()
+                progress = source(self._progressEvery)
             except Exception:
                 self.log.failure("usage ledger: progress of open requests failed")
         if self._pending or progress:

@@ -459,8 +459,10 @@ class OpenRowTests(SynchronousTestCase):
 
     def test_progressUpdatesOpenRowsOnly(self) -> None:
         """
-        Progress is asked for once per progress_interval (not every batch
-        tick) and updates open rows; a finished row keeps its final values.
+        Progress is asked for on every batch tick, for a share of the open
+        requests (C{parts} = ticks per progress_interval, so each open
+        request is reported about once an interval and no tick does them
+        all), and updates open rows; a finished row keeps its final values.
         """
         ledger = self.makeLedger(batch_interval=0.2, progress_interval=1.0)
         running, done = openRecord(0), makeRecord(1)
@@ -468,20 +470,20 @@ class OpenRowTests(SynchronousTestCase):
         ledger.record(done)
         asked = []
 
-        def source() -> List[Progress]:
-            asked.append(self.clock.seconds())
+        def source(parts: int) -> List[Progress]:
+            asked.append(parts)
             return [progressOf(running, bytes_out=300 * len(asked)), progressOf(done)]
 
         ledger.progress_source = source
         for _ in range(10):
             self.clock.advance(0.2)
-        self.assertEqual(len(asked), 2)
+        self.assertEqual(asked, [5] * 10)
         byId = {r["request_id"]: r for r in self.rows()}
         self.assertEqual(UsageRecord(**byId[done.request_id]), done)
         row = byId[running.request_id]
         self.assertEqual(
             (row["outcome"], row["status"], row["output_tokens"], row["source"], row["bytes_out"], row["ttft_ms"]),
-            ("open", 200, 40, "estimated", 600, 7.0),
+            ("open", 200, 40, "estimated", 3000, 7.0),
         )
 
     def test_restartMarksOpenRowsInterrupted(self) -> None:
@@ -497,7 +499,7 @@ class OpenRowTests(SynchronousTestCase):
         first.open(fresh)
         first.record(done)
         self.clock.advance(first.batch_interval)
-        first.progress_source = lambda: [progressOf(cut)]
+        first.progress_source = lambda parts: [progressOf(cut)]
         for _ in range(5):
             self.clock.advance(first.batch_interval)
         self.killed(first)
@@ -767,7 +769,7 @@ class MigrationTests(SynchronousTestCase):
         ledger.startService()
         running = openRecord(0)
         ledger.open(running)
-        ledger.progress_source = lambda: [progressOf(running, served_model="gpt-4o-mini-2024-07-18")]
+        ledger.progress_source = lambda parts: [progressOf(running, served_model="gpt-4o-mini-2024-07-18")]
         for _ in range(5):
             self.clock.advance(ledger.batch_interval)
         [row] = read_records(self.path)

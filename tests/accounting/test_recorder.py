@@ -961,6 +961,64 @@ class OpenRowTests(SynchronousTestCase):
         self.assertEqual(acc.progress(), [])
 
 
+    def test_progress_is_spread_over_the_ticks(self) -> None:
+        """
+        Asked with C{parts}, the accounting reports a C{parts}-th of the
+        open requests per call, each once per round of C{parts} calls (so
+        no tick does all of them); one that ended is skipped and one opened
+        during a round waits for the next.
+        """
+        gw, ledger, acc = self.gateway()
+        responses = []
+        for i in range(12):
+            gw.post("/v1/chat/completions", {"model": "public-model", "stream": True, "messages": []})
+            r = FakeResponse(200, SSE_HEADERS)
+            gw.http.calls[i]["deferred"].callback(r)
+            r.send(b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n')
+            responses.append(r)
+        ids = [row.request_id for row in ledger.opened]
+        calls = [[p.request_id for p in acc.progress(5)] for _ in range(2)]
+        self.assertEqual([len(c) for c in calls], [3, 3])
+        responses[ids.index(calls[0][0])].end()  # reported already
+        pending = [i for i in ids if i not in calls[0] + calls[1]]
+        responses[ids.index(pending[0])].end()  # not reported yet: skipped
+        gw.post("/v1/chat/completions", {"model": "public-model", "stream": True, "messages": []})
+        late = FakeResponse(200, SSE_HEADERS)
+        gw.http.calls[12]["deferred"].callback(late)
+        late.send(b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n')
+        calls += [[p.request_id for p in acc.progress(5)] for _ in range(3)]
+        reported = [i for c in calls for i in c]
+        self.assertEqual(sorted(reported), sorted(i for i in ids if i != pending[0]))
+        self.assertTrue(all(len(c) <= 3 for c in calls))
+        # The next round has the late one and the rest (all relayed more).
+        for r in responses + [late]:
+            if not r.ended:
+                r.send(b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n')
+        again = [p.request_id for _ in range(5) for p in acc.progress(5)]
+        self.assertEqual(len(again), 11)
+        self.assertIn(ledger.opened[12].request_id, again)
+
+
+    def test_progress_calls_are_capped(self) -> None:
+        """
+        However many requests are open, one call reports at most
+        MAX_PROGRESS_PER_CALL of them (a bounded stop of the reactor); the
+        round then takes more calls, and still reaches every request.
+        """
+        from llmgate.accounting import recorder
+
+        self.patch(recorder, "MAX_PROGRESS_PER_CALL", 2)
+        gw, ledger, acc = self.gateway()
+        for i in range(7):
+            gw.post("/v1/chat/completions", {"model": "public-model", "stream": True, "messages": []})
+            r = FakeResponse(200, SSE_HEADERS)
+            gw.http.calls[i]["deferred"].callback(r)
+            r.send(b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n')
+        calls = [len(acc.progress(2)) for _ in range(4)]
+        self.assertEqual(calls, [2, 2, 2, 1])
+        self.assertEqual(len(acc.progress()), 0, "every request reported once, nothing new relayed")
+
+
 class LargeBodyTests(SynchronousTestCase):
     """
     Non-streaming bodies far over the event cap and the old 16 MiB keep.
