@@ -26,6 +26,7 @@ from llmgate.ops.metrics import Metrics, MetricsResource
 from llmgate.accounting.prices import PriceTable
 from llmgate.ops.drain import Drain
 from llmgate.ops import gcstats, logformat, status
+from llmgate.ops import reactor as lean_reactor
 from llmgate.ops.executors import BoundedExecutor
 from llmgate.ops.memory import Trimmer, tune_malloc
 from llmgate.ops.notify import Notifier, SystemdNotify
@@ -373,6 +374,9 @@ def _reload_refusal(new: configmod.Config, bare_public: bool, current: Optional[
 
 def makeService(options: Options, reactor: Optional[Any] = None) -> service.MultiService:
     if reactor is None:
+        # Unless twistd was given --reactor: epoll without a legacy log
+        # context per ready descriptor (llmgate.ops.reactor).
+        lean_reactor.install()
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor

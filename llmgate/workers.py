@@ -602,6 +602,9 @@ def worker_main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit(2)
     _die_with_parent(opts["parent"])
     _logging(opts["index"], opts["log-format"])
+    from llmgate.ops import reactor as lean_reactor
+
+    lean_reactor.install()
     from twisted.internet import reactor
 
     from llmgate import tap

@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 _LISTEN = {
     "llmgate": re.compile(r"GatewaySite starting on (\d+)"),
@@ -38,10 +38,12 @@ class Daemon:
         env: Optional[dict[str, str]] = None,
         wait: bool = True,
         systemd_fd: Optional[int] = None,
+        twistd_args: Sequence[str] = (),
     ) -> None:
         """
         @param systemd_fd: a listening socket to pass as systemd's socket
             activation does (fd 3, C{LISTEN_FDS=1}, C{LISTEN_PID}).
+        @param twistd_args: twistd's own options (before the plugin name).
         """
         self.plugin = plugin
         if plugin == "llmgate" and not any(a.startswith("--workers") for a in args):
@@ -57,7 +59,7 @@ class Daemon:
                 "from twisted.scripts.twistd import run; run()"
             )
             extra = [str(systemd_fd)]
-        cmd = [sys.executable, "-c", script, *extra, "-n", "--pidfile=", plugin, *args]
+        cmd = [sys.executable, "-c", script, *extra, "-n", "--pidfile=", *twistd_args, plugin, *args]
         full_env = dict(os.environ)
         full_env.update(env or {})
         self.proc = subprocess.Popen(
