@@ -116,7 +116,13 @@ class WorkersGaugesE2ETests(SynchronousTestCase):
         deadline = time.monotonic() + 10
         while True:
             m = _scrape(mport)
-            if len(m["llmgate_deployment_breaker_state"]) == 2 and m["llmgate_deployment_ttft_ewma_seconds"]:
+            # Workers push once a second: the last stream's end (in flight
+            # back to 0) can reach the supervisor a push after its EWMA.
+            if (
+                len(m["llmgate_deployment_breaker_state"]) == 2
+                and m["llmgate_deployment_ttft_ewma_seconds"]
+                and [v for _, v in m["llmgate_deployment_outstanding"]] == [0.0]
+            ):
                 break
             self.assertLess(time.monotonic(), deadline, m)
             time.sleep(0.2)
