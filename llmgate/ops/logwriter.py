@@ -21,10 +21,13 @@ thread's CPU on short streams.  L{LogWriter} writes the same text:
     last L{FLUSH_DELAY} seconds of access lines; its ledger rows are
     marked interrupted anyway.
 
-Only the reactor thread buffers (access events are logged there); an
-event from another thread writes the buffer and itself at once, under a
-lock.  Without a reactor (L{LogWriter.attach} not called) every event is
-written at once, as before.
+Only the reactor thread touches the buffer (access events are logged
+there); an event from another thread is written at once, as twistd's
+observer would (so it may come before access lines logged up to
+L{FLUSH_DELAY} earlier).  No lock: a signal handler that logs (a worker's
+SIGTERM handler does) runs on the reactor thread, and would deadlock on a
+lock its own thread holds.  Without a reactor (L{LogWriter.attach} not
+called) every event is written at once, as before.
 
 The text is exactly twistd's (C{formatEventAsClassicLogText}):
 C{<time> [<namespace>#<level>] <line>}, with a worker's C{worker-N }
@@ -139,7 +142,6 @@ class LogWriter:
         self._delay = delay
         self._max = max_lines
         self._lines: list[str] = []
-        self._lock = threading.Lock()
         self._reactor: Any = None
         self._thread: Optional[int] = None
         self._scheduled = False
@@ -161,40 +163,42 @@ class LogWriter:
         self.flush()
 
     def __call__(self, event: dict[str, Any]) -> None:
-        if (
-            self._thread is not None
-            and event.get("log_namespace") == ACCESS_NAMESPACE
-            and threading.get_ident() == self._thread
-        ):
-            text = self._access(event)
-            if text:
-                self._lines.append(text)
-                if len(self._lines) >= self._max:
-                    self.flush()
-                elif not self._scheduled:
-                    self._scheduled = True
-                    self._reactor.callLater(self._delay, self._timer)
-                return
-        text = self._other(event)
-        with self._lock:
+        thread = self._thread
+        if thread is not None and threading.get_ident() == thread:
+            if event.get("log_namespace") == ACCESS_NAMESPACE:
+                text = self._access(event)
+                if text:
+                    self._lines.append(text)
+                    if len(self._lines) >= self._max:
+                        self.flush()
+                    elif not self._scheduled:
+                        self._scheduled = True
+                        self._reactor.callLater(self._delay, self._timer)
+                    return
+            text = self._other(event)
             if self._lines:
+                # The swap has no call in it, so a signal handler that logs
+                # cannot run between its halves (no line written twice).
                 waiting, self._lines = self._lines, []
                 if text:
                     waiting.append(text)
                 text = "".join(waiting)
-            if text:
-                self._write(text)
+        else:
+            # Another thread (or no reactor): write at once; the buffer is
+            # the reactor thread's alone.
+            text = self._other(event)
+        if text:
+            self._write(text)
 
     def _timer(self) -> None:
         self._scheduled = False
         self.flush()
 
     def flush(self) -> None:
-        """Write the waiting access lines (one write, one flush)."""
-        with self._lock:
-            if self._lines:
-                waiting, self._lines = self._lines, []
-                self._write("".join(waiting))
+        """Write the waiting access lines (one write, one flush); on the reactor thread."""
+        if self._lines:
+            waiting, self._lines = self._lines, []
+            self._write("".join(waiting))
 
     def _write(self, text: str) -> None:
         self._out.write(text.encode("utf-8") if self._encode else text)

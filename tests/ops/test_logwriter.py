@@ -214,3 +214,41 @@ class TwistdTests(SynchronousTestCase):
         opts = ServerOptions()
         opts.parseOptions(["--syslog", "llmgate", "--demo", "--workers", "1"])
         self.assertIsNone(opts["logger"]())
+
+
+class ReentryTests(SynchronousTestCase):
+    def test_log_call_during_a_write(self) -> None:
+        """
+        An event logged while the writer is writing (a signal handler's, on
+        the reactor thread) is written too, after what was being written:
+        the writer never blocks on itself.
+        """
+        events = access_events(2)
+        late = other_event()
+        done: list[str] = []
+
+        class ReenteringFile(io.StringIO):
+            entered = False
+
+            def write(self, s: str) -> int:
+                n = super().write(s)
+                if not self.entered:
+                    self.entered = True
+                    writer(late)
+                return n
+
+        out = ReenteringFile()
+        writer = text_observer(out)
+
+        def run() -> None:
+            reactor = MemoryReactorClock()
+            writer.attach(reactor)
+            for e in events:
+                writer(e)
+            reactor.advance(FLUSH_DELAY)
+            done.append(out.getvalue())
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(10)
+        self.assertEqual(done, [twistd_text(events + [late])])
