@@ -101,8 +101,9 @@ class Options(usage.Options):
             raise usage.UsageError("--log-format must be text or json")
         self["log_format"] = self["log-format"]
         parent = getattr(self, "parent", None)
-        if self["log_format"] == "json" and parent is not None:
-            logformat.use_for_twistd(parent)
+        if parent is not None:
+            # Both formats: our observer buffers the access lines.
+            logformat.use_for_twistd(parent, self["log_format"])
         self["loaded"] = None
         try:
             if self["config"]:
@@ -380,6 +381,9 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
+        # The twistd log observer (made after this) buffers access lines
+        # on this reactor's timer.
+        logformat.use_reactor(reactor)
         # Until the reload handler is installed (first thing when the tree
         # starts), a SIGHUP (systemctl reload right after start) would kill
         # the process: ignore it meanwhile, the file was just read.

@@ -566,27 +566,20 @@ def _die_with_parent(parent: int) -> None:
         raise SystemExit(1)
 
 
-def _logging(index: int, log_format: str = "text") -> None:
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+def _logging(index: int, log_format: str = "text") -> Any:
+    """Log to stdout as twistd would (C{worker-N} before each system); returns the observer."""
+    from twisted.logger import globalLogBeginner
+
+    from llmgate.ops.logformat import text_observer
 
     if log_format == "json":
-        globalLogBeginner.beginLoggingTo([json_observer(sys.stdout, worker=index)], redirectStandardIO=False)
-        return
-
-    # Relayed lines get the supervisor's timestamp: no second one.
-    relayed = os.environ.get("LLMGATE_WORKER_RELAYED") == "1"
-    observer = textFileLogObserver(sys.stdout, **({"timeFormat": None} if relayed else {}))
-    prefix = f"worker-{index}"
-
-    def tagged(event: dict[str, Any]) -> None:
-        system = event.get("log_system")
-        if system is None:
-            ns = event.get("log_namespace", "-")
-            level = event.get("log_level")
-            system = f"{ns}#{level.name if level is not None else '-'}"
-        observer({**event, "log_system": f"{prefix} {system}"})
-
-    globalLogBeginner.beginLoggingTo([tagged], redirectStandardIO=False)
+        observer = json_observer(sys.stdout, worker=index)
+    else:
+        # Relayed lines get the supervisor's timestamp: no second one.
+        relayed = os.environ.get("LLMGATE_WORKER_RELAYED") == "1"
+        observer = text_observer(sys.stdout, **({"time_format": None} if relayed else {}), system_prefix=f"worker-{index}")
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    return observer
 
 
 def worker_main(argv: Optional[list[str]] = None) -> None:
@@ -601,11 +594,13 @@ def worker_main(argv: Optional[list[str]] = None) -> None:
         print(f"llmgate worker: {e}", file=sys.stderr)
         raise SystemExit(2)
     _die_with_parent(opts["parent"])
-    _logging(opts["index"], opts["log-format"])
+    observer = _logging(opts["index"], opts["log-format"])
     from llmgate.ops import reactor as lean_reactor
 
     lean_reactor.install()
     from twisted.internet import reactor
+
+    observer.attach(reactor)
 
     from llmgate import tap
 

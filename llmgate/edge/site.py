@@ -69,6 +69,11 @@ _REASONS = {
 
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 
+# Looked up once: twisted.web.http is a deprecation proxy module, and an
+# attribute read through it per header line was ~1.5% of the CPU per
+# request.
+_ChunkedTransferDecoder = http._ChunkedTransferDecoder
+
 
 class _ChunkTooLarge(Exception):
     """A chunk size above the body cap: refused with 413 before its bytes."""
@@ -416,7 +421,7 @@ class GatewayChannel(http.HTTPChannel):
 
     def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
         ok = bool(super()._maybeChooseTransferDecoder(header, data))
-        if ok and type(self._transferDecoder) is http._ChunkedTransferDecoder:
+        if ok and type(self._transferDecoder) is _ChunkedTransferDecoder:
             request = self.requests[-1]
             self._transferDecoder = _StrictChunkedDecoder(
                 request.handleContentChunk, self._finishRequestBody, request.maxBody

@@ -14,6 +14,10 @@ supervisor writes them as they are (L{RAW}), so there is still one object
 per line.  Twisted's own C{jsonFileLogObserver} is not used: it writes
 every key of the event (logger objects, format strings) with a record
 separator, which line-oriented shippers do not expect.
+
+Both formats are written by L{llmgate.ops.logwriter.LogWriter}, which
+buffers access lines off the critical path; under C{twistd} the text
+format is also ours (L{twistd_observer}), with twistd's exact lines.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ import sys
 from datetime import datetime, timezone
 from typing import IO, Any, Callable, Optional
 
-from twisted.logger import formatEvent
+from twisted.logger import formatEvent, timeFormatRFC3339
 from twisted.python import logfile
+
+from llmgate.ops.logwriter import LogWriter, TextFormat
 
 FORMATS = ("text", "json")
 # An event carrying an already-encoded JSON object line (a worker's).
@@ -66,46 +72,94 @@ def to_json(event: dict[str, Any], worker: Optional[int] = None) -> str:
     return json.dumps(out, ensure_ascii=False, separators=(",", ":"), default=_default)
 
 
-def json_observer(out: IO[str], worker: Optional[int] = None) -> Callable[[dict[str, Any]], None]:
-    """An C{ILogObserver} writing one JSON object per line to C{out}."""
-    from twisted.logger import ILogObserver
-    from zope.interface import provider
+def json_line(worker: Optional[int] = None) -> Callable[[dict[str, Any]], str]:
+    """C{json_line(worker)(event)}: the event's JSON object and a newline."""
 
-    @provider(ILogObserver)
-    def observe(event: dict[str, Any]) -> None:
+    def line(event: dict[str, Any]) -> str:
         try:
-            line = to_json(event, worker)
+            return to_json(event, worker) + "\n"
         except Exception as e:  # never lose the line to a bad field
-            line = json.dumps({"level": "error", "ns": "llmgate.logformat", "msg": f"unloggable event: {e!r}"})
-        out.write(line + "\n")
-        out.flush()
+            return json.dumps({"level": "error", "ns": "llmgate.logformat", "msg": f"unloggable event: {e!r}"}) + "\n"
 
-    return observe
+    return line
 
 
-# Where twistd would log (its --logfile and --nodaemon), noted by the
-# plugin's options: twistd's --logger factory takes no arguments.
+def json_observer(out: IO[str], worker: Optional[int] = None) -> LogWriter:
+    """An C{ILogObserver} writing one JSON object per line to C{out}."""
+    return LogWriter(out, json_line(worker))
+
+
+def text_observer(out: IO[Any], time_format: Optional[str] = timeFormatRFC3339,
+                  system_prefix: Optional[str] = None) -> LogWriter:
+    """An C{ILogObserver} writing twistd's text lines to C{out}."""
+    fmt = TextFormat(time_format, system_prefix)
+    return LogWriter(out, fmt.other, fmt.access)
+
+
+# Where twistd would log (its --logfile, --nodaemon, --syslog) and in
+# which format, noted by the plugin's options (twistd's --logger factory
+# takes no arguments), and the reactor whose timer writes the access lines
+# (noted by the plugin's makeService, which runs before the factory).
 _target: dict[str, Any] = {}
 
 
-def use_for_twistd(server_options: Any) -> None:
+def use_for_twistd(server_options: Any, log_format: str = "json") -> None:
     """
-    Make C{twistd} log JSON: set its C{--logger} to L{twistd_observer}
+    Make C{twistd} log through L{twistd_observer}: set its C{--logger}
     (the plugin's C{postOptions} runs before twistd's own, which imports
-    the factory by name), keeping twistd's choice of file.
+    the factory by name), keeping twistd's choice of file.  A C{--logger}
+    given on the command line is kept.
     """
     if server_options.get("logger"):
         return
     _target["logfile"] = server_options.get("logfile")
     _target["nodaemon"] = bool(server_options.get("nodaemon"))
+    _target["syslog"] = bool(server_options.get("syslog"))
+    _target["format"] = log_format
     server_options["logger"] = "llmgate.ops.logformat.twistd_observer"
 
 
-def twistd_observer() -> Callable[[dict[str, Any]], None]:
-    """The twistd C{--logger} factory: JSON lines where twistd would write text."""
+def use_reactor(reactor: Any) -> None:
+    """The reactor the twistd observer buffers access lines with."""
+    _target["reactor"] = reactor
+
+
+def _rotate_on_usr1(logfile_: Any) -> None:
+    # What twistd does for a log file: SIGUSR1 rotates it (unless the
+    # signal is handled already).
+    import signal
+
+    if signal.getsignal(signal.SIGUSR1):
+        return
+
+    def rotate(signum: int, frame: Any) -> None:
+        reactor = _target.get("reactor")
+        if reactor is not None:
+            reactor.callFromThread(logfile_.rotate)
+        else:
+            logfile_.rotate()
+
+    signal.signal(signal.SIGUSR1, rotate)
+
+
+def twistd_observer() -> Optional[LogWriter]:
+    """
+    The twistd C{--logger} factory: text (twistd's own lines) or JSON lines
+    where twistd would write them.  L{None} (twistd's own observer) for
+    C{--syslog} in text format.
+    """
+    text = _target.get("format", "json") == "text"
+    if text and (_target.get("syslog") or (_target.get("logfile") == "-" and not _target.get("nodaemon"))):
+        return None  # twistd's own: syslog, or its refusal of a daemon's stdout
     name = _target.get("logfile")
     if name == "-" or (not name and _target.get("nodaemon")):
-        out: IO[str] = sys.stdout
+        out: IO[Any] = sys.stdout
     else:
         out = logfile.LogFile.fromFullPath(name or "twistd.log")  # type: ignore[assignment]
-    return json_observer(out)
+        if text:
+            _rotate_on_usr1(out)
+    observer = text_observer(out) if text else json_observer(out)
+    reactor = _target.get("reactor")
+    if reactor is not None:
+        observer.attach(reactor)
+    return observer

@@ -141,7 +141,7 @@ class ProxyHTTPClient(HTTPClient):
 
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
-        self._targets: dict[str, tuple[Any, Any, Any, bytes]] = {}
+        self._targets: dict[str, tuple[Any, Any, Any, bytes, bytes]] = {}
 
     def request(self, method: str, url: Any, **kw: Any) -> Deferred[Any]:
         headers = kw.pop("headers", None)
@@ -156,7 +156,7 @@ class ProxyHTTPClient(HTTPClient):
         target = self._targets.get(url)
         if target is None:
             target = self._target(url)
-        uri, endpoint, key, host = target
+        uri, endpoint, key, host, path = target
         if headers is None:
             headers = Headers()
         if not headers.hasHeader(b"host"):
@@ -170,7 +170,7 @@ class ProxyHTTPClient(HTTPClient):
             uri,
             headers,
             None if data is None else BytesProducer(data),
-            uri.originForm,
+            path,
         )
         return d.addCallback(_Response, self._cookiejar)
 
@@ -178,11 +178,11 @@ class ProxyHTTPClient(HTTPClient):
     # bounds a configuration that would make them unbounded.
     _MAX_TARGETS = 512
 
-    def _target(self, url: str) -> tuple[Any, Any, Any, bytes]:
+    def _target(self, url: str) -> tuple[Any, Any, Any, bytes, bytes]:
         """
-        The parsed URL, its endpoint (with its TLS options), pool key and
-        Host value: what Agent.request works out again for every request,
-        kept per upstream URL.
+        The parsed URL, its endpoint (with its TLS options), pool key, Host
+        value and request path (origin form): what Agent.request works out
+        again for every request, kept per upstream URL.
         """
         agent = self._agent
         raw = _ensureValidURI(url.encode("ascii").strip())
@@ -190,7 +190,7 @@ class ProxyHTTPClient(HTTPClient):
         endpoint = agent._getEndpoint(uri)
         key = (uri.scheme, uri.host, uri.port)
         host = agent._computeHostValue(uri.scheme, uri.host, uri.port)
-        target = (uri, endpoint, key, host)
+        target = (uri, endpoint, key, host, uri.originForm)
         targets = self._targets
         if len(targets) >= self._MAX_TARGETS:
             targets.clear()

@@ -6,6 +6,7 @@ process, alone and under C{--workers 2}, with request ids from an SDK.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import time
 from typing import Any
@@ -167,3 +168,114 @@ class JSONLogTests(SynchronousTestCase):
         self.assertEqual((access["msg"], access["status"], access["model"]), ("access", 200, "gpt-4o-mini"))
         self.assertIn("worker", access)
         self.assertIn("startup", [k for o in objs for k in o])
+
+
+def _post(port: int, n: int, prefix: str) -> None:
+    """n chat requests, one after another, with ids prefix-0 .. prefix-(n-1)."""
+    import urllib.request
+
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    for i in range(n):
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions", data=body, method="POST",
+            headers={"Content-Type": "application/json", "X-Request-Id": f"{prefix}-{i}"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            r.read()
+
+
+class BufferedAccessLogTests(SynchronousTestCase):
+    """Access lines are buffered briefly: none may be lost or reordered at a stop."""
+
+    N = 30
+
+    def stopped_at_once(self, args: list[str]) -> list[str]:
+        """The log lines of a gateway stopped (SIGTERM) right after its last answer."""
+        gw = Daemon("llmgate", ["--demo", "--port", "tcp:0:interface=127.0.0.1", *args], tempfile.mkdtemp())
+        self.addCleanup(gw.stop)
+        if "2" in args:
+            deadline = time.monotonic() + 30
+            while gw.output().count("is serving") < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+        _post(gw.port, self.N, "stop")
+        gw.stop()
+        return gw.output().splitlines()
+
+    def assert_all_in_order(self, ids: list[str], ordered: bool = True) -> None:
+        want = [f"stop-{i}" for i in range(self.N)]
+        self.assertEqual(ids if ordered else sorted(ids, key=lambda s: int(s[5:])), want)
+
+    def test_text_lines_kept_at_stop(self) -> None:
+        """Text format: every request's access line is written, once and in order, by a stop right after."""
+        lines = [l for l in self.stopped_at_once([]) if "[llmgate.access#info] POST" in l]
+        self.assertRegex(lines[0], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[llmgate\.access#info\] POST /v1/chat/completions ")
+        self.assert_all_in_order([l.split(" client_id=")[1].split()[0] for l in lines])
+
+    def test_json_lines_kept_at_stop(self) -> None:
+        """JSON format: every request's access object is written, once and in order, by a stop right after."""
+        objs = [json.loads(l) for l in self.stopped_at_once(["--log-format", "json"]) if l.strip()]
+        self.assert_all_in_order([o["client_request_id"] for o in objs if o.get("msg") == "access"])
+
+    def test_worker_lines_kept_at_stop(self) -> None:
+        """Under --workers 2 every access line (tagged worker-N) is written by a stop right after."""
+        lines = [l for l in self.stopped_at_once(["--workers", "2"]) if "llmgate.access#info] POST" in l]
+        self.assertTrue(all(re.search(r" \[worker-[01] llmgate\.access#info\] POST ", l) for l in lines), lines[:3])
+        # Two processes write their own lines: each in order, all there.
+        self.assert_all_in_order([l.split(" client_id=")[1].split()[0] for l in lines], ordered=False)
+
+    def test_daemonized_text_logfile(self) -> None:
+        """
+        A daemonized twistd (--logfile, text format) writes the access lines
+        to its file in twistd's format, all of them by the time it stops.
+        """
+        import os
+        import signal
+        import socket
+        import subprocess
+        import sys
+
+        tmp = tempfile.mkdtemp()
+        log, pidfile = os.path.join(tmp, "gw.log"), os.path.join(tmp, "gw.pid")
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        subprocess.run(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", f"--logfile={log}",
+             f"--pidfile={pidfile}", "llmgate", "--demo", "--port", f"tcp:{port}:interface=127.0.0.1", "--workers", "1"],
+            cwd=tmp, check=True, timeout=60,
+        )
+        with open(pidfile) as f:
+            pid = int(f.read())
+
+        def gone() -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        def kill() -> None:
+            if not gone():
+                os.kill(pid, signal.SIGKILL)
+
+        self.addCleanup(kill)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                _post(port, 1, "warm")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        _post(port, self.N, "stop")
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while not gone() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.assertTrue(gone())
+        with open(log) as f:
+            lines = [l for l in f.read().splitlines() if "[llmgate.access#info] POST" in l]
+        self.assertRegex(lines[-1], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[llmgate\.access#info\] POST ")
+        self.assert_all_in_order([l.split(" client_id=")[1].split()[0] for l in lines if "client_id=stop-" in l])

@@ -5,6 +5,7 @@ loopback-only checks) decides before a byte of the body is read.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from typing import Any, Optional
 
@@ -224,6 +225,31 @@ class LoopbackTests(SynchronousTestCase):
             self.assertTrue(loopback_authority(ok), ok)
         for bad in (b"", b"localhost:", b"localhost:x", b"[::1", b"[::1]x", b"::1", b"128.0.0.1", b"127.1", b"[::2]", b"0.0.0.0"):
             self.assertFalse(loopback_authority(bad), bad)
+
+    def test_answer_remembered_per_value_bounded(self) -> None:
+        """
+        A Host value is parsed once, not per request; the remembered values
+        are bounded, so new values per request cannot grow them.
+        """
+        from llmgate.edge import admission
+
+        parsed: list[str] = []
+        real = ipaddress.ip_address
+
+        def counting(text: str) -> Any:
+            parsed.append(text)
+            return real(text)
+
+        self.patch(admission.ipaddress, "ip_address", counting)
+        loopback_authority.cache_clear()
+        self.addCleanup(loopback_authority.cache_clear)
+        for _ in range(3):
+            self.assertTrue(loopback_authority(b"127.0.0.1:8080"))
+            self.assertFalse(loopback_authority(b"10.0.0.1:8080"))
+        self.assertEqual(parsed, ["127.0.0.1", "10.0.0.1"])
+        for i in range(1000):
+            loopback_authority(b"127.0.0.1:%d" % i)
+        self.assertEqual(loopback_authority.cache_info().currsize, 256)
 
     def test_origins(self) -> None:
         """Which Origin values name a loopback page."""

@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from llmgate.accounting.recorder import Accounting
-from llmgate.edge.site import BODY_DEADLINE, HEADER_DEADLINE, LINGER
+from llmgate.edge.site import BODY_DEADLINE, HEADER_DEADLINE, LINGER, _StrictChunkedDecoder
 from tests.fakes import FakeResponse, Gateway, make_config, parse_response
 
 
@@ -206,6 +206,30 @@ class FramingTests(SynchronousTestCase):
         self.assertTrue(t.disconnecting)
         self.assertEqual(gw.http.calls, [])
         return json.loads(body)
+
+    def test_headers_read_without_module_proxy_lookups(self) -> None:
+        """
+        Reading a request's header lines makes no attribute lookup through
+        twisted.web.http's deprecation proxy (a slow path per lookup); the
+        chunked body still gets the strict decoder.
+        """
+        from twisted.web import http
+
+        looked: list[str] = []
+        proxy = type(http)
+        original = proxy.__getattribute__
+
+        def counting(module: Any, name: str) -> Any:
+            looked.append(name)
+            return original(module, name)
+
+        gw = Gateway()
+        channel, t = gw.connect()
+        self.patch(proxy, "__getattribute__", counting)
+        channel.dataReceived(HEAD + b"X-A: 1\r\nX-B: 2\r\nX-C: 3\r\n")
+        self.assertEqual(looked, [])
+        channel.dataReceived(b"Transfer-Encoding: chunked\r\n\r\n")
+        self.assertIsInstance(channel._transferDecoder, _StrictChunkedDecoder)
 
     def test_bare_lf_head(self) -> None:
         """A head whose lines end in a bare LF is answered 400 at once."""

@@ -91,6 +91,29 @@ class ProxyClientTests(SynchronousTestCase):
         self.assertIsNot(first[5], third[5])
         self.assertEqual([c[2].getRawHeaders(b"host") for c in agent.calls], [[b"up.test"], [b"up.test"], [b"up.test:8443"]])
 
+    def test_request_path_once_per_upstream(self) -> None:
+        """
+        The request path (the URL's origin form) is worked out once per
+        upstream URL, not per request, and each URL sends its own.
+        """
+        from twisted.web.client import URI
+
+        made: list[bytes] = []
+        origin = URI.originForm
+
+        def counting(uri: Any) -> bytes:
+            made.append(uri.path)
+            return origin.fget(uri)  # type: ignore[attr-defined]
+
+        self.patch(URI, "originForm", property(counting))
+        client = UpstreamClient(MemoryReactorClock())
+        agent = RecordingAgent()
+        client.http._agent = agent
+        for url in ("http://up.test/v1/x?a=1", "http://up.test/v1/x?a=1", "http://up.test/v1/y"):
+            client.http.request("POST", url, headers=Headers(), data=b"{}", unbuffered=True, allow_redirects=False)
+        self.assertEqual([c[6] for c in agent.calls], [b"/v1/x?a=1", b"/v1/x?a=1", b"/v1/y"])
+        self.assertEqual(made, [b"/v1/x", b"/v1/y"])
+
     def test_body_producer_writes_once(self) -> None:
         """The body is written in one call with no cooperator."""
         t = StringTransport()
