@@ -13,7 +13,6 @@ import json
 import math
 import random
 from dataclasses import dataclass
-from io import BytesIO
 from typing import Any, Callable, Optional
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
@@ -320,7 +319,9 @@ class GatewayResource(Resource):
         body = request.content.getvalue()
         # The request's buffer holds the same bytes: from here on only the
         # parse (and then the relay) keeps them, so they go when it does.
-        request.content = BytesIO()
+        # (None, not an empty buffer: Twisted's Request ends with either,
+        # and a stream keeps one tracked object fewer.)
+        request.content = None
         if len(body) > _THREAD_PARSE_BYTES and self._parse_in_thread is not None:
             d = self._parse_in_thread(
                 _parse_body, body, size=len(body), alive=lambda: not request._disconnected

@@ -37,6 +37,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
+from llmgate.relay.headers import release
+
 
 @implementer(IBodyProducer)
 class BytesProducer:
@@ -50,7 +52,11 @@ class BytesProducer:
         self.length = len(body)
 
     def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self._body)
+        # Written once (a POST is never retried on another connection):
+        # the request object that holds this producer lives as long as the
+        # response, a whole stream, and need not keep the body with it.
+        body, self._body = self._body, b""
+        consumer.write(body)
         return succeed(None)
 
     def pauseProducing(self) -> None:
@@ -276,6 +282,11 @@ class _CappedClientProtocol(HTTP11ClientProtocol):
         parser = self._parser
         if type(parser) is HTTPClientParser:
             parser.__class__ = _CappedParser
+        if self._state == "WAITING":
+            # Written whole (the body is in memory): the request object is
+            # kept until the response ends, its headers are not read again
+            # (see llmgate.relay.headers.release).
+            release(request.headers)
         return d
 
     def connectionLost(self, reason: Any) -> None:

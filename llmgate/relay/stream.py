@@ -52,7 +52,7 @@ from llmgate.config import Provider, Timeouts
 from llmgate.relay.client import ResponseHeadersTooLarge
 from llmgate.relay.decode import DECODABLE, BodyDecoder, DecodeError, content_encoding
 from llmgate.relay.gate import CONTENT, ERROR, MAX_HELD, WAIT, Gate, error_message
-from llmgate.relay.headers import copy_response_headers
+from llmgate.relay.headers import copy_response_headers, release
 from llmgate.relay.redact import redactor_for
 
 log = Logger(namespace="llmgate.relay.stream")
@@ -263,7 +263,10 @@ class Exchange:
     model: str
     provider: Provider
     upstream_model: str
-    body: dict[str, Any]
+    # The parsed request body; once an attempt answered, the bytes sent
+    # upstream instead (no objects for the collector to walk while the
+    # stream is open: llmgate.routing.attempts).
+    body: "dict[str, Any] | bytes"
     bytes_in: int
     streamed: bool
     counter: Optional[Counter] = None
@@ -632,6 +635,12 @@ class Relay:
                 self._queue()
             else:
                 req.write(b"")
+            # The head is written: nothing reads these again, and the
+            # stream may be open for minutes (see L{release}).
+            release(req.responseHeaders)
+            req.cookies = ()
+        # Copied: the upstream's head is not read again either.
+        release(response.headers)
 
     # -- the first-content gate ----------------------------------------------
 
