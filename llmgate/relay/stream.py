@@ -895,7 +895,10 @@ class Relay:
         out = self._out
         if not out:
             return
-        self._out = []
+        # The same list for the stream's life: a new one per flush would be
+        # a young object per stream per event for the collector to walk.
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
         if self._phase in _OVER:
             return
         ex = self.exchange
@@ -908,7 +911,7 @@ class Relay:
             ex.added_n += 1
             if added > ex.added_max:
                 ex.added_max = added
-        self.request.write(out[0] if len(out) == 1 else b"".join(out))
+        self.request.write(data)
 
     def _whole_events(self, data: bytes) -> bytes:
         """
