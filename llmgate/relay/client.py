@@ -37,7 +37,6 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from llmgate.relay.headers import release
 
 
 @implementer(IBodyProducer)
@@ -285,8 +284,9 @@ class _CappedClientProtocol(HTTP11ClientProtocol):
         if self._state == "WAITING":
             # Written whole (the body is in memory): the request object is
             # kept until the response ends, its headers are not read again
-            # (see llmgate.relay.headers.release).
-            release(request.headers)
+            # (see llmgate.relay.headers.release; replaced, not emptied:
+            # an emptied dict stays tracked until a collection looks at it).
+            request.headers = Headers()
         return d
 
     def connectionLost(self, reason: Any) -> None:

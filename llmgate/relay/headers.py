@@ -151,6 +151,10 @@ def release(headers: Headers) -> None:
     cyclic collector walks them: at thousands of open streams, the lists
     of the four heads a stream has (client request and response, upstream
     request and response) were most of the objects each stream kept.
+    Where the attribute that holds them is the gateway's to set, a fresh
+    C{Headers()} is better still: an emptied dict stays tracked until a
+    collection of its generation looks at it again, a new empty one is
+    not tracked at all.
     """
     for name in [name for name, _ in headers.getAllRawHeaders()]:
         headers.removeHeader(name)

@@ -636,9 +636,12 @@ class Relay:
             else:
                 req.write(b"")
             # The head is written: nothing reads these again, and the
-            # stream may be open for minutes (see L{release}).
-            release(req.responseHeaders)
-            req.cookies = ()
+            # stream may be open for minutes (see L{release}). Replaced
+            # rather than emptied: an emptied dict stays tracked until a
+            # collection of its generation looks at it again. The request's
+            # path lists served the resource lookup, long done.
+            req.responseHeaders = Headers()
+            req.cookies = req.prepath = req.postpath = req.sitepath = ()
         # Copied: the upstream's head is not read again either.
         release(response.headers)
 

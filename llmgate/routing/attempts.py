@@ -41,10 +41,12 @@ from typing import Any, Callable, Optional
 
 from twisted.logger import Logger
 
+from twisted.web.http_headers import Headers
+
 from llmgate import dialects
 from llmgate.config import Deployment, Routing, Timeouts
 from llmgate.edge.requestid import HEADER as REQUEST_ID
-from llmgate.relay.headers import release, upstream_request_headers
+from llmgate.relay.headers import upstream_request_headers
 from llmgate.relay.stream import Exchange, Relay
 from llmgate.routing.balance import Group, key, pick
 
@@ -454,7 +456,8 @@ class Attempts:
         self._bodies.clear()
         self.groups = ()  # type: ignore[assignment]
         self._tried = _NOTHING_TRIED  # type: ignore[assignment]
-        release(self.request.requestHeaders)
+        # (Replaced, not emptied: see llmgate.relay.stream.Relay._respond.)
+        self.request.requestHeaders = Headers()
 
     def attempt_failed(
         self, relay: Relay, status: int, phase: str, message: str, retry_after: Optional[float]
