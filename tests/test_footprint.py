@@ -170,6 +170,22 @@ class FootprintTests(SynchronousTestCase):
             self.assertIn(line, head)
 
 
+class StreamStartedTests(SynchronousTestCase):
+    def test_hook_called_once_per_stream_started(self) -> None:
+        """
+        The resource tells the collector's young collections of each stream
+        it starts upstream, and not of a request it refuses.
+        """
+        gw = Gateway()
+        started: list[int] = []
+        gw.resource.stream_started = lambda: started.append(1)
+        gw.post("/v1/chat/completions", CHAT)
+        gw.post("/v1/chat/completions", CHAT)
+        gw.post("/v1/chat/completions", None, raw=b"{not json")
+        self.assertEqual(len(gw.http.calls), 2)
+        self.assertEqual(len(started), 2)
+
+
 class EstimateFromBytesTests(SynchronousTestCase):
     def test_estimate_from_sent_bytes(self) -> None:
         """

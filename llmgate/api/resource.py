@@ -163,6 +163,9 @@ class GatewayResource(Resource):
         # Start it (it is a Service) to enforce the relays' timeouts.
         self.watchdog = Watchdog(clock, self.active)
         self.draining = False
+        # Called once per stream started upstream (the collector's young
+        # collections: llmgate.ops.gcstats.YoungCollections.stream_started).
+        self.stream_started: Callable[[], None] = lambda: None
         # Routing: the deployment pick's randomness (injected by tests) and
         # each deployment's breaker, kept across reloads.
         self.rng = rng if rng is not None else random.Random()
@@ -503,6 +506,7 @@ class GatewayResource(Resource):
         streamed, strip_usage, route = adm.streamed, adm.strip_usage, adm.route
         if reservation is False:
             return
+        self.stream_started()
         ids = ids_for(request)
         ex = new_exchange(
             request_id=ids.gateway,
