@@ -67,15 +67,15 @@ BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 # at most FULL_MAX_LOAD requests are open (it then takes a few ms), or
 # regardless once FULL_DEADLINE seconds have passed, so that nothing can
 # pile up forever. What start-up built stays frozen.
-# Neither the timer nor the count is enough at a saturated steady state
-# (5,000 open streams, streams ending as fast as new ones start): the
-# objects of ended streams are freed as fast as new streams make theirs,
-# so the count stays low, while the timer's ticks came up to 1.8 s apart
-# (reactor turns that long): a young collection then walked the state of
-# every stream started in between (13-24 ms of CPU). So new streams also
-# drive the young collections: one every YOUNG_PER_STREAMS streams
-# started (L{YoungCollections.stream_started}), which bounds what one
-# walks to the state of that many streams whatever the reactor does.
+# Neither the timer nor the count bounds the young generation at a steady
+# number of streams (5,000 open, streams ending as fast as new ones start):
+# the old objects of the streams that end are freed as fast as new streams
+# make theirs, so the count (allocations minus deallocations) stays low,
+# and the timer's ticks come late when the reactor is saturated. So new
+# streams also drive the young collections: one every YOUNG_PER_STREAMS
+# streams started (L{YoungCollections.stream_started}). At S3 the largest
+# young walks went from 14,600-19,200 objects to 7,400-13,100
+# (docs/benchmarks.md).
 YOUNG_INTERVAL = 0.025
 YOUNG_PER_STREAMS = 16
 MIDDLE_EVERY = 2
