@@ -241,7 +241,8 @@ def build(
     pauses = gcstats.GCPauses()
     pauses.setServiceParent(top)
     # A full collection waits for a quiet moment (root is bound below).
-    gcstats.YoungCollections(reactor, load=lambda: len(root.active)).setServiceParent(top)
+    young = gcstats.YoungCollections(reactor, load=lambda: len(root.active))
+    young.setServiceParent(top)
     if worker:
         # The supervisor sums the workers' files, not their registries.
         gcstats.GCPush(pauses, reactor, metrics.registry).setServiceParent(top)
@@ -275,6 +276,7 @@ def build(
         on_big_body_done=trimmer.freed, quotas=quotas,
     )
     root.watchdog.setServiceParent(top)
+    root.stream_started = young.stream_started
     # Per-deployment state in /metrics: set at each scrape, or by a
     # worker every second (its gauges are files the supervisor reads).
     deployment_gauges = DeploymentGauges(metrics.registry, root.breakers, lambda: configured_keys(root.config))

@@ -81,6 +81,17 @@ class ServiceTests(SynchronousTestCase):
         self.assertIs(cut._relays, root.active)
         self.assertIs(cut._quotas, root.quotas)
 
+    def test_streams_drive_young_collections(self) -> None:
+        """The resource tells the tree's young collections of every stream it starts."""
+        from llmgate import config
+        from llmgate.ops.gcstats import YoungCollections
+
+        cfg = config.parse({"providers": {"p": {"kind": "openai", "base_url": "http://x/v1", "default": True}}}, {})
+        top = tap.build(cfg, MemoryReactorClock(), ["tcp:1"])
+        [young] = [s for s in top if isinstance(s, YoungCollections)]
+        [listener] = [s for s in top if isinstance(s, Listener)]
+        self.assertEqual(listener.factory.resource.stream_started, young.stream_started)
+
     def test_site_limits_from_config(self) -> None:
         """The listening site takes the body cap and the buffered-bodies budget from the config."""
         from llmgate import config

@@ -305,12 +305,23 @@ def _reported(counter: RequestCounter) -> Optional[Usage]:
     return None
 
 
-def estimate_usage(counter: RequestCounter, model: str, request_body: dict[str, Any]) -> Usage:
+def estimate_usage(counter: RequestCounter, model: str, request_body: Any) -> Usage:
     """
     Estimate with tiktoken what the provider did not report: the prompt
     (unless the provider gave its input count) and the text relayed so far.
     Runs in a thread: a prompt may be hundreds of thousands of tokens.
+
+    C{request_body} is the parsed body, or the bytes sent upstream (what an
+    answered stream keeps instead of the parsed body: L{Exchange.body}),
+    parsed here, off the reactor thread.
     """
+    if isinstance(request_body, (bytes, bytearray)):
+        try:
+            request_body = json.loads(request_body)
+        except ValueError:
+            request_body = {}
+        if not isinstance(request_body, dict):
+            request_body = {}
     acc = counter.acc
     usage = acc.usage
     est = Usage(source="estimated")

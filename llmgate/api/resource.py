@@ -13,7 +13,6 @@ import json
 import math
 import random
 from dataclasses import dataclass
-from io import BytesIO
 from typing import Any, Callable, Optional
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
@@ -164,6 +163,9 @@ class GatewayResource(Resource):
         # Start it (it is a Service) to enforce the relays' timeouts.
         self.watchdog = Watchdog(clock, self.active)
         self.draining = False
+        # Called once per stream started upstream (the collector's young
+        # collections: llmgate.ops.gcstats.YoungCollections.stream_started).
+        self.stream_started: Callable[[], None] = lambda: None
         # Routing: the deployment pick's randomness (injected by tests) and
         # each deployment's breaker, kept across reloads.
         self.rng = rng if rng is not None else random.Random()
@@ -320,7 +322,9 @@ class GatewayResource(Resource):
         body = request.content.getvalue()
         # The request's buffer holds the same bytes: from here on only the
         # parse (and then the relay) keeps them, so they go when it does.
-        request.content = BytesIO()
+        # (None, not an empty buffer: Twisted's Request ends with either,
+        # and a stream keeps one tracked object fewer.)
+        request.content = None
         if len(body) > _THREAD_PARSE_BYTES and self._parse_in_thread is not None:
             d = self._parse_in_thread(
                 _parse_body, body, size=len(body), alive=lambda: not request._disconnected
@@ -502,6 +506,7 @@ class GatewayResource(Resource):
         streamed, strip_usage, route = adm.streamed, adm.strip_usage, adm.route
         if reservation is False:
             return
+        self.stream_started()
         ids = ids_for(request)
         ex = new_exchange(
             request_id=ids.gateway,

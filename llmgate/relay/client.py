@@ -41,6 +41,7 @@ from zope.interface import implementer
 from llmgate.relay.chunked import ChunkedDecoder
 
 
+
 @implementer(IBodyProducer)
 class BytesProducer:
     """
@@ -53,7 +54,11 @@ class BytesProducer:
         self.length = len(body)
 
     def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self._body)
+        # Written once (a POST is never retried on another connection):
+        # the request object that holds this producer lives as long as the
+        # response, a whole stream, and need not keep the body with it.
+        body, self._body = self._body, b""
+        consumer.write(body)
         return succeed(None)
 
     def pauseProducing(self) -> None:
@@ -302,6 +307,12 @@ class _CappedClientProtocol(HTTP11ClientProtocol):
         parser = self._parser
         if type(parser) is HTTPClientParser:
             parser.__class__ = _CappedParser
+        if self._state == "WAITING":
+            # Written whole (the body is in memory): the request object is
+            # kept until the response ends, its headers are not read again
+            # (see llmgate.relay.headers.release; replaced, not emptied:
+            # an emptied dict stays tracked until a collection looks at it).
+            request.headers = Headers()
         return d
 
     def dataReceived(self, data: bytes) -> None:

@@ -141,3 +141,20 @@ def copy_response_headers(upstream: Headers, downstream: Headers, redact: Option
             # under another name.
             name = b"x-upstream-request-id"
         downstream.setRawHeaders(name, values)
+
+
+def release(headers: Headers) -> None:
+    """
+    Empty C{headers} in place, once nothing will read them again (a head
+    already written or copied). Each header name holds a list of values,
+    and a Headers kept for a stream's whole life keeps them all where the
+    cyclic collector walks them: at thousands of open streams, the lists
+    of the four heads a stream has (client request and response, upstream
+    request and response) were most of the objects each stream kept.
+    Where the attribute that holds them is the gateway's to set, a fresh
+    C{Headers()} is better still: an emptied dict stays tracked until a
+    collection of its generation looks at it again, a new empty one is
+    not tracked at all.
+    """
+    for name in [name for name, _ in headers.getAllRawHeaders()]:
+        headers.removeHeader(name)

@@ -52,7 +52,7 @@ from llmgate.config import Provider, Timeouts
 from llmgate.relay.client import ResponseHeadersTooLarge
 from llmgate.relay.decode import DECODABLE, BodyDecoder, DecodeError, content_encoding
 from llmgate.relay.gate import CONTENT, ERROR, MAX_HELD, WAIT, Gate, error_message
-from llmgate.relay.headers import copy_response_headers
+from llmgate.relay.headers import copy_response_headers, release
 from llmgate.relay.redact import redactor_for
 
 log = Logger(namespace="llmgate.relay.stream")
@@ -263,7 +263,10 @@ class Exchange:
     model: str
     provider: Provider
     upstream_model: str
-    body: dict[str, Any]
+    # The parsed request body; once an attempt answered, the bytes sent
+    # upstream instead (no objects for the collector to walk while the
+    # stream is open: llmgate.routing.attempts).
+    body: "dict[str, Any] | bytes"
     bytes_in: int
     streamed: bool
     counter: Optional[Counter] = None
@@ -632,6 +635,15 @@ class Relay:
                 self._queue()
             else:
                 req.write(b"")
+            # The head is written: nothing reads these again, and the
+            # stream may be open for minutes (see L{release}). Replaced
+            # rather than emptied: an emptied dict stays tracked until a
+            # collection of its generation looks at it again. The request's
+            # path lists served the resource lookup, long done.
+            req.responseHeaders = Headers()
+            req.cookies = req.prepath = req.postpath = req.sitepath = ()
+        # Copied: the upstream's head is not read again either.
+        release(response.headers)
 
     # -- the first-content gate ----------------------------------------------
 
@@ -886,7 +898,10 @@ class Relay:
         out = self._out
         if not out:
             return
-        self._out = []
+        # The same list for the stream's life: a new one per flush would be
+        # a young object per stream per event for the collector to walk.
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
         if self._phase in _OVER:
             return
         ex = self.exchange
@@ -899,7 +914,7 @@ class Relay:
             ex.added_n += 1
             if added > ex.added_max:
                 ex.added_max = added
-        self.request.write(out[0] if len(out) == 1 else b"".join(out))
+        self.request.write(data)
 
     def _whole_events(self, data: bytes) -> bytes:
         """

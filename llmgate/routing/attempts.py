@@ -41,6 +41,8 @@ from typing import Any, Callable, Optional
 
 from twisted.logger import Logger
 
+from twisted.web.http_headers import Headers
+
 from llmgate import dialects
 from llmgate.config import Deployment, Routing, Timeouts
 from llmgate.edge.requestid import HEADER as REQUEST_ID
@@ -49,6 +51,12 @@ from llmgate.relay.stream import Exchange, Relay
 from llmgate.routing.balance import Group, key, pick
 
 log = Logger(namespace="llmgate.routing.attempts")
+
+
+# What an answered request's attempts hold instead of their groups and
+# tried deployments (read only before an attempt answered): one object for
+# all of them.
+_NOTHING_TRIED: frozenset[tuple[str, str]] = frozenset()
 
 
 def _serialize(doc: dict[str, Any]) -> bytes:
@@ -432,9 +440,24 @@ class Attempts:
             self._lose(other)
         self._adopt(t)
         self._count_hedge(t)
-        # No attempt follows one that was answered: let the request body go
-        # now rather than hold it (up to the body cap) for the whole stream.
+        # No attempt follows one that was answered: let go now of what only
+        # another attempt would read, rather than hold it for the whole
+        # stream: the request body's bytes for other deployments (up to the
+        # body cap), the parsed body (a dict, a list and a dict per message,
+        # all walked by the cyclic collector while the stream is open) and
+        # the client's request headers (one list per header). The ledger's
+        # estimate, if the provider reports no usage, reads the body sent
+        # upstream instead of the parsed one (llmgate.accounting.recorder).
+        ex = self.exchange
+        sent = self._bodies.get(ex.upstream_model)
+        if sent is not None:
+            ex.body = sent
+        self.doc = {}
         self._bodies.clear()
+        self.groups = ()  # type: ignore[assignment]
+        self._tried = _NOTHING_TRIED  # type: ignore[assignment]
+        # (Replaced, not emptied: see llmgate.relay.stream.Relay._respond.)
+        self.request.requestHeaders = Headers()
 
     def attempt_failed(
         self, relay: Relay, status: int, phase: str, message: str, retry_after: Optional[float]

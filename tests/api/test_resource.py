@@ -160,7 +160,7 @@ class ExecutorTests(SynchronousTestCase):
     def test_request_buffer_dropped(self) -> None:
         """The request object lets go of the body once it is handed to the parse."""
         channel, _ = self.gw.post("/v1/chat/completions", None, raw=big_chat())
-        self.assertEqual(channel.requests[0].content.getvalue(), b"")
+        self.assertIsNone(channel.requests[0].content)
 
     def test_full_queue_is_503_in_dialect(self) -> None:
         """

@@ -141,6 +141,40 @@ class YoungCollectionTests(SynchronousTestCase):
         clock.advance(1)
         self.assertEqual(len(calls), 20)
 
+    def test_new_streams_drive_young_collections(self) -> None:
+        """
+        Every per_streams-th stream started runs a young collection at once
+        (the middle one every other time), however late the timer is; the
+        count starts over at each collection, the timer's too; nothing runs
+        while the service is stopped.
+        """
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        calls: list[int] = []
+        svc = gcstats.YoungCollections(clock, interval=1, every=2, full_interval=3600, collect=calls.append, per_streams=3)
+        for _ in range(5):
+            svc.stream_started()
+        self.assertEqual(calls, [])
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        for _ in range(2):
+            svc.stream_started()
+        self.assertEqual(calls, [])
+        svc.stream_started()
+        self.assertEqual(calls, [0])
+        for _ in range(3):
+            svc.stream_started()
+        self.assertEqual(calls, [0, 1])
+        svc.stream_started()
+        clock.advance(1)
+        self.assertEqual(calls, [0, 1, 0])
+        for _ in range(2):
+            svc.stream_started()
+        self.assertEqual(calls, [0, 1, 0])
+        svc.stream_started()
+        self.assertEqual(calls, [0, 1, 0, 1])
+
     def test_full_collection_on_its_own_timer(self) -> None:
         """A full collection runs once per full interval, and only then."""
         from twisted.internet.task import Clock

@@ -121,6 +121,18 @@ class ProxyClientTests(SynchronousTestCase):
         self.assertEqual(t.value(), b"hello")
         self.successResultOf(d)
 
+    def test_body_producer_lets_go_of_the_body(self) -> None:
+        """
+        Once written, the producer holds no body: the request that keeps it
+        lives as long as the response (a whole stream).
+        """
+        t = StringTransport()
+        p = BytesProducer(b"hello")
+        p.startProducing(t)
+        self.assertEqual(t.value(), b"hello")
+        self.assertEqual(p._body, b"")
+        self.assertEqual(p.length, 5)
+
     def test_no_cookies_kept_or_sent(self) -> None:
         """One client serves all users: no upstream cookie is ever replayed."""
         from http.cookiejar import Cookie
@@ -212,6 +224,31 @@ class ResponseHeaderCapTests(SynchronousTestCase):
             proto.dataReceived(b"HTTP/1.1 100 Continue\r\nX-A: 1\r\n\r\n")
         f = self.failureResultOf(d, ResponseFailed)
         self.assertTrue(headers_too_large(f))
+
+    def test_written_request_lets_go_of_its_headers(self) -> None:
+        """
+        A request written whole keeps no headers while its response streams
+        (Twisted holds the request object until the response ends); the
+        bytes on the wire still carry them all.
+        """
+        from twisted.web._newclient import Request
+
+        proto = _QuietClientFactory(lambda p: None, None).buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        headers = Headers({b"host": [b"up.test"], b"x-a": [b"1"], b"authorization": [b"Bearer sk-x"]})
+        request = Request(b"POST", b"/v1/x", headers, BytesProducer(b"{}"), persistent=True)
+        d = proto.request(request)
+        wire = transport.value()
+        self.assertIn(b"X-A: 1\r\n", wire)
+        self.assertIn(b"Authorization: Bearer sk-x\r\n", wire)
+        self.assertTrue(wire.endswith(b"\r\n\r\n{}"))
+        self.assertEqual(list(request.headers.getAllRawHeaders()), [])
+        # The response is read as before, and the connection kept.
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-B: 2\r\n\r\n{}")
+        response = self.successResultOf(d)
+        self.assertEqual(response.headers.getRawHeaders(b"x-b"), [b"2"])
+        self.assertFalse(transport.disconnecting)
 
     def test_headers_named_in_connection_are_removed(self) -> None:
         """
