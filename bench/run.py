@@ -127,10 +127,11 @@ def peer_stream_cap(name, budget):
 
 
 def s5_shape(s, c):
-    """S5 at c streams: the ramp keeps 1,000 streams/s and the streams outlive it by 10 s."""
+    """S5 at c streams: the ramp keeps the scenario's start rate (1,000 streams/s
+    unless --s5-rate) and the streams, one token per `delay`, outlive it by 10 s."""
     s["c"] = c
-    s["ramp"] = c / 1000.0
-    s["tokens"] = int(s["ramp"]) + 10
+    s["ramp"] = c / s.get("rate_start", 1000.0)
+    s["tokens"] = int((s["ramp"] + 10) * 1000 / s["delay"])
     return s
 
 
@@ -149,8 +150,11 @@ def scenario_for_peer(sc, peer, budget):
     return out
 
 
-def scenarios(scale, smoke):
-    """Scenario parameters. c = concurrent streams, delay in ms, ramp in s."""
+def scenarios(scale, smoke, s5_rate=1000.0, s5_delay=1000):
+    """Scenario parameters. c = concurrent streams, delay in ms, ramp in s.
+    S5's start rate and token delay can be lowered so that the streams all
+    open at once on a machine whose CPU cannot start 1,000 a second while
+    relaying a token a second on each (capacity and memory, not speed)."""
     s5_c = s5_cap()
     sc = {
         "S1": dict(desc="1,000 streams x 50 tokens x 100 ms (the blog's test)",
@@ -161,8 +165,9 @@ def scenarios(scale, smoke):
                    c=5000, tokens=50, delay=200, ramp=5.0),
         "S4": dict(desc="100 clients abort after 5 tokens (cancellation reaches the upstream)",
                    c=100, tokens=50, delay=100, ramp=1.0, abort_after=5),
-        "S5": dict(desc="ramp at 1,000/s until failure or %d streams (max concurrent streams)" % s5_c,
-                   c=s5_c, tokens=0, delay=1000, ramp=s5_c / 1000.0, stop_on_error=True),
+        "S5": dict(desc="ramp at %s/s until failure or %d streams (max concurrent streams)"
+                   % ("{:,g}".format(s5_rate), s5_c),
+                   c=s5_c, tokens=0, delay=s5_delay, ramp=s5_c / s5_rate, stop_on_error=True),
         # Closed loop: every client starts a new stream when its stream ends. The
         # ramp is one stream's length, so the restarts are spread evenly (~200/s).
         "SUS": dict(desc="1,000 streams x 50 tokens x 100 ms held for 30 s (sustained load)",
@@ -185,7 +190,9 @@ def scenarios(scale, smoke):
             s["rate"] = max(1.0, s["rate"] * scale)
             continue
         s["c"] = max(1, int(round(s["c"] * scale)))
-        if s.get("stop_on_error"):  # S5: keep the 1,000/s rate; streams outlive the ramp by 10 s
+        if s.get("stop_on_error"):  # S5: keep the start rate; streams outlive the ramp by 10 s
+            if s5_rate != 1000.0:
+                s["rate_start"] = s5_rate
             s5_shape(s, s["c"])
     return sc
 
@@ -729,6 +736,22 @@ def plateau(samples, timeline):
     return statistics.median(rss), statistics.median(opens)
 
 
+def per_second(samples, timeline):
+    """[s from the first sample, open streams, peer RSS MB, peer CPU % of one
+    core] once a second: how the peer's memory and CPU follow the open streams."""
+    out, j, last = [], 0, None
+    for t, rss, _, cpu, _ in samples:
+        if last is not None and t - last[0] < 1.0:
+            continue
+        while j + 1 < len(timeline) and timeline[j + 1][0] <= t:
+            j += 1
+        n = timeline[j][1] if timeline and timeline[j][0] <= t else 0
+        pct = 100 * (cpu - last[1]) / (t - last[0]) if last else None
+        out.append([round(t - samples[0][0], 1), n, round(rss / 1024, 1), None if pct is None else round(pct)])
+        last = (t, cpu)
+    return out
+
+
 def listen_drops():
     """Kernel-wide count of SYNs dropped because a listen queue was full (TcpExt ListenDrops)."""
     try:
@@ -784,6 +807,7 @@ def summarize(lg, peer_samples, idle_rss, upstream_samples, upstream_stats, wind
             plateau_rss_mb=rss_plat / 1024 if rss_plat else None,
             plateau_open=open_plat,
             rss_kb_per_stream=(rss_plat - idle_rss) / open_plat if rss_plat and open_plat else None,
+            per_second=per_second(peer_samples, lg.get("open_timeline") or []),
         )
     return m
 
@@ -1074,6 +1098,8 @@ def main():
     ap.add_argument("--fd-budget", type=int, help="sockets one process may hold (default: the hard "
                     "RLIMIT_NOFILE less %d); the load generator and upstream are split over processes, "
                     "and S5 capped per peer, by it; lower it to try the split at a small scale" % FD_RESERVE)
+    ap.add_argument("--s5-rate", type=float, default=1000.0, help="S5: streams started per second")
+    ap.add_argument("--s5-delay-ms", type=int, default=1000, help="S5: ms between a stream's tokens")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the Go parts")
     ap.add_argument("--out", help="JSON output path (default bench/out/run-<time>.json)")
     ap.add_argument("--report", metavar="JSON", help="only print the tables of an earlier run's JSON")
@@ -1087,7 +1113,7 @@ def main():
     raise_nofile()
     peers = [p for p in args.peers.split(",") if p]
     names = [s for s in args.scenarios.split(",") if s]
-    scen = scenarios(args.scale, args.smoke)
+    scen = scenarios(args.scale, args.smoke, args.s5_rate, args.s5_delay_ms)
     for x in peers:
         if not known_peer(x):
             ap.error("unknown peer %s" % x)
