@@ -39,8 +39,10 @@ BIN = os.path.join(BENCH, "bin")
 OUT = os.path.join(BENCH, "out")
 GO_PARTS = ("upstream", "loadgen", "goproxy")
 DEFAULT_PEERS = ("direct", "goproxy", "llmgate", "llmgate-bare")
-# llmgate-w2 (llmgate --workers 2) runs only when named in --peers.
-ALL_PEERS = DEFAULT_PEERS + ("llmgate-w2",)
+# llmgate-wN (llmgate --workers N) runs only when named in --peers; w4 is the
+# peer that holds S5's 20,000 streams (each worker under the per-process fd limit).
+ALL_PEERS = DEFAULT_PEERS + ("llmgate-w2", "llmgate-w4")
+WORKERS_PEER = re.compile(r"llmgate-w([1-9][0-9]*)$")
 DEFAULT_SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "SUS", "SHORT")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -51,9 +53,109 @@ def nofile_hard():
     return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 
 
-def scenarios(scale, smoke):
-    """Scenario parameters. c = concurrent streams, delay in ms, ramp in s."""
-    s5_cap = min(20000, (nofile_hard() - 500) // 2)  # a proxy holds 2 sockets per stream
+# --------------------------------------------------------------------------- capacity (S5)
+
+S5_TARGET = 20000
+FD_RESERVE = 500     # fds a process keeps besides its streams' sockets (files, pipes, listeners)
+PORT_RESERVE = 1000  # ephemeral ports left for everything else on the host
+UPSTREAM_SKEW = 1.1  # SO_REUSEPORT hashes connections: a shard may get a little over its share
+WORKER_SKEW = 1.5    # llmgate's workers accept from one queue: one may get well over its share
+
+
+def fd_budget(hard=None):
+    """Sockets one process may hold: the hard RLIMIT_NOFILE (per process, and
+    the runner raises the soft limit to it) less a reserve."""
+    return (nofile_hard() if hard is None else hard) - FD_RESERVE
+
+
+def ephemeral_ports(path="/proc/sys/net/ipv4/ip_local_port_range"):
+    """How many local ports connect() can pick from. Every stream holds one
+    towards the peer's port and, through a proxy, one towards the upstream's,
+    each to a single address, so this bounds the streams of one run."""
+    try:
+        with open(path) as f:
+            lo, hi = (int(x) for x in f.read().split())
+        return hi - lo + 1
+    except (OSError, ValueError):
+        return 28232  # Linux's default 32768-60999
+
+
+def s5_cap(ports=None):
+    """S5's stream count: 20,000, unless the ephemeral ports cannot carry it.
+    The file descriptor limit is per process and no longer caps it: the load
+    generator and the upstream are split over processes (shard_count), and a
+    peer that cannot hold it runs at its own cap (peer_stream_cap)."""
+    return min(S5_TARGET, (ephemeral_ports() if ports is None else ports) - PORT_RESERVE)
+
+
+def shard_count(sockets, budget):
+    """Processes needed so that none holds more than `budget` sockets."""
+    return max(1, -(-int(sockets) // budget))
+
+
+def split(n, k):
+    """n as k near-equal whole shares, the larger first (sum is n)."""
+    return [n // k + (1 if i < n % k else 0) for i in range(k)]
+
+
+def upstream_shards(c, budget):
+    """Upstream processes for c streams (one socket each), with room for the
+    uneven spread of SO_REUSEPORT."""
+    return shard_count(-(-c * UPSTREAM_SKEW // 1), budget)
+
+
+def peer_serving_processes(name):
+    """Processes of a peer that hold the streams' sockets (0 for direct)."""
+    if name == "direct":
+        return 0
+    m = WORKERS_PEER.match(name)
+    return int(m.group(1)) if m else 1
+
+
+def peer_stream_cap(name, budget):
+    """The most streams a peer can hold, or None when it holds none (direct).
+
+    A proxy process holds two sockets per stream (client and upstream). With
+    --workers N the kernel hands each connection to whichever worker accepts
+    first, so one worker may get more than 1/N: allow WORKER_SKEW."""
+    n = peer_serving_processes(name)
+    if n == 0:
+        return None
+    if n == 1:
+        return budget // 2
+    return int(n * budget / 2 / WORKER_SKEW)
+
+
+def s5_shape(s, c):
+    """S5 at c streams: the ramp keeps the scenario's start rate (1,000 streams/s
+    unless --s5-rate) and the streams, one token per `delay`, outlive it by 10 s."""
+    s["c"] = c
+    s["ramp"] = c / s.get("rate_start", 1000.0)
+    s["tokens"] = int((s["ramp"] + 10) * 1000 / s["delay"])
+    return s
+
+
+def scenario_for_peer(sc, peer, budget):
+    """The scenario a peer runs: S5 at the most streams the peer can hold,
+    noted in "capped"; anything else unchanged."""
+    cap = peer_stream_cap(peer, budget)
+    if not sc.get("stop_on_error") or sc.get("smoke") or cap is None or sc["c"] <= cap:
+        return sc
+    n = peer_serving_processes(peer)
+    why = ("one process holds at most %d sockets, two per stream" % budget if n == 1 else
+           "%d workers x %d sockets, two per stream, a worker allowed %.1fx its share"
+           % (n, budget, WORKER_SKEW))
+    out = s5_shape(dict(sc), cap)
+    out["capped"] = "ran at %d of %d streams: %s" % (cap, sc["c"], why)
+    return out
+
+
+def scenarios(scale, smoke, s5_rate=1000.0, s5_delay=1000):
+    """Scenario parameters. c = concurrent streams, delay in ms, ramp in s.
+    S5's start rate and token delay can be lowered so that the streams all
+    open at once on a machine whose CPU cannot start 1,000 a second while
+    relaying a token a second on each (capacity and memory, not speed)."""
+    s5_c = s5_cap()
     sc = {
         "S1": dict(desc="1,000 streams x 50 tokens x 100 ms (the blog's test)",
                    c=1000, tokens=50, delay=100, ramp=2.0),
@@ -63,8 +165,9 @@ def scenarios(scale, smoke):
                    c=5000, tokens=50, delay=200, ramp=5.0),
         "S4": dict(desc="100 clients abort after 5 tokens (cancellation reaches the upstream)",
                    c=100, tokens=50, delay=100, ramp=1.0, abort_after=5),
-        "S5": dict(desc="ramp at 1,000/s until failure or %d streams (max concurrent streams)" % s5_cap,
-                   c=s5_cap, tokens=0, delay=1000, ramp=s5_cap / 1000.0, stop_on_error=True),
+        "S5": dict(desc="ramp at %s/s until failure or %d streams (max concurrent streams)"
+                   % ("{:,g}".format(s5_rate), s5_c),
+                   c=s5_c, tokens=0, delay=s5_delay, ramp=s5_c / s5_rate, stop_on_error=True),
         # Closed loop: every client starts a new stream when its stream ends. The
         # ramp is one stream's length, so the restarts are spread evenly (~200/s).
         "SUS": dict(desc="1,000 streams x 50 tokens x 100 ms held for 30 s (sustained load)",
@@ -87,9 +190,10 @@ def scenarios(scale, smoke):
             s["rate"] = max(1.0, s["rate"] * scale)
             continue
         s["c"] = max(1, int(round(s["c"] * scale)))
-        if s.get("stop_on_error"):  # S5: keep the 1,000/s rate; streams outlive the ramp by 10 s
-            s["ramp"] = s["c"] / 1000.0
-            s["tokens"] = int(s["ramp"]) + 10
+        if s.get("stop_on_error"):  # S5: keep the start rate; streams outlive the ramp by 10 s
+            if s5_rate != 1000.0:
+                s["rate_start"] = s5_rate
+            s5_shape(s, s["c"])
     return sc
 
 
@@ -169,6 +273,89 @@ def ensure_built(force=False):
     return True
 
 
+# --------------------------------------------------------------------------- upstream
+
+def pct_of(xs, p):
+    """The upstream's nearest-rank percentile (0 when empty), as bench/upstream computes it."""
+    if not xs:
+        return 0
+    xs = sorted(xs)
+    return xs[int(p * (len(xs) - 1) + 0.5)]
+
+
+UPSTREAM_COUNTERS = ("started", "completed", "cancelled", "active", "slowed", "failed")
+
+
+def merge_upstream_stats(parts):
+    """One /stats answer from the shards' /stats?raw=1 answers: counters
+    summed, the cancel gap percentiles over all shards' gaps."""
+    out = {k: sum(p.get(k, 0) for p in parts) for k in UPSTREAM_COUNTERS}
+    gaps = [g for p in parts for g in p.get("cancel_gaps_ms") or ()]
+    out.update(cancel_gap_ms_p50=pct_of(gaps, 0.5), cancel_gap_ms_p99=pct_of(gaps, 0.99),
+               shards=len(parts))
+    return out
+
+
+class Upstream:
+    """The Go mock upstream: one process (the default), or `shards` processes
+    sharing one port through SO_REUSEPORT, so that none holds more sockets
+    than a process may. Each shard counts only its own streams, so each also
+    listens on an admin port of its own; stats(), reset() and cancels_urls()
+    go to every shard."""
+
+    def __init__(self, workdir, shards=1, extra=()):
+        self.workdir, self.shards, self.extra = workdir, shards, list(extra)
+        self.procs, self.admin_ports, self.port = [], [], None
+
+    def start(self):
+        self.port = free_port()
+        exe = os.path.join(BIN, "upstream")
+        try:
+            if self.shards == 1:
+                self.admin_ports = [self.port]
+                self.procs = [start([exe, "-addr", "127.0.0.1:%d" % self.port] + self.extra,
+                                    os.path.join(self.workdir, "upstream.log"))]
+            else:
+                self.admin_ports = [free_port() for _ in range(self.shards)]
+                self.procs = [start([exe, "-addr", "127.0.0.1:%d" % self.port, "-reuseport",
+                                     "-admin", "127.0.0.1:%d" % a] + self.extra,
+                                    os.path.join(self.workdir, "upstream-%d.log" % i))
+                              for i, a in enumerate(self.admin_ports)]
+            for proc, a in zip(self.procs, self.admin_ports):
+                wait_port(a, 10, proc)
+            wait_port(self.port, 10, self.procs[0])
+        except Exception:
+            self.stop()
+            raise
+        return self
+
+    @property
+    def pids(self):
+        return [p.pid for p in self.procs]
+
+    def alive(self):
+        return all(p.poll() is None for p in self.procs)
+
+    def _urls(self, path):
+        return ["http://127.0.0.1:%d%s" % (a, path) for a in self.admin_ports]
+
+    def cancels_urls(self):
+        return ",".join(self._urls("/cancels"))
+
+    def reset(self):
+        for url in self._urls("/reset"):
+            http_json(url, data=b"")
+
+    def stats(self):
+        if self.shards == 1:
+            return http_json(self._urls("/stats")[0])
+        return merge_upstream_stats([http_json(u) for u in self._urls("/stats?raw=1")])
+
+    def stop(self):
+        for p in self.procs:
+            stop(p)
+
+
 # --------------------------------------------------------------------------- /proc sampling
 
 def _stat_fields(text):
@@ -227,18 +414,33 @@ def tree_sample(pids, sample=proc_sample):
     return (sum(s[0] for s in got), sum(s[1] for s in got), sum(s[2] for s in got), len(got))
 
 
+def fd_count(pid, proc="/proc"):
+    """Open file descriptors of one process, or None when it is gone."""
+    try:
+        return len(os.listdir(os.path.join(proc, str(pid), "fd")))
+    except OSError:
+        return None
+
+
 class Sampler(threading.Thread):
     """Samples RSS and CPU of named process trees every `interval` seconds.
 
-    Each name is a root pid; its descendants are looked up again every
-    `tree_every` samples (a /proc scan costs more than reading a few files)."""
+    Each name is a root pid, or a list of them (shards); their descendants are
+    looked up again every `tree_every` samples (a /proc scan costs more than
+    reading a few files). For the names in `fds` the open descriptors of each
+    process are counted at the same pace, and each one's highest count kept."""
 
-    def __init__(self, pids, interval=0.1, tree_every=10):
+    def __init__(self, pids, interval=0.1, tree_every=10, fds=()):
         super().__init__(daemon=True)
         self.pids, self.interval, self.tree_every = dict(pids), interval, tree_every
         self.samples = {name: [] for name in self.pids}  # name -> [(t, rss_kb, hwm_kb, cpu_s, nproc)]
         self.trees = {}
+        self.fds = {name: {} for name in fds}  # name -> {pid: most fds seen}
         self._halt = threading.Event()
+
+    def _tree(self, roots):
+        roots = roots if isinstance(roots, (list, tuple)) else [roots]
+        return [p for r in roots for p in descendants(r)]
 
     def add(self, name, pid):
         self.samples.setdefault(name, [])
@@ -250,7 +452,12 @@ class Sampler(threading.Thread):
             t = time.time()
             for name, pid in list(self.pids.items()):
                 if n % self.tree_every == 0 or name not in self.trees:
-                    self.trees[name] = descendants(pid)
+                    self.trees[name] = self._tree(pid)
+                    if name in self.fds:
+                        for p in self.trees[name]:
+                            c = fd_count(p)
+                            if c is not None:
+                                self.fds[name][p] = max(c, self.fds[name].get(p, 0))
                 s = tree_sample(self.trees[name])
                 if s:
                     self.samples[name].append((t,) + s)
@@ -315,14 +522,19 @@ def has_workers_option():
     return _WORKERS_OPTION["v"]
 
 
+def known_peer(name):
+    return name in ALL_PEERS or WORKERS_PEER.match(name) is not None
+
+
 def llmgate_workers_args(name, has_workers):
     """Extra llmgate arguments for a peer. llmgate and llmgate-bare stay one
     process (--workers 1 once the option exists, whose default may be one per
-    CPU), so their figures compare with the earlier runs; llmgate-w2 needs it."""
-    if name == "llmgate-w2":
+    CPU), so their figures compare with the earlier runs; llmgate-wN needs it."""
+    m = WORKERS_PEER.match(name)
+    if m:
         if not has_workers:
             raise Unavailable("this llmgate has no --workers option")
-        return ["--workers", "2"]
+        return ["--workers", m.group(1)]
     return ["--workers", "1"] if has_workers else []
 
 
@@ -337,7 +549,7 @@ def start_peer(name, up_port, workdir, backlog=None):
         proc = start([os.path.join(BIN, "goproxy"), "-addr", "127.0.0.1:%d" % port,
                       "-upstream", "http://127.0.0.1:%d" % up_port], log)
         timeout = 10
-    elif name in ("llmgate", "llmgate-bare", "llmgate-w2"):
+    elif name in ("llmgate", "llmgate-bare") or WORKERS_PEER.match(name):
         extra = llmgate_workers_args(name, has_workers_option())
         tmp = tempfile.mkdtemp(prefix=name + "-", dir=workdir)
         conf = llmgate_config(tmp, up_port, bare=name.endswith("bare"))
@@ -365,8 +577,9 @@ def ledger_bytes(path):
 
 # --------------------------------------------------------------------------- load generator
 
-def loadgen_argv(url, sc, up_port, keepalive):
-    """The load generator's command line for a scenario, and how long it may run (s)."""
+def loadgen_argv(url, sc, up_port, keepalive, cancels=None):
+    """The load generator's command line for a scenario, and how long it may run (s).
+    `cancels`: the /cancels URL(s) of a sharded upstream (default: up_port's)."""
     dur = sc["tokens"] * sc["delay"] / 1000.0
     argv = [os.path.join(BIN, "loadgen"), "-url", url, "-c", str(sc["c"]),
             "-tokens", str(sc["tokens"]), "-delay-ms", str(sc["delay"]),
@@ -381,7 +594,7 @@ def loadgen_argv(url, sc, up_port, keepalive):
         starting = sc["duration"]
     if sc.get("abort_after"):
         argv += ["-abort-after", str(sc["abort_after"]),
-                 "-cancels", "http://127.0.0.1:%d/cancels" % up_port]
+                 "-cancels", cancels or "http://127.0.0.1:%d/cancels" % up_port]
     if sc.get("stop_on_error"):
         argv += ["-stop-on-error"]
     return argv, starting + dur * 3 + 30
@@ -392,6 +605,92 @@ def run_loadgen(url, sc, up_port, keepalive, extra_timeout=60):
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     return proc, limit + extra_timeout
+
+
+def loadgen_shard_argvs(url, sc, up_port, keepalive, budget, samples_dir, cancels=None):
+    """The command lines of the load generator processes for a scenario, and
+    how long they may run (s). One process holds one socket per stream; when
+    the scenario's streams do not fit in one (`budget`), K processes each get
+    their share of the streams (or of the open-loop rate) over the same ramp,
+    so together they start streams at the scenario's rate, and each writes its
+    raw samples for merge_summaries. K = 1 is the single load generator as it
+    always ran."""
+    k = shard_count(sc["c"], budget) if not sc.get("rate") else 1
+    if k == 1:
+        argv, limit = loadgen_argv(url, sc, up_port, keepalive, cancels)
+        return [argv], limit
+    argvs = []
+    for i, c in enumerate(split(sc["c"], k)):
+        argv, limit = loadgen_argv(url, dict(sc, c=c), up_port, keepalive, cancels)
+        argvs.append(argv + ["-shard", str(i), "-samples", os.path.join(samples_dir, "samples-%d.json" % i)])
+    return argvs, limit
+
+
+def round3(x):
+    """The load generator's rounding to 0.001 ms."""
+    return float(int(x * 1000 + 0.5)) / 1000
+
+
+def nearest_rank(xs):
+    """The load generator's percentile summary ({n, p50, p90, p99, max}) of raw samples."""
+    out = {"n": float(len(xs))}
+    if not xs:
+        return out
+    xs = sorted(xs)
+    at = lambda p: round3(xs[int(p * (len(xs) - 1) + 0.5)])
+    out.update(p50=at(0.5), p90=at(0.9), p99=at(0.99), max=round3(xs[-1]))
+    return out
+
+
+def merge_timelines(timelines):
+    """Open streams summed over shards: each shard's timeline is a step
+    function sampled at its own ticks; at every tick of any shard the sum of
+    each shard's latest value (0 before its first)."""
+    ticks = sorted((t, i, n) for i, tl in enumerate(timelines) for t, n in tl)
+    cur, out = [0] * len(timelines), []
+    for t, i, n in ticks:
+        cur[i] = n
+        out.append([t, sum(cur)])
+    return out
+
+
+SUMMED = ("concurrency", "launched", "ok_streams", "errors", "events", "tokens_received", "rate")
+
+
+def merge_summaries(parts, samples):
+    """One load generator summary from K shards' summaries and raw samples:
+    counts summed, percentiles (nearest rank, as the load generator computes
+    them) over all shards' samples, open-stream timelines summed by time, the
+    wall time from the first start to the last end.
+
+    peak_open is the highest summed timeline value (sampled every 100 ms) or
+    the highest shard's own peak, whichever is more; the sum of the shards'
+    peaks, an upper bound, is peak_open_shards_sum."""
+    out = dict(parts[0])
+    for k in SUMMED:
+        if k in out:
+            out[k] = sum(p[k] for p in parts)
+    kinds = {}
+    for p in parts:
+        for k, n in p["error_kinds"].items():
+            kinds[k] = kinds.get(k, 0) + n
+    out["error_kinds"] = kinds
+    start = min(p["start_unix"] for p in parts)
+    end = max(p["start_unix"] + p["wall_s"] for p in parts)
+    out.update(start_unix=start, wall_s=round3(end - start),
+               ramp_end_unix=max(p["ramp_end_unix"] for p in parts),
+               loadgen_cpu_s=round3(sum(p["loadgen_cpu_s"] for p in parts)), shards=len(parts))
+    tl = merge_timelines([p.get("open_timeline") or [] for p in parts])
+    out["open_timeline"] = tl
+    out["peak_open"] = max([n for _, n in tl] + [p["peak_open"] for p in parts])
+    out["peak_open_shards_sum"] = sum(p["peak_open"] for p in parts)
+    for key in ("ttft_ms", "gap_ms", "total_ms"):
+        out[key] = nearest_rank([x for s in samples for x in s.get(key) or ()])
+    if any("cancel_ms" in p for p in parts):
+        out["cancel_ms"] = nearest_rank([x for s in samples for x in s.get("cancel_ms") or ()])
+        out["aborted"] = sum(p.get("aborted", 0) for p in parts)
+        out["cancel_not_seen"] = sum(p.get("cancel_not_seen", 0) for p in parts)
+    return out
 
 
 def settle(pid, limit, step=0.2, busy=0.02):
@@ -435,6 +734,22 @@ def plateau(samples, timeline):
     if not rss:
         return None, None
     return statistics.median(rss), statistics.median(opens)
+
+
+def per_second(samples, timeline):
+    """[s from the first sample, open streams, peer RSS MB, peer CPU % of one
+    core] once a second: how the peer's memory and CPU follow the open streams."""
+    out, j, last = [], 0, None
+    for t, rss, _, cpu, _ in samples:
+        if last is not None and t - last[0] < 1.0:
+            continue
+        while j + 1 < len(timeline) and timeline[j + 1][0] <= t:
+            j += 1
+        n = timeline[j][1] if timeline and timeline[j][0] <= t else 0
+        pct = 100 * (cpu - last[1]) / (t - last[0]) if last else None
+        out.append([round(t - samples[0][0], 1), n, round(rss / 1024, 1), None if pct is None else round(pct)])
+        last = (t, cpu)
+    return out
 
 
 def listen_drops():
@@ -492,12 +807,62 @@ def summarize(lg, peer_samples, idle_rss, upstream_samples, upstream_stats, wind
             plateau_rss_mb=rss_plat / 1024 if rss_plat else None,
             plateau_open=open_plat,
             rss_kb_per_stream=(rss_plat - idle_rss) / open_plat if rss_plat and open_plat else None,
+            per_second=per_second(peer_samples, lg.get("open_timeline") or []),
         )
     return m
 
 
-def run_case(name, sc, peer, up, up_port, workdir, keepalive, backlog=None):
-    """One peer through one scenario. Returns a metrics dict (or {'failed': reason})."""
+def communicate_all(procs, timeout):
+    """(stdout, stderr) of every process, read at once (threads) so no one
+    blocks on a full pipe; None for one still running after `timeout` s,
+    which is killed."""
+    outs = [None] * len(procs)
+
+    def read(i, p):
+        try:
+            outs[i] = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+    threads = [threading.Thread(target=read, args=(i, p), daemon=True) for i, p in enumerate(procs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outs
+
+
+def run_shards(argvs, timeout, sampler):
+    """Run the load generator process(es); return their merged summary, or
+    raise RuntimeError naming the failure."""
+    procs = [subprocess.Popen(a, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+             for a in argvs]
+    sampler.add("loadgen", [p.pid for p in procs])
+    outs = communicate_all(procs, timeout)
+    if any(o is None for o in outs):
+        raise RuntimeError("loadgen timed out after %ss" % timeout)
+    for p, (out, err) in zip(procs, outs):
+        if p.returncode != 0:
+            raise RuntimeError("loadgen exit %s: %s" % (p.returncode, err[-500:].decode()))
+    parts = [json.loads(out) for out, _ in outs]
+    if len(parts) == 1:
+        return parts[0]
+    samples = []
+    for a in argvs:
+        with open(a[a.index("-samples") + 1]) as f:
+            samples.append(json.load(f))
+        os.unlink(a[a.index("-samples") + 1])
+    return merge_summaries(parts, samples)
+
+
+def run_case(name, sc, peer, upstream, workdir, keepalive, backlog=None, budget=None):
+    """One peer through one scenario. Returns a metrics dict (or {'failed': reason}).
+
+    S5 runs at the most streams the peer can hold (scenario_for_peer); the load
+    generator is split over processes when one cannot hold its sockets."""
+    budget = fd_budget() if budget is None else budget
+    sc = scenario_for_peer(sc, peer, budget)
+    up_port = upstream.port
     try:
         proc, url, ledger = start_peer(peer, up_port, workdir, backlog)
     except Unavailable as e:
@@ -510,30 +875,34 @@ def run_case(name, sc, peer, up, up_port, workdir, keepalive, backlog=None):
         if proc:
             settle(proc.pid, 1.0 if sc.get("smoke") else 5.0)
         idle = tree_sample(descendants(proc.pid))[0] if proc else None
-        http_json("http://127.0.0.1:%d/reset" % up_port, data=b"")
+        upstream.reset()
         drops0 = listen_drops()
-        sampler = Sampler({"upstream": up.pid} | ({"peer": proc.pid} if proc else {}))
+        sampler = Sampler({"upstream": upstream.pids} | ({"peer": proc.pid} if proc else {}),
+                          fds=("peer",))
         sampler.start()
-        lg_proc, timeout = run_loadgen(url, sc, up_port, keepalive)
-        sampler.add("loadgen", lg_proc.pid)
+        argvs, timeout = loadgen_shard_argvs(url, sc, up_port, keepalive, budget, workdir,
+                                             upstream.cancels_urls())
         try:
-            out, err = lg_proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            lg_proc.kill()
-            out, err = lg_proc.communicate()
-            return {"failed": "loadgen timed out after %ss" % timeout}
+            lg = run_shards(argvs, timeout + 60, sampler)
+        except RuntimeError as e:
+            return {"failed": str(e)}
         finally:
             samples = sampler.finish()
-        if lg_proc.returncode != 0:
-            return {"failed": "loadgen exit %s: %s" % (lg_proc.returncode, err[-500:].decode())}
-        lg = json.loads(out)
-        stats = http_json("http://127.0.0.1:%d/stats" % up_port)
+        stats = upstream.stats()
         if proc is not None and proc.poll() is not None:
             lg["error_kinds"]["peer exited with %s" % proc.returncode] = 1
+        if not upstream.alive():
+            lg["error_kinds"]["an upstream process exited"] = 1
         m = summarize(lg, samples.get("peer"), idle, samples["upstream"], stats,
                       window=sc.get("hold") or sc.get("duration"))
         drops1 = listen_drops()
         m["listen_drops"] = drops1 - drops0 if drops0 is not None and drops1 is not None else None
+        m.update(loadgen_shards=len(argvs), upstream_shards=upstream.shards, c=sc["c"])
+        if sc.get("capped"):
+            m["capped"] = sc["capped"]
+        if sampler.fds.get("peer"):
+            # the processes that held streams: the supervisor of --workers holds only listeners
+            m["peer_fds_max"] = sorted(sampler.fds["peer"].values(), reverse=True)
     finally:
         stop(proc)
     if ledger:
@@ -641,6 +1010,7 @@ def markdown(results, scen):
         multi = ["%s %d" % (p, m["peer_processes"]) for p, m in peers.items() if (m.get("peer_processes") or 1) > 1]
         if multi:
             lines.append("\nprocesses summed (CPU, RSS): " + ", ".join(multi))
+        lines += shard_notes(peers)
         for peer, m in peers.items():
             if m.get("ledger_bytes") == 0:
                 lines.append("\nNote: %s was configured with the ledger on, but no ledger file was "
@@ -650,6 +1020,25 @@ def markdown(results, scen):
                          for k, n in m["error_kinds"].items()}
                 lines.append("\n%s errors: %s" % (peer, json.dumps(kinds)[:400]))
     return "\n".join(lines)
+
+
+def shard_notes(peers):
+    """Lines under a table: peers run below the scenario's stream count, the
+    load generator and upstream processes when split, each peer's most
+    descriptors per process."""
+    lines = []
+    for p, m in peers.items():
+        if m.get("capped"):
+            lines.append("\n%s %s" % (p, m["capped"]))
+    split_ = ["%s: load generator %d, upstream %d" % (p, m["loadgen_shards"], m["upstream_shards"])
+              for p, m in peers.items() if (m.get("loadgen_shards") or 1) > 1 or (m.get("upstream_shards") or 1) > 1]
+    if split_:
+        lines.append("\nprocesses (SO_REUSEPORT for the upstream): " + "; ".join(split_))
+    fds = ["%s %s" % (p, "/".join(str(n) for n in m["peer_fds_max"]))
+           for p, m in peers.items() if len(m.get("peer_fds_max") or ()) > 1]
+    if fds:
+        lines.append("\nmost fds per process of the peer: " + "; ".join(fds))
+    return lines
 
 
 def machine_facts():
@@ -696,7 +1085,8 @@ def smoke_check(results):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peers", default=",".join(DEFAULT_PEERS),
-                    help="comma-separated, from %s (llmgate-w2 only when named)" % ",".join(ALL_PEERS))
+                    help="comma-separated, from %s or llmgate-wN (llmgate --workers N; only when named)"
+                    % ",".join(ALL_PEERS))
     ap.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS))
     ap.add_argument("--scale", type=float, default=1.0,
                     help="multiply stream counts (S5: the cap; SHORT: the arrival rate)")
@@ -705,6 +1095,11 @@ def main():
     ap.add_argument("--keepalive", action="store_true", help="load generator reuses connections")
     ap.add_argument("--llmgate-backlog", type=int, help="listen backlog for llmgate's port "
                     "(Twisted's default is 50; Go's listener uses net.core.somaxconn)")
+    ap.add_argument("--fd-budget", type=int, help="sockets one process may hold (default: the hard "
+                    "RLIMIT_NOFILE less %d); the load generator and upstream are split over processes, "
+                    "and S5 capped per peer, by it; lower it to try the split at a small scale" % FD_RESERVE)
+    ap.add_argument("--s5-rate", type=float, default=1000.0, help="S5: streams started per second")
+    ap.add_argument("--s5-delay-ms", type=int, default=1000, help="S5: ms between a stream's tokens")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the Go parts")
     ap.add_argument("--out", help="JSON output path (default bench/out/run-<time>.json)")
     ap.add_argument("--report", metavar="JSON", help="only print the tables of an earlier run's JSON")
@@ -718,9 +1113,9 @@ def main():
     raise_nofile()
     peers = [p for p in args.peers.split(",") if p]
     names = [s for s in args.scenarios.split(",") if s]
-    scen = scenarios(args.scale, args.smoke)
+    scen = scenarios(args.scale, args.smoke, args.s5_rate, args.s5_delay_ms)
     for x in peers:
-        if x not in ALL_PEERS:
+        if not known_peer(x):
             ap.error("unknown peer %s" % x)
     for x in names:
         if x not in scen:
@@ -735,21 +1130,29 @@ def main():
     stamp = time.strftime("%Y%m%d-%H%M%S")
     facts = machine_facts()  # git state at the start; the end state is added below
     workdir = tempfile.mkdtemp(prefix="llmgate-bench-")
-    up_port = free_port()
-    up = start([os.path.join(BIN, "upstream"), "-addr", "127.0.0.1:%d" % up_port], os.path.join(workdir, "upstream.log"))
+    budget = args.fd_budget or fd_budget()
+    upstreams = {}  # shard count -> Upstream; one process unless a scenario needs more
+
+    def upstream_for(sc):
+        k = upstream_shards(sc["c"], budget)
+        if k not in upstreams:
+            upstreams[k] = Upstream(workdir if k == 1 else tempfile.mkdtemp(prefix="up%d-" % k, dir=workdir),
+                                    shards=k).start()
+        return upstreams[k]
     raw = {n: {p: [] for p in peers} for n in names}
     t0 = time.time()
     try:
-        wait_port(up_port, 10, up)
         for rep in range(args.repeat):
             for n in names:
+                up = upstream_for(scen[n])
                 for p in peers:
                     print("[%5.0fs] repeat %d %s %s ..." % (time.time() - t0, rep + 1, n, p), file=sys.stderr, flush=True)
-                    raw[n][p].append(run_case(n, scen[n], p, up, up_port, workdir, args.keepalive,
-                                                  args.llmgate_backlog))
+                    raw[n][p].append(run_case(n, scen[n], p, up, workdir, args.keepalive,
+                                              args.llmgate_backlog, budget))
                     time.sleep(1 if not args.smoke else 0.1)  # let sockets drain
     finally:
-        stop(up)
+        for up in upstreams.values():
+            up.stop()
 
     results = {n: {p: median_of(raw[n][p]) for p in peers} for n in names}
     end = machine_facts()

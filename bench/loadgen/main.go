@@ -9,6 +9,12 @@
 // -hold D keeps the -c streams open for D (closed loop: each client starts a new
 // stream when its stream ends); -rate R with -duration D starts R streams a
 // second whatever the earlier ones are doing (open loop). Prints one JSON summary on stdout.
+//
+// Shards: one process holds one socket per stream, and the hard RLIMIT_NOFILE
+// is per process, so a runner starts K load generators with -shard 0..K-1, each
+// with its share of -c over the same -ramp. -samples PATH writes the raw
+// per-stream samples (ms) for an exact merge of the percentiles; -cancels takes
+// a comma-separated list of upstream shards' /cancels URLs.
 package main
 
 import (
@@ -24,6 +30,7 @@ import (
 	"os"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -161,13 +168,17 @@ func cpuSeconds() float64 {
 	return float64(ru.Utime.Nano()+ru.Stime.Nano()) / 1e9
 }
 
-func fetchCancels(url string, want int, wait time.Duration) map[string]int64 {
+// fetchCancels reads the detection times from every URL (upstream shards),
+// merged into one map, until it holds want entries or wait has passed.
+func fetchCancels(urls string, want int, wait time.Duration) map[string]int64 {
 	m := map[string]int64{}
 	deadline := time.Now().Add(wait)
 	for {
-		if resp, err := http.Get(url); err == nil {
-			json.NewDecoder(resp.Body).Decode(&m)
-			resp.Body.Close()
+		for _, url := range strings.Split(urls, ",") {
+			if resp, err := http.Get(url); err == nil {
+				json.NewDecoder(resp.Body).Decode(&m)
+				resp.Body.Close()
+			}
 		}
 		if len(m) >= want || time.Now().After(deadline) {
 			return m
@@ -184,7 +195,7 @@ func main() {
 	ramp := flag.Duration("ramp", time.Second, "window over which the streams are started")
 	keepAlive := flag.Bool("keepalive", false, "reuse connections (HTTP/1.1 keep-alive)")
 	abortAfter := flag.Int("abort-after", 0, "close each stream after K content events (0 = read to the end)")
-	cancelsURL := flag.String("cancels", "", "upstream /cancels URL for cancellation latency (with -abort-after)")
+	cancelsURL := flag.String("cancels", "", "upstream /cancels URL(s), comma-separated, for cancellation latency (with -abort-after)")
 	timeout := flag.Duration("timeout", 120*time.Second, "per-stream timeout")
 	stopOnError := flag.Bool("stop-on-error", false, "stop starting streams after the first error (ramp until failure)")
 	model := flag.String("model", "gpt-4o-mini", "model name in the body")
@@ -193,6 +204,8 @@ func main() {
 	rate := flag.Float64("rate", 0, "open loop: start this many streams a second for -duration, not waiting for earlier ones (-c and -ramp are ignored)")
 	runFor := flag.Duration("duration", 10*time.Second, "with -rate: how long to keep starting streams")
 	timeline := flag.Duration("timeline", 100*time.Millisecond, "interval of the open-streams timeline (0 = off)")
+	shard := flag.Int("shard", -1, "this process's shard number (part of the stream ids, so shards' ids differ)")
+	samplesPath := flag.String("samples", "", "write the raw samples (ms) to this file as JSON, for merging shards")
 	flag.Parse()
 
 	tr := &http.Transport{
@@ -209,6 +222,9 @@ func main() {
 	hdr.Set("x-mock-tokens", strconv.Itoa(*tokens))
 	hdr.Set("x-mock-delay-ms", strconv.Itoa(*delayMs))
 	runID := strconv.FormatInt(time.Now().UnixNano(), 36)
+	if *shard >= 0 {
+		runID += "s" + strconv.Itoa(*shard)
+	}
 
 	var tl [][2]float64
 	stopTL := make(chan struct{})
@@ -342,6 +358,13 @@ func main() {
 	for _, n := range errs {
 		nErr += n
 	}
+	raw := map[string][]float64{}
+	if *samplesPath != "" {
+		// copies: pcts sorts in place, and rounds; the merge rounds the same way
+		raw["ttft_ms"] = append([]float64{}, ttfts...)
+		raw["gap_ms"] = append([]float64{}, gaps...)
+		raw["total_ms"] = append([]float64{}, totals...)
+	}
 	out := map[string]interface{}{
 		"url": *url, "concurrency": *conc, "launched": launched, "tokens": *tokens, "delay_ms": *delayMs,
 		"ramp_s": ramp.Seconds(), "hold_s": hold.Seconds(), "rate": *rate, "keepalive": *keepAlive, "abort_after": *abortAfter,
@@ -363,9 +386,23 @@ func main() {
 				missing++
 			}
 		}
+		raw["cancel_ms"] = append([]float64{}, lat...)
 		out["cancel_ms"] = pcts(lat)
 		out["aborted"] = len(aborted)
 		out["cancel_not_seen"] = missing
+	}
+	if *samplesPath != "" {
+		f, err := os.Create(*samplesPath)
+		if err == nil {
+			err = json.NewEncoder(f).Encode(raw)
+			if cerr := f.Close(); err == nil {
+				err = cerr
+			}
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "samples:", err)
+			os.Exit(1)
+		}
 	}
 	enc := json.NewEncoder(os.Stdout)
 	enc.Encode(out)

@@ -14,12 +14,22 @@
 // N: that fraction are answered N at once with an OpenAI error body (N = 0:
 // the connection is reset instead).
 //
-// GET /stats   -> {"started","completed","cancelled","active","slowed","failed","cancel_gap_ms_p50","cancel_gap_ms_p99"}
+// GET /stats   -> {"started","completed","cancelled","active","slowed","failed","cancel_gap_ms_p50","cancel_gap_ms_p99"};
+// with ?raw=1 also "cancel_gaps_ms", every gap, so that shards' figures merge exactly.
 // GET /cancels -> {"<id>": <unix ns when the closed client connection was detected>, ...}
 // POST /reset  -> clears counters and records.
+//
+// Shards: with -reuseport several upstream processes listen on the same -addr
+// (SO_REUSEPORT: the kernel spreads the connections over them), so that no one
+// process has to hold every socket of a big run (the hard RLIMIT_NOFILE is per
+// process). Each counts only its own streams, so each also serves the same
+// handlers on its own -admin address, where a runner asks every shard for
+// /stats, /cancels and /reset and merges the answers. Without -reuseport the
+// upstream is one process as before.
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"flag"
 	"io"
@@ -31,6 +41,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -247,6 +258,8 @@ func main() {
 	flag.Float64Var(&ft.failFraction, "fail-fraction", 0, "fraction of requests answered -fail-status at once")
 	flag.IntVar(&ft.failStatus, "fail-status", 503, "status of the failed requests (0: reset the connection)")
 	seed := flag.Int64("seed", 1, "seed of the fault draws")
+	reusePort := flag.Bool("reuseport", false, "listen with SO_REUSEPORT, so several upstream processes share -addr")
+	admin := flag.String("admin", "", "also serve /stats, /cancels, /reset (and chat) on this address, this process's own")
 	flag.Parse()
 	ft.slowTTFT = time.Duration(*slowTTFT * float64(time.Second))
 	ft.rng = rand.New(rand.NewSource(*seed))
@@ -264,6 +277,9 @@ func main() {
 			"cancelled": atomic.LoadInt64(&st.cancelled), "active": atomic.LoadInt64(&st.active),
 			"slowed": atomic.LoadInt64(&st.slowed), "failed": atomic.LoadInt64(&st.failed),
 			"cancel_gap_ms_p50": pct(st.gaps, 0.5), "cancel_gap_ms_p99": pct(st.gaps, 0.99),
+		}
+		if r.URL.Query().Get("raw") == "1" {
+			out["cancel_gaps_ms"] = append([]float64{}, st.gaps...)
 		}
 		st.mu.Unlock()
 		json.NewEncoder(w).Encode(out)
@@ -284,6 +300,40 @@ func main() {
 		st.mu.Unlock()
 		io.WriteString(w, "{}\n")
 	})
-	log.Printf("mock upstream on %s", *addr)
-	log.Fatal(http.ListenAndServe(*addr, mux))
+	ln, err := listen(*addr, *reusePort)
+	if err != nil {
+		log.Fatal(err)
+	}
+	if *admin != "" {
+		aln, err := net.Listen("tcp", *admin)
+		if err != nil {
+			log.Fatal(err)
+		}
+		go func() { log.Fatal(http.Serve(aln, mux)) }()
+	}
+	log.Printf("mock upstream on %s (reuseport=%v, admin %q)", *addr, *reusePort, *admin)
+	log.Fatal(http.Serve(ln, mux))
+}
+
+// soReusePort is SO_REUSEPORT on Linux (x86, arm, arm64, riscv; not mips or
+// sparc): Go 1.19's syscall package does not name it, and golang.org/x/sys is
+// not in the standard library.
+const soReusePort = 0xf
+
+// listen opens the shared port; with reusePort it sets SO_REUSEPORT before
+// bind, which every process sharing the port must do.
+func listen(addr string, reusePort bool) (net.Listener, error) {
+	lc := net.ListenConfig{}
+	if reusePort {
+		lc.Control = func(network, address string, c syscall.RawConn) error {
+			var serr error
+			if err := c.Control(func(fd uintptr) {
+				serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, soReusePort, 1)
+			}); err != nil {
+				return err
+			}
+			return serr
+		}
+	}
+	return lc.Listen(context.Background(), "tcp", addr)
 }
