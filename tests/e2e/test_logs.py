@@ -113,24 +113,8 @@ class JSONLogTests(SynchronousTestCase):
         """
         import os
         import signal
-        import socket
-        import subprocess
-        import sys
 
-        tmp = tempfile.mkdtemp()
-        log, pidfile = os.path.join(tmp, "gw.log"), os.path.join(tmp, "gw.pid")
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        subprocess.run(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", f"--logfile={log}",
-             f"--pidfile={pidfile}", "llmgate", "--demo", "--port", f"tcp:{port}:interface=127.0.0.1",
-             "--workers", "2", "--log-format", "json"],
-            cwd=tmp, check=True, timeout=60,
-        )
-        with open(pidfile) as f:
-            pid = int(f.read())
+        log, pid, port = _daemonized(["--workers", "2", "--log-format", "json"])
 
         def stop() -> None:
             try:
@@ -168,6 +152,31 @@ class JSONLogTests(SynchronousTestCase):
         self.assertEqual((access["msg"], access["status"], access["model"]), ("access", 200, "gpt-4o-mini"))
         self.assertIn("worker", access)
         self.assertIn("startup", [k for o in objs for k in o])
+
+
+def _daemonized(extra: list[str]) -> tuple[str, int, int]:
+    """
+    Start a daemonized C{twistd llmgate --demo} (C{--logfile}, C{--pidfile})
+    on a free loopback port with C{extra} options; its log path, pid and port.
+    """
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    tmp = tempfile.mkdtemp()
+    log, pidfile = os.path.join(tmp, "gw.log"), os.path.join(tmp, "gw.pid")
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    subprocess.run(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", f"--logfile={log}",
+         f"--pidfile={pidfile}", "llmgate", "--demo", "--port", f"tcp:{port}:interface=127.0.0.1", *extra],
+        cwd=tmp, check=True, timeout=60,
+    )
+    with open(pidfile) as f:
+        return log, int(f.read()), port
 
 
 def _post(port: int, n: int, prefix: str) -> None:
@@ -230,23 +239,8 @@ class BufferedAccessLogTests(SynchronousTestCase):
         """
         import os
         import signal
-        import socket
-        import subprocess
-        import sys
 
-        tmp = tempfile.mkdtemp()
-        log, pidfile = os.path.join(tmp, "gw.log"), os.path.join(tmp, "gw.pid")
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        subprocess.run(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", f"--logfile={log}",
-             f"--pidfile={pidfile}", "llmgate", "--demo", "--port", f"tcp:{port}:interface=127.0.0.1", "--workers", "1"],
-            cwd=tmp, check=True, timeout=60,
-        )
-        with open(pidfile) as f:
-            pid = int(f.read())
+        log, pid, port = _daemonized(["--workers", "1"])
 
         def gone() -> bool:
             try:
