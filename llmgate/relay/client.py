@@ -41,7 +41,6 @@ from zope.interface import implementer
 from llmgate.relay.chunked import ChunkedDecoder
 
 
-
 @implementer(IBodyProducer)
 class BytesProducer:
     """
