@@ -424,18 +424,13 @@ def main():
     doc = {"time": stamp, "machine": facts, "args": vars(args), "scenarios": scen, "workdir": workdir,
            "results": results, "raw": raw, "elapsed_s": time.time() - t0}
     path = args.out or os.path.join(run.OUT, "routing-%s%s.json" % ("smoke-" if args.smoke else "", stamp))
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=1)
+    run.save(doc, path)
     mf = facts
     print("# llmgate routing scenarios %s (%s, nproc=%s, %s, llmgate %s); JSON: %s" % (
         stamp, mf["cpu_model"], mf["nproc"], mf["go"], mf["git_head"], os.path.relpath(path, run.REPO)))
     print(markdown(results, scen))
     if args.smoke:
-        bad = smoke_check(results)
-        if bad:
-            print("\nSMOKE FAILED:\n  " + "\n  ".join(bad), file=sys.stderr)
-            sys.exit(1)
-        print("\nsmoke OK (%.1fs)" % (time.time() - t0))
+        run.smoke_verdict(smoke_check(results), t0)
 
 
 if __name__ == "__main__":

@@ -1068,6 +1068,20 @@ def print_report(doc, path):
     print(markdown(doc["results"], doc["scenarios"]))
 
 
+def save(doc, path):
+    """Write a run's JSON document."""
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+
+
+def smoke_verdict(bad, t0):
+    """End a smoke run: exit 1 listing what went wrong, else say OK."""
+    if bad:
+        print("\nSMOKE FAILED:\n  " + "\n  ".join(bad), file=sys.stderr)
+        sys.exit(1)
+    print("\nsmoke OK (%.1fs)" % (time.time() - t0))
+
+
 def smoke_check(results):
     """Smoke mode asserts only that numbers were produced (never a timing)."""
     bad = []
@@ -1160,15 +1174,10 @@ def main():
     doc = {"time": stamp, "machine": facts, "args": vars(args), "scenarios": scen,
            "workdir": workdir, "results": results, "raw": raw, "elapsed_s": time.time() - t0}
     path = args.out or os.path.join(OUT, "%s-%s.json" % ("smoke" if args.smoke else "run", stamp))
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=1)
+    save(doc, path)
     print_report(doc, path)
     if args.smoke:
-        bad = smoke_check(results)
-        if bad:
-            print("\nSMOKE FAILED:\n  " + "\n  ".join(bad), file=sys.stderr)
-            sys.exit(1)
-        print("\nsmoke OK (%.1fs)" % (time.time() - t0))
+        smoke_verdict(smoke_check(results), t0)
 
 
 if __name__ == "__main__":
