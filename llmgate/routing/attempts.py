@@ -40,7 +40,6 @@ import json
 from typing import Any, Callable, Optional
 
 from twisted.logger import Logger
-
 from twisted.web.http_headers import Headers
 
 from llmgate import dialects
