@@ -243,6 +243,8 @@ def build(
     # A full collection waits for a quiet moment (root is bound below).
     young = gcstats.YoungCollections(reactor, load=lambda: len(root.active))
     young.setServiceParent(top)
+    if hasattr(reactor, "everyDescriptors"):  # llmgate.ops.reactor, not --reactor=NAME
+        reactor.everyDescriptors(gcstats.YOUNG_PER_DESCRIPTORS, young.descriptors)
     if worker:
         # The supervisor sums the workers' files, not their registries.
         gcstats.GCPush(pauses, reactor, metrics.registry).setServiceParent(top)
@@ -417,7 +419,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     _startup_block(options, cfg, 1, tree.listeners).setServiceParent(top)
     # READY=1 at that same moment; STOPPING=1 first thing on stop.
     SystemdNotify(notifier, reactor).setServiceParent(top)
-    _tune_gc()
+    _tune_gc(tree)
     tune_malloc()
     return top
 
@@ -559,15 +561,17 @@ def worker_service(opts: Any, sockets: list[tuple[int, int]], reactor: Any) -> s
     top = build(
         cfg, reactor, [], config_path=opts["config"], bare_public=bool(opts["bare-public"]), adopt=sockets
     )
-    _tune_gc()
+    _tune_gc(top)
     tune_malloc()
     return top
 
 
-def _tune_gc() -> None:
+def _tune_gc(tree: service.MultiService) -> None:
     """
     The objects made at start-up live as long as the process: freeze them
-    out of the collector's sight, and set thresholds that keep every
-    collection short (see L{llmgate.ops.gcstats.tune}).
+    out of the collector's sight, set thresholds that keep every
+    collection short, and have the tree's young collections freeze what
+    survives them (see L{llmgate.ops.gcstats.tune}).
     """
-    gcstats.tune()
+    young = [s for s in tree if isinstance(s, gcstats.YoungCollections)]
+    gcstats.tune(young[0] if young else None)

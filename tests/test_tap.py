@@ -92,6 +92,31 @@ class ServiceTests(SynchronousTestCase):
         [listener] = [s for s in top if isinstance(s, Listener)]
         self.assertEqual(listener.factory.resource.stream_started, young.stream_started)
 
+    def test_reactor_descriptor_counts_drive_young_collections(self) -> None:
+        """
+        On the gateway's own reactor, every YOUNG_PER_DESCRIPTORS ready
+        descriptors handled run one of the tree's young collections; and the
+        daemon's GC settings make that service freeze what survives.
+        """
+        from llmgate import config
+        from llmgate.ops import gcstats
+        from llmgate.ops.gcstats import YoungCollections
+
+        hooked: list[tuple[int, object]] = []
+
+        class CountingReactor(MemoryReactorClock):
+            def everyDescriptors(self, count: int, call: object) -> None:
+                hooked.append((count, call))
+
+        cfg = config.parse({"providers": {"p": {"kind": "openai", "base_url": "http://x/v1", "default": True}}}, {})
+        top = tap.build(cfg, CountingReactor(), ["tcp:1"])
+        [young] = [s for s in top if isinstance(s, YoungCollections)]
+        self.assertEqual(hooked, [(gcstats.YOUNG_PER_DESCRIPTORS, young.descriptors)])
+        tuned: list[object] = []
+        self.patch(gcstats, "tune", tuned.append)
+        tap._tune_gc(top)
+        self.assertEqual(tuned, [young])
+
     def test_site_limits_from_config(self) -> None:
         """The listening site takes the body cap and the buffered-bodies budget from the config."""
         from llmgate import config
@@ -180,7 +205,7 @@ class WarningTests(SynchronousTestCase):
         o["demo"] = False
         o["ports"] = ["tcp:0"]
         self.patch(tap.tokens, "load_encodings", lambda: None)
-        self.patch(tap, "_tune_gc", lambda: None)
+        self.patch(tap, "_tune_gc", lambda tree: None)
         tap.makeService(o, reactor=MemoryReactorClock())
         warned = [e for e in events if "no providers configured" in e.get("log_format", "")]
         self.assertEqual(len(warned), 1)

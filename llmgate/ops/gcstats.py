@@ -46,44 +46,41 @@ BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 # number of open streams frees about as many objects as it makes, so that
 # count barely moves: collections came seconds apart and each then walked
 # every object born since, the state of hundreds of streams (50 ms and
-# more at 1,000 streams). So the young generations are collected on a timer
-# instead (L{YoungCollections}): each collection walks only what the last
-# tenth of a second made, and the middle one what the two last made.
-# The timer alone is not enough when the reactor is saturated (5,000 open
-# streams on one core): its ticks then come late, after reactor turns of
-# 100 ms and more, and a young collection walked up to 60,000 objects and
-# a middle one 110,000 (up to 66 ms of CPU; docs/benchmarks.md run 12).
-# So the count-based thresholds are low too: a young collection once the
-# count passes THRESHOLD0, the middle one every other time (THRESHOLD1),
-# which bounds the walks of a burst (new streams keep every object they
-# make) whether or not the reactor turns; the timer covers the steady
-# state, where the count does not move.
-# A full collection walks every tracked object of every open stream (tens
-# to hundreds of ms at thousands of streams). Requests leave no cyclic
-# garbage (a full collection after 45 s at 5,000 streams found nothing to
-# free), so it only has to catch what else might reach the old generation
-# (a failed connect attempt leaves a cycle of Twisted's): never from the
-# allocation count, but once every FULL_INTERVAL seconds, at a moment when
-# at most FULL_MAX_LOAD requests are open (it then takes a few ms), or
+# more at 1,000 streams). So the young generation is collected on a timer
+# instead (L{YoungCollections}), and every YOUNG_PER_STREAMS streams
+# started (new streams make most of what survives; the timer's ticks come
+# late when the reactor is saturated), and every YOUNG_PER_DESCRIPTORS
+# ready descriptors the reactor handles (one saturated turn can complete
+# hundreds of upstream connections and responses, each making a few dozen
+# objects while the stream frees older ones, so the count does not see
+# them: walks of 13,000 objects, 9 ms), and by the count once it passes
+# THRESHOLD0, which bounds the walks of a burst whether or not the reactor
+# turns.
+# What survives a young collection is frozen at once (C{gc.freeze()}, a
+# constant-time move of the generation lists into the permanent one): each
+# object is walked at most once, while young, and no collection ever walks
+# the older state of the open streams. Before, survivors went to the middle
+# generation, collected every other time; its walks were twice the young
+# ones and made the largest pauses (up to 19,500 objects, 9 ms of CPU, at
+# 5,000 open streams). Frozen objects are still freed by their reference
+# counts as usual; only garbage in reference cycles among them waits for a
+# full collection. Requests leave no cyclic garbage (a full collection after
+# 45 s at 5,000 streams found nothing to free), so the full collection only
+# has to catch what else might (a failed connect attempt leaves a cycle of
+# Twisted's): it unfreezes everything, walks it and freezes it again, never
+# from the allocation count (THRESHOLD1 and THRESHOLD2 are out of reach),
+# but once every FULL_INTERVAL seconds, at a moment when at most
+# FULL_MAX_LOAD requests are open (it then takes a few tens of ms), or
 # regardless once FULL_DEADLINE seconds have passed, so that nothing can
-# pile up forever. What start-up built stays frozen.
-# Neither the timer nor the count bounds the young generation at a steady
-# number of streams (5,000 open, streams ending as fast as new ones start):
-# the old objects of the streams that end are freed as fast as new streams
-# make theirs, so the count (allocations minus deallocations) stays low,
-# and the timer's ticks come late when the reactor is saturated. So new
-# streams also drive the young collections: one every YOUNG_PER_STREAMS
-# streams started (L{YoungCollections.stream_started}). At S3 the largest
-# young walks went from 14,600-19,200 objects to 7,400-13,100
-# (docs/benchmarks.md).
+# pile up forever.
 YOUNG_INTERVAL = 0.025
 YOUNG_PER_STREAMS = 16
-MIDDLE_EVERY = 2
+YOUNG_PER_DESCRIPTORS = 128
 FULL_INTERVAL = 600.0
 FULL_MAX_LOAD = 50
 FULL_DEADLINE = 6 * 3600.0
 THRESHOLD0 = 1_000
-THRESHOLD1 = 1
+THRESHOLD1 = 1_000_000_000
 THRESHOLD2 = 1_000_000_000
 
 
@@ -203,29 +200,42 @@ class GCPush(Periodic):
         self.tick()
 
 
-def tune() -> None:
+def _nothing() -> None:
+    pass
+
+
+def tune(young: "YoungCollections | None" = None) -> None:
     """
     Settings for a long-running gateway, applied once start-up is done:
     everything built so far (modules, the tiktoken encodings, the service
     tree) lives as long as the process, so it is frozen out of the
-    collector's sight; then the thresholds above.
+    collector's sight; then the thresholds above, and C{young} freezes what
+    survives its collections from now on.
     """
     gc.collect()
     gc.freeze()
     gc.set_threshold(THRESHOLD0, THRESHOLD1, THRESHOLD2)
+    if young is not None:
+        young.freeze_survivors()
 
 
 class YoungCollections(Periodic):
     """
-    Collects the young generation every C{interval} seconds and the middle
-    one instead every C{every}-th time, on the reactor, so each collection only
-    walks what was made since the previous one, and everything once every
-    C{full_interval} seconds when C{load()} (open requests) is at most
-    C{full_max_load}, or once C{full_deadline} seconds have passed (see the
-    note on the settings above).
+    Collects the young generation every C{interval} seconds, on the
+    reactor, and freezes what survived, so each collection only walks what
+    was made since the previous one and no object is walked twice; and
+    everything once every C{full_interval} seconds when C{load()} (open
+    requests) is at most C{full_max_load}, or once C{full_deadline} seconds
+    have passed (see the note on the settings above).
 
-    Every C{per_streams} calls of L{stream_started} also run a young (or
-    middle) collection at once, between the timer's ticks.
+    Every C{per_streams} calls of L{stream_started}, and every call of
+    L{descriptors} (the reactor's count of ready descriptors handled,
+    L{llmgate.ops.reactor.LeanEPollReactor.everyDescriptors}), also run a
+    young collection at once, between the timer's ticks.
+
+    Survivors are frozen only once L{tune} has set the daemon's policy
+    (L{freeze_survivors}): a service tree built in another process (the
+    tests') must not freeze that process's objects.
 
     @param clock: an C{IReactorTime}.
     @param collect: C{gc.collect} (injectable for tests).
@@ -235,7 +245,6 @@ class YoungCollections(Periodic):
         self,
         clock: Any,
         interval: float = YOUNG_INTERVAL,
-        every: int = MIDDLE_EVERY,
         full_interval: float = FULL_INTERVAL,
         collect: Callable[[int], Any] = gc.collect,
         load: Callable[[], int] = lambda: 0,
@@ -246,14 +255,23 @@ class YoungCollections(Periodic):
         super().__init__(clock, interval)
         self._per_streams = per_streams
         self._new = 0
-        self._every = every
         self._full_every = max(1, round(full_interval / interval))
         self._full_overdue = max(1, round(full_deadline / interval))
         self._load = load
         self._full_max_load = full_max_load
         self._collect = collect
-        self._ticks = 0
+        self._freeze: Callable[[], None] = _nothing
+        self._unfreeze: Callable[[], None] = _nothing
         self._since_full = 0
+
+    def freeze_survivors(
+        self, freeze: Callable[[], None] = gc.freeze, unfreeze: Callable[[], None] = gc.unfreeze
+    ) -> None:
+        """From now on, freeze what survives each young collection, and
+        unfreeze everything for a full one (C{gc.freeze}, C{gc.unfreeze};
+        injectable for tests)."""
+        self._freeze = freeze
+        self._unfreeze = unfreeze
 
     def stream_started(self) -> None:
         """A stream started: every C{per_streams}-th, a young collection now."""
@@ -263,22 +281,35 @@ class YoungCollections(Periodic):
         if self._new >= self._per_streams:
             self._young()
 
+    def descriptors(self) -> None:
+        """The reactor handled another C{YOUNG_PER_DESCRIPTORS} ready
+        descriptors: a young collection now."""
+        if self.running:
+            self._young()
+
     def tick(self) -> None:
         self._since_full += 1
         if self._since_full >= self._full_every and (
             self._since_full >= self._full_overdue or self._load() <= self._full_max_load
         ):
-            self._since_full = self._ticks = self._new = 0
-            self._collect(2)
+            self._full()
         else:
             self._young()
 
     def _young(self) -> None:
-        """The young generation, or every C{every}-th time the middle one."""
+        """The young generation; then what survived (and what the
+        allocation count's own young collections left in the middle
+        generation) out of every later collection's sight."""
         self._new = 0
-        self._ticks += 1
-        if self._ticks >= self._every:
-            self._ticks = 0
-            self._collect(1)
-        else:
-            self._collect(0)
+        self._collect(0)
+        self._freeze()
+
+    def _full(self) -> None:
+        """Everything, frozen objects included (start-up's too); then all
+        that survived frozen again."""
+        self._since_full = self._new = 0
+        self._unfreeze()
+        try:
+            self._collect(2)
+        finally:
+            self._freeze()

@@ -17,6 +17,12 @@ others. Legacy-API lines logged while handling a descriptor (Twisted's own
 "Unhandled Error" reports, for one) show C{-} as their system instead of
 the connection's prefix.
 
+It can also call a function after every so many ready descriptors handled
+(L{LeanEPollReactor.everyDescriptors}), however the work falls into
+turns: the collector's young collections (L{llmgate.ops.gcstats}) use it to
+bound what a saturated reactor makes between two of them, when one turn
+handles hundreds of new upstream connections and responses at once.
+
 L{install} installs it only when no reactor is installed yet, so
 C{twistd --reactor=NAME} (or any reactor installed first) is respected,
 and only where epoll exists; C{llmgate.tap.makeService} and each worker
@@ -27,7 +33,7 @@ from __future__ import annotations
 
 import errno
 import sys
-from typing import Any
+from typing import Any, Callable, Optional
 
 from twisted.logger import Logger
 
@@ -44,6 +50,19 @@ if EPollReactor is not None:
     class LeanEPollReactor(EPollReactor):  # type: ignore[misc,valid-type]
         """Twisted's epoll reactor, dispatching ready descriptors directly."""
 
+        _everyCall: Optional[Callable[[], None]] = None
+        _everyCount = 0
+        _everyLeft = 0
+
+        def everyDescriptors(self, count: int, call: Optional[Callable[[], None]]) -> None:
+            """
+            Call C{call} after every C{count} ready descriptors handled,
+            counted across turns (C{None}: no longer). An exception it
+            raises is logged.
+            """
+            self._everyCall = call
+            self._everyCount = self._everyLeft = max(1, count)
+
         def doPoll(self, timeout: Any) -> None:
             if timeout is None:
                 timeout = -1  # wait indefinitely
@@ -55,6 +74,8 @@ if EPollReactor is not None:
                 raise
             dispatch = self._doReadOrWrite
             selectables = self._selectables
+            every = self._everyCall
+            left = self._everyLeft
             for fd, event in ready:
                 selectable = selectables.get(fd)
                 if selectable is None:
@@ -65,6 +86,15 @@ if EPollReactor is not None:
                     raise
                 except BaseException:
                     _log.failure("unhandled error handling descriptor {fd} ({selectable!r})", fd=fd, selectable=selectable)
+                if every is not None:
+                    left -= 1
+                    if left <= 0:
+                        left = self._everyCount
+                        try:
+                            every()
+                        except Exception:
+                            _log.failure("descriptor-count call failed")
+            self._everyLeft = left
 
         doIteration = doPoll
 

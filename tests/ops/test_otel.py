@@ -344,7 +344,7 @@ _MAKE_SERVICE = textwrap.dedent(
     o["demo"] = False
     o["ports"] = ["tcp:0"]
     tap.tokens.load_encodings = lambda: None
-    tap._tune_gc = lambda: None
+    tap._tune_gc = lambda tree: None
     svc = tap.makeService(o, reactor=MemoryReactorClock())
     print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] == "opentelemetry")))
     """

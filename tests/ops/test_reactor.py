@@ -74,6 +74,37 @@ class LeanReactorTests(SynchronousTestCase):
         self.assertEqual((bad.reads, good.reads), ([b"x"], [b"y"]))
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
+    def test_a_call_every_so_many_descriptors_across_turns(self) -> None:
+        """
+        everyDescriptors(n, f) calls f after every n ready descriptors
+        handled, counting on from one turn to the next; an error in f is
+        logged and the descriptors are still handled; None stops the calls.
+        """
+        calls: list[int] = []
+        pairs = [self.pair() for _ in range(3)]
+        self.reactor.everyDescriptors(2, lambda: calls.append(1))
+        for _, w in pairs:
+            w.send(b"a")
+        self.reactor.doPoll(0)
+        self.assertEqual(calls, [1])
+        pairs[0][1].send(b"b")
+        self.reactor.doPoll(0)
+        self.assertEqual(calls, [1, 1])
+
+        def fail() -> None:
+            raise ZeroDivisionError("hook")
+
+        self.reactor.everyDescriptors(1, fail)
+        pairs[1][1].send(b"c")
+        self.reactor.doPoll(0)
+        self.assertEqual(pairs[1][0].reads, [b"a", b"c"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.reactor.everyDescriptors(1, None)
+        pairs[2][1].send(b"d")
+        self.reactor.doPoll(0)
+        self.assertEqual(pairs[2][0].reads, [b"a", b"d"])
+        self.assertEqual(calls, [1, 1])
+
     def test_not_installed_over_a_chosen_reactor(self) -> None:
         """With a reactor already installed (here trial's), install() leaves it alone."""
         from twisted.internet import reactor
