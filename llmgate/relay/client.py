@@ -38,6 +38,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
+from llmgate.ops import sendnow
 from llmgate.relay.chunked import ChunkedDecoder
 
 
@@ -73,8 +74,11 @@ class BytesProducer:
 @implementer(IStreamClientEndpoint)
 class _NoDelayEndpoint:
     """
-    Wraps an endpoint and turns Nagle off on what it connects, so a request
-    written in two pieces (head, body) is not held back for a delayed ACK.
+    Wraps an endpoint and tunes what it connects: Nagle off, so a request
+    written in two pieces (head, body) is not held back for a delayed ACK;
+    and writes sent at once rather than a reactor turn later
+    (L{llmgate.ops.sendnow}), so a request reaches the upstream in the turn
+    that started it.
     """
 
     def __init__(self, inner: IStreamClientEndpoint) -> None:
@@ -86,6 +90,7 @@ class _NoDelayEndpoint:
                 proto.transport.setTcpNoDelay(True)
             except (AttributeError, OSError):
                 pass
+            sendnow.adopt(proto.transport)
             return proto
 
         return self._inner.connect(factory).addCallback(nodelay)
