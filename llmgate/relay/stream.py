@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
+from twisted.web.server import Request as _ServerRequest
 from zope.interface import implementer
 
 from llmgate import dialects
@@ -166,6 +167,33 @@ def event_boundary(data: bytes) -> int:
     for m in _BLANK_LINE.finditer(data):
         end = m.end()
     return end
+
+
+def _chunking_channel(request: Any) -> Any:
+    """
+    The client channel that L{Relay._send} frames body chunks for itself,
+    or L{None} when Twisted's C{Request.write} must keep doing it.
+
+    Once a twisted.web request has written its head on a chunked HTTP/1.1
+    response, C{Request.write} does this for every chunk: check that the
+    request is not finished nor disconnected, count the bytes, frame the
+    chunk (a tuple of four pieces) and hand it to the channel's
+    C{writeSequence}, which joins it again. The relay writes the same
+    bytes in one call to the channel (still corked or written through as
+    the channel decides). Only for a plain C{server.Request} (no C{write}
+    of its own, no content encoder, not a HEAD or a body-less status,
+    whose head leaves C{chunked} unset): anything else keeps Twisted's path.
+    """
+    if (
+        type(request).write is _ServerRequest.write
+        and request.startedWriting
+        and request.chunked
+        and not request.finished
+        and getattr(request, "_encoder", None) is None
+        and not getattr(request, "_inFakeHead", False)
+    ):
+        return getattr(request, "channel", None)
+    return None
 
 
 class Coalescer:
@@ -416,6 +444,7 @@ class Relay:
         "_sse",
         "_headers_late",
         "_upstream",
+        "_wire",
         "clock",
         "exchange",
         "http",
@@ -480,6 +509,9 @@ class Relay:
         # An upstream error (non-2xx) body, held until its end to be redacted.
         self._err_body: Optional[list[bytes]] = None
         self._err_len = 0
+        # The client channel body chunks are framed for (see _send), once
+        # the head went out on a chunked response.
+        self._wire: Any = None
 
     # -- phases ------------------------------------------------------------
 
@@ -635,6 +667,7 @@ class Relay:
                 self._queue()
             else:
                 req.write(b"")
+            self._wire = _chunking_channel(req)
             # The head is written: nothing reads these again, and the
             # stream may be open for minutes (see L{release}). Replaced
             # rather than emptied: an emptied dict stays tracked until a
@@ -854,7 +887,7 @@ class Relay:
         if self._coalescer is None:
             if ex.first_write_at is None:
                 ex.first_write_at = self.clock.seconds()
-            self.request.write(data)
+            self._send(data)
             return
         self._queue()
         if not self._out:
@@ -914,7 +947,29 @@ class Relay:
             ex.added_n += 1
             if added > ex.added_max:
                 ex.added_max = added
-        self.request.write(data)
+        self._send(data)
+
+    def _send(self, data: bytes) -> None:
+        """
+        Write body bytes to the client: framed here as one chunk once the
+        head is out on a chunked response (see L{_chunking_channel}), else
+        through the request. A request that finished or lost its
+        connection meanwhile goes back to C{Request.write}, which raises
+        after a finish and drops what is written to a lost connection.
+        """
+        wire = self._wire
+        req = self.request
+        if wire is None:
+            req.write(data)
+            self._wire = _chunking_channel(req)
+            return
+        if req.finished or req.channel is not wire:
+            self._wire = None
+            req.write(data)
+            return
+        if data:
+            req.sentLength += len(data)
+            wire.write(b"%x\r\n%s\r\n" % (len(data), data))
 
     def _whole_events(self, data: bytes) -> bytes:
         """
@@ -1036,7 +1091,7 @@ class Relay:
             if ex.counter is not None:
                 ex.counter.feed(tail)
             ex.bytes_out += len(tail)
-            self.request.write(tail)
+            self._send(tail)
         self._finish()
 
     def _looks_complete(self) -> bool:
@@ -1068,7 +1123,7 @@ class Relay:
             self._held.clear()
             event = dialects.stream_error_event(ex.endpoint.kind, message, quota=self._cut_quota)
             ex.bytes_out += len(event)
-            self.request.write(event)
+            self._send(event)
             self._finish()
         elif ex.bytes_out == 0 and not self.request.startedWriting:
             self._fail(502, message, "body")
@@ -1184,12 +1239,14 @@ class Relay:
         if self._phase not in _RELAYING:
             return
         self._enter(FINISHED)
+        self._wire = None
         self.request.finish()
 
     def _record(self) -> None:
         if self._phase in (ENDED, DETACHED):
             return
         self._enter(ENDED)
+        self._wire = None
         self.exchange.ended = self.clock.seconds()
         # The callback usually refers back to this relay: let go of it.
         done, self._done = self._done, None

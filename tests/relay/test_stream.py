@@ -733,3 +733,206 @@ class FewerSendsTests(SynchronousTestCase):
         self.assertEqual(self.transport.writes, 1)
         status, _, body, complete = parse_response(self.transport.value())
         self.assertEqual((status, body, complete), (200, E1 + E2, True))
+
+
+class _Upper:
+    """A content encoder (as EncodingResourceWrapper sets) upper-casing the body."""
+
+    def encode(self, data: bytes) -> bytes:
+        return data.upper()
+
+    def finish(self) -> bytes:
+        return b""
+
+
+class ChunkFramingTests(SynchronousTestCase):
+    """
+    Once the head is out on a chunked response, the relay frames each body
+    chunk itself and hands it to the channel in one write; everything the
+    client sees stays byte for byte what twisted.web would send.
+    """
+
+    def start(self, version: bytes = b"HTTP/1.1", coalesce: bool = True, method: bytes = b"") -> None:
+        self.gw = Gateway(coalesce=coalesce)
+        self.channel = self.gw.site.buildProtocol(None)
+        self.transport = _CountingTransport()
+        self.channel.makeConnection(self.transport)
+        data = json.dumps(CHAT).encode()
+        self.channel.dataReceived(
+            b"POST /v1/chat/completions %s\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (version, len(data), data)
+        )
+        self.request = self.channel.requests[-1]
+        if method:
+            self.request.method = method
+        self.r = FakeResponse(200, SSE_HEADERS)
+
+    def respond(self) -> bytes:
+        """The response headers arrive; the head the client got."""
+        self.gw.http.calls[0]["deferred"].callback(self.r)
+        self.gw.clock.advance(0)
+        head = self.transport.value()
+        self.transport.clear()
+        self.transport.writes = 0
+        return head
+
+    def test_chunks_framed_by_the_relay(self) -> None:
+        """
+        After the head, each turn's events leave in one write to the
+        client transport, framed as one chunk, without a call to
+        twisted.web's Request.write per chunk.
+        """
+        from twisted.web import http
+
+        self.start()
+        self.respond()
+        calls: list[bytes] = []
+        write = http.Request.write
+
+        def counting(request: Any, data: bytes) -> None:
+            calls.append(data)
+            write(request, data)
+
+        self.patch(http.Request, "write", counting)
+        self.r.send(E1)
+        self.gw.clock.advance(0)
+        self.r.send(E2)
+        self.r.send(E1)
+        self.gw.clock.advance(0)
+        self.assertEqual(calls, [])
+        self.assertEqual(self.transport.writes, 2)
+        self.assertEqual(
+            self.transport.value(),
+            b"%x\r\n%s\r\n%x\r\n%s\r\n" % (len(E1), E1, len(E2 + E1), E2 + E1),
+        )
+
+    def test_chunked_wire_bytes(self) -> None:
+        """
+        A chunked stream is byte-exact on the wire: a chunk per turn, the
+        last events and the terminator together, nothing else; the
+        request's sent length counts the body bytes.
+        """
+        self.start()
+        head = self.respond()
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertIn(b"\r\nTransfer-Encoding: chunked\r\n", head)
+        self.assertTrue(head.endswith(b"\r\n\r\n"))
+        self.r.send(E1)
+        self.gw.clock.advance(0)
+        self.r.send(E2)
+        self.r.end()
+        self.assertEqual(
+            self.transport.value(),
+            b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(E1), E1, len(E2), E2),
+        )
+        self.assertEqual(self.request.sentLength, len(E1 + E2))
+        [ex] = self.gw.accounting.exchanges
+        self.assertEqual((ex.outcome, ex.bytes_out), ("completed", len(E1 + E2)))
+
+    def test_http10_body_unframed(self) -> None:
+        """
+        An HTTP/1.0 client gets the events as they are, no chunk framing,
+        and the end of the body is the close of the connection.
+        """
+        self.start(version=b"HTTP/1.0")
+        head = self.respond()
+        self.assertTrue(head.startswith(b"HTTP/1.0 200 OK\r\n"))
+        self.assertNotIn(b"Transfer-Encoding", head)
+        self.r.send(E1)
+        self.gw.clock.advance(0)
+        self.r.send(E2)
+        self.r.end()
+        self.assertEqual(self.transport.value(), E1 + E2)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_head_gets_no_body(self) -> None:
+        """
+        A HEAD request gets the head and not a byte of body, not even a
+        chunk terminator.
+        """
+        self.start(method=b"HEAD")
+        head = self.respond()
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertTrue(head.endswith(b"\r\n\r\n"))
+        self.r.send(E1)
+        self.gw.clock.advance(0)
+        self.r.send(E2)
+        self.r.end()
+        self.gw.clock.advance(0)
+        self.assertEqual(self.transport.value(), b"")
+        self.assertEqual(len(self.gw.accounting.exchanges), 1)
+
+    def test_encoder_keeps_twisted_path(self) -> None:
+        """A request with a content encoder has its body chunks encoded."""
+        self.start()
+        self.request._encoder = _Upper()
+        self.respond()
+        self.r.send(E1)
+        self.gw.clock.advance(0)
+        self.r.send(E2)
+        self.gw.clock.advance(0)
+        self.assertEqual(
+            self.transport.value(),
+            b"%x\r\n%s\r\n%x\r\n%s\r\n" % (len(E1), E1.upper(), len(E2), E2.upper()),
+        )
+
+    def test_writes_after_disconnect_dropped(self) -> None:
+        """
+        Events that arrive after the client left (before the upstream's
+        close reaches the relay) are written nowhere, coalesced or not.
+        """
+        for coalesce in (True, False):
+            self.start(coalesce=coalesce)
+            self.respond()
+            self.r.send(E1)
+            self.gw.clock.advance(0)
+            sent = self.transport.value()
+            self.channel.connectionLost(Failure(ConnectionDone()))
+            self.r.send(E2)
+            self.gw.clock.advance(0)
+            self.assertEqual(self.transport.value(), sent)
+            [ex] = self.gw.accounting.exchanges
+            self.assertEqual(ex.outcome, "client_cancelled")
+
+    def test_send_after_disconnect_dropped(self) -> None:
+        """
+        Body bytes handed to the client side after its connection was lost
+        are dropped, even on a path that did not see the loss first.
+        """
+        self.start()
+        self.respond()
+        self.r.send(E1)
+        self.gw.clock.advance(0)
+        sent = self.transport.value()
+        [relay] = self.gw.resource.active
+        self.request.connectionLost(Failure(ConnectionDone()))
+        relay._send(E2)
+        self.assertEqual(self.transport.value(), sent)
+
+    def test_send_after_finish_raises(self) -> None:
+        """
+        A body write after the request finished raises, as twisted.web's
+        Request.write does: never a chunk after the terminator.
+        """
+        self.start()
+        self.respond()
+        [relay] = self.gw.resource.active
+        self.r.send(E1)
+        self.r.end()
+        sent = self.transport.value()
+        self.assertRaises(RuntimeError, relay._send, E2)
+        self.assertEqual(self.transport.value(), sent)
+
+    def test_backpressure_pauses_upstream(self) -> None:
+        """
+        A client that stops reading pauses the upstream read while the
+        relay frames chunks itself; reading again resumes it.
+        """
+        self.start()
+        self.respond()
+        self.r.send(E1)
+        self.gw.clock.advance(0)
+        self.channel.pauseProducing()
+        self.assertEqual(self.r.transport.paused, 1)
+        self.channel.resumeProducing()
+        self.assertEqual(self.r.transport.resumed, 1)
