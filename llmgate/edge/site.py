@@ -248,10 +248,23 @@ class _WriteThrough(tcp.Server):
 
     def write(self, data: bytes) -> None:
         if data and self.connected and not self._writeDisconnected and not self._tempDataLen and self.offset == len(self.dataBuffer):
-            sent = self.writeSomeData(data)
-            if isinstance(sent, int) and sent >= 0:
-                if sent == len(data):
-                    return
+            if len(data) > self.SEND_LIMIT:
+                sent = self.writeSomeData(data)
+                if not isinstance(sent, int) or sent < 0:
+                    sent = 0
+            else:
+                # Connection.writeSomeData without its two calls per send
+                # (a lazy slice, an EINTR loop that Python's socket module
+                # already does): whatever the socket refuses (EAGAIN, or
+                # a dead connection) is queued, and Twisted's own write
+                # path then sends it or finds the connection lost.
+                try:
+                    sent = self.socket.send(data)
+                except OSError:
+                    sent = 0
+            if sent == len(data):
+                return
+            if sent:
                 data = data[sent:]
         super().write(data)
 
