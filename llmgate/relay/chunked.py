@@ -60,7 +60,7 @@ class ChunkedDecoder:
     in one call and the bytes after the last chunk to C{finishCallback}.
     """
 
-    __slots__ = ("dataCallback", "finishCallback", "_state", "_left", "_pending", "_trailer_bytes")
+    __slots__ = ("dataCallback", "finishCallback", "_state", "_left", "_pending", "_trailer_bytes", "__weakref__")
 
     def __init__(self, dataCallback: Callable[[bytes], None], finishCallback: Callable[[bytes], None]) -> None:
         self.dataCallback = dataCallback

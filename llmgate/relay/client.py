@@ -10,6 +10,7 @@ between clients, and request bodies written without a cooperator.
 
 from __future__ import annotations
 
+import weakref
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
@@ -18,6 +19,7 @@ from treq.response import _Response
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet import endpoints
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -71,14 +73,45 @@ class BytesProducer:
         pass
 
 
+def _unwrap(proto: Any) -> bool:
+    """
+    Take the endpoint's C{_WrappingProtocol} out of a connected
+    connection's read path: the TCP transport calls C{proto} (or, over TLS,
+    the TLS protocol under it) itself.
+
+    The wrapper only tells the endpoint's caller when the connection is
+    made; from then on it passes every read, close and half-close straight
+    on (and provides the same interfaces as the protocol it wraps): a call
+    per read on every upstream connection for nothing. Whether it was taken
+    out; a Twisted whose wrapper looks different is left as it is.
+    """
+    wrapper_type = getattr(endpoints, "_WrappingProtocol", None)
+    inner = proto
+    transport = getattr(proto, "transport", None)
+    for _ in range(3):
+        if transport is None:
+            return False
+        outer = getattr(transport, "protocol", None)
+        if outer is not None:
+            if type(outer) is wrapper_type and getattr(outer, "_wrappedProtocol", None) is inner:
+                transport.protocol = inner
+                return True
+            return False
+        # Over TLS the protocol's transport is the TLS protocol, which the
+        # TCP transport under it calls through the wrapper.
+        inner, transport = transport, getattr(transport, "transport", None)
+    return False
+
+
 @implementer(IStreamClientEndpoint)
 class _NoDelayEndpoint:
     """
     Wraps an endpoint and tunes what it connects: Nagle off, so a request
     written in two pieces (head, body) is not held back for a delayed ACK;
-    and writes sent at once rather than a reactor turn later
+    writes sent at once rather than a reactor turn later
     (L{llmgate.ops.sendnow}), so a request reaches the upstream in the turn
-    that started it.
+    that started it; and the endpoint's wrapper taken out of the read path
+    (L{_unwrap}).
     """
 
     def __init__(self, inner: IStreamClientEndpoint) -> None:
@@ -91,6 +124,7 @@ class _NoDelayEndpoint:
             except (AttributeError, OSError):
                 pass
             sendnow.adopt(proto.transport)
+            _unwrap(proto)
             return proto
 
         return self._inner.connect(factory).addCallback(nodelay)
@@ -219,25 +253,39 @@ class ResponseHeadersTooLarge(Exception):
     """An upstream response head went over the header caps."""
 
 
-def _to_body_protocol(deliver: Any) -> Any:
+def _chunked_decoder(deliver: Any, finish: Any) -> ChunkedDecoder:
     """
-    C{Response._bodyDataReceived} (what the parser hands the decoder),
-    calling the body protocol directly once the response is connected to
-    one: the response's stateful dispatcher looks its state's method up by
-    name for every read, and the relay connects its protocol before the
-    first body byte is read. Before that (and after), Twisted's method runs.
+    A L{ChunkedDecoder} for a response body that hands its payload to the
+    body protocol directly once the response is connected to one.
+
+    C{deliver} is C{Response._bodyDataReceived}, whose stateful dispatcher
+    looks its state's method up by name for every read, to call the body
+    protocol's C{dataReceived}. The relay connects its protocol before the
+    first body byte is read, and once a response is connected only the end
+    of its body (after which the decoder is handed nothing) changes that:
+    so the first payload that finds it connected points the decoder at the
+    body protocol's C{dataReceived} for good. Before that, Twisted's method
+    runs (it buffers for a protocol not yet delivered).
     """
+    decoder = ChunkedDecoder(deliver, finish)
     response = getattr(deliver, "__self__", None)
-    if not isinstance(response, Response):
-        return deliver
+    if isinstance(response, Response):
+        # Weak: the decoder holds this function, which must not hold the
+        # decoder (a reference cycle for the collector).
+        ref = weakref.ref(decoder)
 
-    def data(chunk: bytes) -> None:
-        if response._state == "CONNECTED":
-            response._bodyProtocol.dataReceived(chunk)
-        else:
-            deliver(chunk)
+        def data(chunk: bytes) -> None:
+            if response._state == "CONNECTED":
+                sink = response._bodyProtocol.dataReceived
+                held = ref()
+                if held is not None:
+                    held.dataCallback = sink
+                sink(chunk)
+            else:
+                deliver(chunk)
 
-    return data
+        decoder.dataCallback = data
+    return decoder
 
 
 class _CappedParser(HTTPClientParser):
@@ -255,7 +303,7 @@ class _CappedParser(HTTPClientParser):
     max_bytes = MAX_RESPONSE_HEADER_BYTES
     max_headers = MAX_RESPONSE_HEADERS
     # Event streams come chunked: decoded a read at a time (relay/chunked.py).
-    _transferDecoders = {b"chunked": lambda deliver, finish: ChunkedDecoder(_to_body_protocol(deliver), finish)}
+    _transferDecoders = {b"chunked": _chunked_decoder}
     # Class defaults: the instance is a plain HTTPClientParser whose class
     # is swapped before its first byte (see _CappedClientProtocol). Counts
     # run over interim 1xx heads too, so endless 100s are bounded as well.

@@ -346,21 +346,24 @@ def new_exchange(request_id: Optional[str] = None, **kw: Any) -> Exchange:
 
 
 class _BodyRelay(Protocol):
-    """Receives the upstream body and hands each piece to the relay."""
+    """
+    Receives the upstream body and hands each piece to the relay: its
+    C{dataReceived} is the relay's C{body_data} itself (no call of its own
+    per read).
+    """
 
     def __init__(self, relay: "Relay") -> None:
         self._relay = relay
+        self.dataReceived = relay.body_data  # type: ignore[method-assign]
 
     def connectionMade(self) -> None:
         self._relay.body_started(self.transport)
-
-    def dataReceived(self, data: bytes) -> None:
-        self._relay.body_data(data)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         # The body is over: nothing here is needed again, and the upstream
         # transport may refer back to this protocol (a reference cycle).
         relay, self._relay = self._relay, None
+        del self.dataReceived
         self.transport = None
         relay.body_ended(reason)
 

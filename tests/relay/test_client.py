@@ -9,7 +9,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
 
@@ -515,9 +515,128 @@ class ChunkedBodyPathTests(SynchronousTestCase):
         self.assertTrue(body.reason.check(ResponseFailed))
         self.assertTrue(transport.disconnecting)
 
+    def test_decoder_calls_the_body_protocol_itself(self) -> None:
+        """
+        Once the body protocol is connected, the decoder hands each read's
+        payload to its dataReceived with no function of ours in between.
+        """
+        proto, transport, response, body = self.connected()
+        proto.dataReceived(_chunk(b"data: 1\n\n"))
+        self.assertEqual(proto._parser.bodyDecoder.dataCallback, body.dataReceived)
+        proto.dataReceived(_chunk(b"data: 2\n\n"))
+        self.assertEqual(body.reads, [b"data: 1\n\n", b"data: 2\n\n"])
+
+    def test_decoder_freed_without_the_collector(self) -> None:
+        """
+        A body's decoder is freed as soon as its body ends, whether or not
+        a body protocol was connected before the end: no reference cycle
+        through it waits for the cyclic collector.
+        """
+        import gc
+        import weakref
+
+        gc.disable()
+        self.addCleanup(gc.enable)
+        for connect in (True, False):
+            proto, transport, d = capped_connection()
+            responses: list[Any] = []
+            d.addCallback(responses.append)
+            proto.dataReceived(_SSE_HEAD + _chunk(b"data: a\n\n"))
+            decoder = weakref.ref(proto._parser.bodyDecoder)
+            if connect:
+                responses[0].deliverBody(_Collect())
+                proto.dataReceived(_chunk(b"data: b\n\n") + b"0\r\n\r\n")
+            else:
+                proto.dataReceived(b"0\r\n\r\n")
+            del responses, d
+            self.assertIsNone(decoder(), f"decoder kept alive (connected: {connect})")
+
     def test_early_close_is_data_loss(self) -> None:
         """The connection lost before the last chunk fails the body (not a clean end)."""
         proto, transport, response, body = self.connected()
         proto.dataReceived(_chunk(b"data: 1\n\n"))
         proto.connectionLost(Failure(ConnectionDone()))
         self.assertTrue(body.reason.check(ResponseFailed))
+
+
+class _Recording(Protocol):
+    def __init__(self) -> None:
+        self.got = b""
+        self.lost: Deferred[Any] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.got += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.reason = reason
+        self.lost.callback(None)
+
+
+class EndpointWrapperTests(TestCase):
+    """
+    The endpoint's wrapper protocol is taken out of an upstream
+    connection's read path once it is connected.
+    """
+
+    def test_real_connection_reads_straight_into_the_protocol(self) -> Any:
+        """
+        Over a real TCP connection on 127.0.0.1, the transport calls the
+        connected protocol itself; reads and the close still reach it.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.protocol import Factory
+        from twisted.web.client import URI
+
+        from llmgate.relay.client import _EndpointFactory
+
+        class Hello(Protocol):
+            def connectionMade(self) -> None:
+                self.transport.write(b"hello")
+                self.transport.loseConnection()
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Hello), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        uri = URI.fromBytes(b"http://127.0.0.1:%d/" % port.getHost().port)
+        endpoint = _EndpointFactory(reactor, 5.0).endpointForURI(uri)
+        proto = _Recording()
+        d = endpoint.connect(Factory.forProtocol(lambda: proto))
+
+        def connected(p: Any) -> Any:
+            self.assertIs(p, proto)
+            self.assertIs(p.transport.protocol, p)
+            return p.lost
+
+        def closed(_: Any) -> None:
+            self.assertTrue(proto.reason.check(ConnectionDone))
+            self.assertEqual(proto.got, b"hello")
+
+        return d.addCallback(connected).addCallback(closed)
+
+    def test_tls_layer_unwrapped(self) -> None:
+        """Over TLS, the TCP transport calls the TLS protocol itself."""
+        from twisted.internet.endpoints import _WrappingProtocol
+
+        from llmgate.relay.client import _unwrap
+
+        tcp_transport = StringTransport()
+        tls = Protocol()
+        tls.transport = tcp_transport
+        app = Protocol()
+        app.transport = tls
+        tcp_transport.protocol = _WrappingProtocol(Deferred(), tls)
+        self.assertTrue(_unwrap(app))
+        self.assertIs(tcp_transport.protocol, tls)
+
+    def test_other_protocol_left_alone(self) -> None:
+        """A transport calling anything but the endpoint's wrapper of this protocol is not touched."""
+        from twisted.internet.endpoints import _WrappingProtocol
+
+        from llmgate.relay.client import _unwrap
+
+        for outer in (Protocol(), _WrappingProtocol(Deferred(), Protocol())):
+            transport = StringTransport()
+            transport.protocol = outer
+            app = Protocol()
+            app.transport = transport
+            self.assertFalse(_unwrap(app))
+            self.assertIs(transport.protocol, outer)
