@@ -73,6 +73,20 @@ class ChunkedDecoder:
         self._trailer_bytes = 0
 
     def dataReceived(self, data: bytes) -> None:
+        if self._state == _SIZE and not self._pending:
+            # The common read of an event stream: exactly one whole chunk
+            # (one event), size line without extensions. Anything else
+            # (several chunks, a part, extensions, the last chunk) takes
+            # the general walk below, which also reports what is malformed.
+            eol = data.find(b"\r\n", 0, 18)
+            if eol > 0:
+                raw = data[:eol]
+                if _HEX.issuperset(raw):
+                    start = eol + 2
+                    end = start + int(raw, 16)
+                    if end > start and len(data) == end + 2 and data.endswith(b"\r\n"):
+                        self.dataCallback(data[start:end])
+                        return
         if self._state == _DONE:
             raise RuntimeError("ChunkedDecoder.dataReceived called after the last chunk")
         if self._pending:

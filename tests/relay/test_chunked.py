@@ -113,3 +113,40 @@ class SameAsTwistedTests(SynchronousTestCase):
         dec = ChunkedDecoder(lambda d: None, lambda rest: None)
         dec.dataReceived(b"0\r\n\r\n")
         self.assertRaises(RuntimeError, dec.dataReceived, b"x")
+
+
+class OneChunkReadTests(SynchronousTestCase):
+    """
+    Reads that hold exactly one chunk each (the common read of an event
+    stream) decode as Twisted's decoder does them, whatever the chunk.
+    """
+
+    def assertSameReads(self, reads: list[bytes]) -> None:
+        self.assertEqual(_run(ChunkedDecoder, reads)[:3], _run(_ChunkedTransferDecoder, reads)[:3], reads)
+
+    def test_one_chunk_per_read(self) -> None:
+        """Each read's one chunk is handed on whole, in one call per read."""
+        events = [b'data: {"choices":[{"delta":{"content":"w%d"}}]}\n\n' % i for i in range(5)]
+        reads = [_chunk(e) for e in events] + [b"0\r\n\r\n"]
+        self.assertSameReads(reads)
+        payload, rest, error, calls = _run(ChunkedDecoder, reads)
+        self.assertEqual((payload, rest, error, calls), (b"".join(events), b"", None, 5))
+
+    def test_size_spellings(self) -> None:
+        """Upper-case hex, leading zeros, a 16-digit size line, a payload holding CRLFs."""
+        payload = b"ab\r\ncd\r\n" * 40
+        for size in (b"%X" % len(payload), b"%04x" % len(payload), b"%016x" % len(payload)):
+            self.assertSameReads([size + b"\r\n" + payload + b"\r\n", b"0\r\n\r\n"])
+
+    def test_not_one_whole_chunk(self) -> None:
+        """A read that is nearly one chunk (bad end, extra bytes, size 0 with data, extension) is judged as Twisted judges it."""
+        for read in (
+            b"2\r\nabXY",
+            b"2\r\nab\r\nX",
+            b"2\r\nab\r\n0\r\n\r\n",
+            b"2;x=1\r\nab\r\n",
+            b"0\r\nab\r\n",
+            b"00000000000000002\r\nab\r\n",
+            b"g\r\nab\r\n",
+        ):
+            self.assertSameReads([read, b"0\r\n\r\n"])
