@@ -867,9 +867,12 @@ class Relay:
             self._err_body.append(data)
             return
         if self._sse:
-            data = self._whole_events(data)
-            if not data:
-                return
+            # Most reads are whole events ending in a blank line, with
+            # nothing held from before: relayed as they are.
+            if self._held or data[-2:] != b"\n\n":
+                data = self._whole_events(data)
+                if not data:
+                    return
             if self._phase is GATED:
                 data = self._through_gate(data)
                 if not data:
@@ -892,11 +895,14 @@ class Relay:
                 ex.first_write_at = self.clock.seconds()
             self._send(data)
             return
-        self._queue()
-        if not self._out:
+        if not self._queued:
+            self._queued = True
+            self._coalescer.add(self)
+        out = self._out
+        if not out:
             # The read that starts this turn's chunk: its wait is the chunk's.
             self._out_since = self._last_data
-        self._out.append(data)
+        out.append(data)
 
     def _queue(self) -> None:
         if not self._queued:
