@@ -91,7 +91,9 @@ def _unwrap(proto: Any) -> bool:
     for _ in range(3):
         if transport is None:
             return False
-        outer = getattr(transport, "protocol", None)
+        # The instance's own attribute: a TLS protocol passes unknown
+        # attributes on to its transport (ProtocolWrapper.__getattr__).
+        outer = getattr(transport, "__dict__", {}).get("protocol")
         if outer is not None:
             if type(outer) is wrapper_type and getattr(outer, "_wrappedProtocol", None) is inner:
                 transport.protocol = inner

@@ -612,6 +612,61 @@ class EndpointWrapperTests(TestCase):
 
         return d.addCallback(connected).addCallback(closed)
 
+    def test_real_tls_connection_reads_straight_into_tls(self) -> Any:
+        """
+        Over a real TLS connection on 127.0.0.1, the TCP transport calls
+        the TLS protocol itself; the handshake, reads and the close still
+        reach the connected protocol.
+        """
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+        from twisted.internet import reactor, ssl
+        from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+        from twisted.internet.protocol import Factory
+
+        from llmgate.relay.client import _NoDelayEndpoint
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (
+            x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        server = ssl.PrivateCertificate.loadPEM(pem)
+
+        class Hello(Protocol):
+            def connectionMade(self) -> None:
+                self.transport.write(b"hello over tls")
+                self.transport.loseConnection()
+
+        port = reactor.listenSSL(0, Factory.forProtocol(Hello), server.options(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        tls = ssl.optionsForClientTLS("localhost", trustRoot=ssl.Certificate.loadPEM(pem))
+        endpoint = _NoDelayEndpoint(wrapClientTLS(tls, TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)))
+        proto = _Recording()
+        d = endpoint.connect(Factory.forProtocol(lambda: proto))
+
+        def connected(p: Any) -> Any:
+            tls_protocol = p.transport
+            self.assertIs(tls_protocol.transport.protocol, tls_protocol)
+            return p.lost
+
+        def closed(_: Any) -> None:
+            self.assertEqual(proto.got, b"hello over tls")
+
+        return d.addCallback(connected).addCallback(closed)
+
     def test_tls_layer_unwrapped(self) -> None:
         """Over TLS, the TCP transport calls the TLS protocol itself."""
         from twisted.internet.endpoints import _WrappingProtocol
