@@ -73,26 +73,46 @@ class ChunkedDecoder:
         self._trailer_bytes = 0
 
     def dataReceived(self, data: bytes) -> None:
+        out: "list[bytes] | None" = None
         if self._state == _SIZE and not self._pending:
-            # The common read of an event stream: exactly one whole chunk
-            # (one event), size line without extensions. Anything else
-            # (several chunks, a part, extensions, the last chunk) takes
-            # the general walk below, which also reports what is malformed.
-            eol = data.find(b"\r\n", 0, 18)
-            if eol > 0:
-                raw = data[:eol]
-                if _HEX.issuperset(raw):
-                    start = eol + 2
-                    end = start + int(raw, 16)
-                    if end > start and len(data) == end + 2 and data.endswith(b"\r\n"):
+            # The common reads of an event stream: whole chunks (one event
+            # each, most often one a read), size lines of hex digits only.
+            # Taken here without the general walk; at the first anything
+            # else (a part, an extension, the last chunk, bad framing) the
+            # walk below goes on from there, and reports what is malformed.
+            n = len(data)
+            pos = 0
+            while True:
+                eol = data.find(b"\r\n", pos, pos + 18)
+                if eol <= pos:
+                    break
+                raw = data[pos:eol]
+                if not _HEX.issuperset(raw):
+                    break
+                start = eol + 2
+                end = start + int(raw, 16)
+                if end == start or data[end : end + 2] != b"\r\n":
+                    break
+                pos = end + 2
+                if out is None:
+                    if pos == n:
                         self.dataCallback(data[start:end])
                         return
-        if self._state == _DONE:
+                    out = [data[start:end]]
+                else:
+                    out.append(data[start:end])
+                    if pos == n:
+                        self.dataCallback(b"".join(out))
+                        return
+            if pos:
+                data = data[pos:]
+        elif self._state == _DONE:
             raise RuntimeError("ChunkedDecoder.dataReceived called after the last chunk")
-        if self._pending:
+        elif self._pending:
             data = self._pending + data
             self._pending = b""
-        out: list[bytes] = []
+        if out is None:
+            out = []
         try:
             rest = self._decode(data, out)
         finally:
@@ -131,7 +151,10 @@ class ChunkedDecoder:
                     return None
                 if eol - pos >= MAX_SIZE_LINE:
                     raise _MalformedChunkedDataError(f"Chunk size line exceeds maximum of {MAX_SIZE_LINE} bytes.")
-                size = _chunk_size(data[pos:eol])
+                line = data[pos:eol]
+                # Plain hex (the usual size line) is read as is; anything
+                # else is checked (extensions, bad characters).
+                size = int(line, 16) if line and _HEX.issuperset(line) else _chunk_size(line)
                 pos = eol + 2
                 if size:
                     self._left = size

@@ -150,3 +150,15 @@ class OneChunkReadTests(SynchronousTestCase):
             b"g\r\nab\r\n",
         ):
             self.assertSameReads([read, b"0\r\n\r\n"])
+
+    def test_whole_chunks_then_the_rest(self) -> None:
+        """
+        A read of several whole chunks, then a part, the last chunk, an
+        extension or bad framing, decodes as Twisted's does, its payload
+        in one call.
+        """
+        events = b"".join(_chunk(b"data: %d\n\n" % i) for i in range(3))
+        for tail in (b"", b"9\r\ndata", b"0\r\n\r\n", b"3;x\r\nabc\r\n", b"zz\r\n", b"3\r\nabcXY"):
+            self.assertSameReads([events + tail, b"9\r\n", b"0\r\n\r\n"])
+        payload, _, _, calls = _run(ChunkedDecoder, [events + b"9\r\ndata", b": 3\n\n\r\n0\r\n\r\n"])
+        self.assertEqual((payload, calls), (b"".join(b"data: %d\n\n" % i for i in range(4)), 2))
