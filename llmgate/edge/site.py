@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.edge.test_site -*-
+# -*- test-case-name: tests.edge.test_site,tests.edge.test_writes -*-
 """
 The client-facing HTTP side: a channel that holds every client to
 deadlines and answers every malformed request at once, a Request that
