@@ -22,7 +22,6 @@ from __future__ import annotations
 from io import BytesIO
 from typing import Any, Optional
 
-from twisted.internet import tcp
 from twisted.internet.interfaces import ITCPTransport
 from twisted.web import http, server
 
@@ -30,6 +29,7 @@ from llmgate import dialects
 from llmgate.edge.requestid import ids_for
 from llmgate.edge import admission
 from llmgate.edge.budget import MAX_BUFFERED_BYTES, BodyBudget
+from llmgate.ops import sendnow
 from llmgate.ops.periodic import Periodic
 
 # A client gets this long to send a request's headers, counted from the
@@ -234,44 +234,6 @@ class GatewayRequest(server.Request):
             self._held = 0
 
 
-class _WriteThrough(tcp.Server):
-    """
-    A TCP server transport that sends at once when nothing is queued.
-
-    Twisted queues every write until the next reactor turn, then registers
-    the socket for writing, sends, and unregisters it: two epoll_ctl calls
-    and a reactor dispatch per relayed event. Sending straight away when the
-    queue is empty (the common case: the client keeps up) skips all three;
-    anything the kernel does not take is queued the usual way, so
-    backpressure and producers work as before.
-    """
-
-    def write(self, data: bytes) -> None:
-        if data and self.connected and not self._writeDisconnected and not self._tempDataLen and self.offset == len(self.dataBuffer):
-            if len(data) > self.SEND_LIMIT:
-                sent = self.writeSomeData(data)
-                if not isinstance(sent, int) or sent < 0:
-                    sent = 0
-            else:
-                # Connection.writeSomeData without its two calls per send
-                # (a lazy slice, an EINTR loop that Python's socket module
-                # already does): whatever the socket refuses (EAGAIN, or
-                # a dead connection) is queued, and Twisted's own write
-                # path then sends it or finds the connection lost.
-                try:
-                    sent = self.socket.send(data)
-                except OSError:
-                    sent = 0
-            if sent == len(data):
-                return
-            if sent:
-                data = data[sent:]
-        super().write(data)
-
-    def writeSequence(self, iovec: Any) -> None:
-        self.write(b"".join(iovec))
-
-
 class GatewayChannel(http.HTTPChannel):
     """
     HTTP/1.1 with deadlines and strict framing.
@@ -350,8 +312,8 @@ class GatewayChannel(http.HTTPChannel):
             held.extend(iovec)
 
     def connectionMade(self) -> None:
-        if type(self.transport) is tcp.Server:
-            self.transport.__class__ = _WriteThrough
+        # Writes sent at once when nothing is queued (llmgate.ops.sendnow).
+        sendnow.adopt(self.transport)
         super().connectionMade()
         self._arm(self.headerDeadline)
 

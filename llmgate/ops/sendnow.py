@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.ops.test_sendnow -*-
+# -*- test-case-name: tests.ops.test_sendnow,tests.edge.test_writes -*-
 """
 TCP transports that send a write at once when nothing is queued.
 
@@ -36,10 +36,23 @@ class SendNow:
 
     def write(self, data: bytes) -> None:
         if data and self.connected and not self._writeDisconnected and not self._tempDataLen and self.offset == len(self.dataBuffer):
-            sent = self.writeSomeData(data)  # type: ignore[attr-defined]
-            if isinstance(sent, int) and sent >= 0:
-                if sent == len(data):
-                    return
+            if len(data) > self.SEND_LIMIT:  # type: ignore[attr-defined]
+                sent = self.writeSomeData(data)  # type: ignore[attr-defined]
+                if not isinstance(sent, int) or sent < 0:
+                    sent = 0
+            else:
+                # Connection.writeSomeData without its two calls per send
+                # (a lazy slice, an EINTR loop that Python's socket module
+                # already does): whatever the socket refuses (EAGAIN, or
+                # a dead connection) is queued, and Twisted's own write
+                # path then sends it or finds the connection lost.
+                try:
+                    sent = self.socket.send(data)  # type: ignore[attr-defined]
+                except OSError:
+                    sent = 0
+            if sent == len(data):
+                return
+            if sent:
                 data = data[sent:]
         super().write(data)  # type: ignore[misc]
 

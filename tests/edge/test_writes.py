@@ -1,6 +1,6 @@
 """
-The client transport's write-through (L{llmgate.edge.site._WriteThrough})
-over a real TCP connection on 127.0.0.1: a write goes out in the call when
+The write-through transport (L{llmgate.ops.sendnow}: the edge's and the
+upstream connections') over a real TCP connection on 127.0.0.1: a write goes out in the call when
 nothing is queued, and whatever the kernel does not take (a full socket
 buffer, a dead connection) is queued and handled by Twisted's own write
 path, in order.
@@ -17,7 +17,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
-from llmgate.edge.site import _WriteThrough
+from llmgate.ops.sendnow import SendNowServer
 
 
 class WriteThroughTests(SynchronousTestCase):
@@ -33,7 +33,7 @@ class WriteThroughTests(SynchronousTestCase):
         self.reactor = MemoryReactor()
         self.protocol = Protocol()
         self.transport = tcp.Server(ours, self.protocol, addr, None, 1, self.reactor)
-        self.transport.__class__ = _WriteThrough
+        self.transport.__class__ = SendNowServer
         self.protocol.makeConnection(self.transport)
         self.addCleanup(ours.close)
 

@@ -25,17 +25,22 @@ class _Queueing:
     _writeDisconnected = False
     offset = 0
     dataBuffer = b""
+    SEND_LIMIT = 8
 
     def __init__(self, accept: int) -> None:
         self.accept = accept
         self.sent: list[bytes] = []
         self.queued: list[bytes] = []
         self._tempDataLen = 0
+        self.socket = self
 
-    def writeSomeData(self, data: bytes) -> Any:
+    def send(self, data: bytes) -> int:
         n = min(len(data), self.accept)
         self.sent.append(data[:n])
         return n
+
+    def writeSomeData(self, data: bytes) -> Any:
+        return self.send(data)
 
     def write(self, data: bytes) -> None:
         if data:
@@ -71,10 +76,21 @@ class SendNowTests(SynchronousTestCase):
             self.assertEqual((t.sent, t.queued), ([], [b"x"]))
 
     def test_a_sequence_is_one_send(self) -> None:
-        """writeSequence joins the pieces into one send."""
+        """writeSequence joins the pieces into one send (over the send limit too)."""
         t = _Sending(accept=100)
         t.writeSequence([b"GET / HTTP/1.1\r\n", b"\r\n"])
         self.assertEqual(t.sent, [b"GET / HTTP/1.1\r\n\r\n"])
+
+    def test_a_refused_send_is_queued(self) -> None:
+        """A send the socket refuses (EAGAIN, a dead connection) queues the write for Twisted's own path."""
+
+        class Refusing(_Sending):
+            def send(self, data: bytes) -> int:
+                raise BlockingIOError()
+
+        t = Refusing(accept=100)
+        t.write(b"abc")
+        self.assertEqual((t.sent, t.queued), ([], [b"abc"]))
 
     def test_only_twisted_tcp_classes_are_switched(self) -> None:
         """Plain tcp.Client and tcp.Server are switched, a TLS-like wrapper's TCP transport too; other transports are left alone."""
