@@ -58,7 +58,7 @@ def setup():
         t = tcp.Server(a, ch, ("127.0.0.1", 40000 + i), None, i, clock)
         t.socket = FakeSock()
         ch.makeConnection(t)
-        assert type(t).__name__ == "_WriteThrough", type(t)
+        assert type(t).__name__ in ("_WriteThrough", "SendNowServer"), type(t)  # older trees: the edge's own class
         chans.append(ch)
         ch.dataReceived(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         host, port, factory, timeout, bind = clock.tcpClients[-1]
