@@ -236,6 +236,9 @@ def build(
     upstream = UpstreamClient(reactor, connect_timeout=cfg.timeouts.connect)
     upstream.setServiceParent(top)
     metrics = Metrics(models=cfg.models, keys=key_names(cfg))
+    # Per-request updates summed on the reactor thread, written at each
+    # scrape (or within a second: a worker's files).
+    metrics.batch(reactor)
     metrics.watch_executor(parse_pool)
     metrics.watch_executor(estimate_pool)
     pauses = gcstats.GCPauses()
