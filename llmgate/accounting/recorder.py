@@ -36,7 +36,7 @@ import uuid
 from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.logger import Logger
+from twisted.logger import LogLevel, Logger
 from twisted.python.failure import Failure
 
 from llmgate.accounting import tokens
@@ -48,7 +48,9 @@ from llmgate.relay.stream import Exchange
 from llmgate.dialects.sse import EventStreamParser, EventTooLarge
 from llmgate.accounting.usage import Usage, has_nonnull_usage, make_accumulator
 
-log = Logger(namespace="llmgate.access")
+_ACCESS = "llmgate.access"
+_INFO = LogLevel.info
+log = Logger(namespace=_ACCESS)
 
 # A non-streaming body is kept whole for its usage (and its text, for an
 # estimate if it has no usage) up to this size; past it only its head and
@@ -742,7 +744,7 @@ class Accounting:
             self.ledger.record(rec)
 
     def _sink(self, rec: UsageRecord, ex: Optional[Exchange] = None) -> None:
-        rec = clip_record(rec)
+        # rec is clipped (clip_record) by every caller.
         if self.on_settle is not None:
             self.on_settle(rec)
         if self.metrics is not None:
@@ -799,6 +801,7 @@ class Accounting:
             client_request_id=client_request_id,
             attempt=0,
         )
+        rec = clip_record(rec)
         _log_access(clip(method), clip(client), rec)
         self._sink(rec)
 
@@ -863,4 +866,18 @@ def _log_access(method: str, client: str, rec: UsageRecord) -> None:
         f"{f' attempt={rec.attempt}' if rec.attempt > 1 else ''}"
         f"{' parent=' + rec.parent_request_id if rec.parent_request_id else ''}"
     )
-    log.info("{line}", line=line, access=fields)
+    # Logger.info's event, handed straight to its observer (the global
+    # publisher): Logger.emit re-validates the level against every
+    # LogLevel constant on each call.
+    log.observer(
+        {
+            "line": line,
+            "access": fields,
+            "log_logger": log,
+            "log_level": _INFO,
+            "log_namespace": _ACCESS,
+            "log_source": None,
+            "log_format": "{line}",
+            "log_time": time.time(),
+        }
+    )

@@ -728,6 +728,34 @@ class ServedModelTests(SynchronousTestCase):
         self.assertIn("served=gpt-4o-mini-2024-07-18 ", lines[0])
         self.assertIn("outcome=completed ", lines[0])
 
+    def test_access_event_skips_logger_emit(self) -> None:
+        """
+        The access event reaches the log observers with the keys
+        Logger.info gives an event, but without Logger.emit's per-call
+        work (it re-validates the level against every LogLevel).
+        """
+        from twisted.logger import Logger, LogLevel, capturedLogs
+
+        from llmgate.accounting import recorder
+
+        emitted: list[object] = []
+        real_emit = Logger.emit
+        self.patch(Logger, "emit", lambda self, *a, **kw: (emitted.append(self.namespace), real_emit(self, *a, **kw)))
+        with capturedLogs() as events:
+            self.stream("/v1/chat/completions", {"model": "gpt-4o", "stream": True}, fixture("openai_chat_stream.sse"))
+        access = [e for e in events if e.get("log_namespace") == "llmgate.access"]
+        self.assertEqual(len(access), 1)
+        event = access[0]
+        self.assertNotIn("llmgate.access", emitted)
+        self.assertEqual(
+            (event["log_level"], event["log_format"], event["log_logger"], event["log_source"]),
+            (LogLevel.info, "{line}", recorder.log, None),
+        )
+        self.assertIsInstance(event["log_time"], float)
+        self.assertTrue(event["line"].startswith("POST /v1/chat/completions client="))
+        self.assertEqual(event["access"]["model"], "gpt-4o")
+        self.assertEqual(event["access"]["served_model"], "gpt-4o-mini-2024-07-18")
+
     def test_open_row_progress_names_served_model(self) -> None:
         """
         The progress of an open stream carries its served model once the
