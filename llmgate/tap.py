@@ -259,7 +259,9 @@ def build(
     accounting = Accounting(
         reactor,
         ledger=ledger,
-        metrics=metrics,
+        # Without a [metrics] port (a restart-only setting) nothing reads
+        # the per-request metrics, here or in a supervisor: not kept.
+        metrics=metrics if cfg.metrics_port else None,
         enabled=cfg.accounting_enabled,
         prices=PriceTable.from_config(dict(cfg.prices)),
         in_thread=estimate_pool,
