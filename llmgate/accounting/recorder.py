@@ -46,7 +46,7 @@ from llmgate.accounting.ledger import OPEN, Progress, UsageRecord
 from llmgate.accounting.prices import PriceTable
 from llmgate.relay.stream import Exchange
 from llmgate.dialects.sse import EventStreamParser, EventTooLarge
-from llmgate.accounting.usage import Usage, has_nonnull_usage, make_accumulator
+from llmgate.accounting.usage import Usage, has_nonnull_usage, loads_json, make_accumulator
 
 _ACCESS = "llmgate.access"
 _INFO = LogLevel.info
@@ -103,7 +103,7 @@ def _without_usage(payload: bytes) -> Optional[bytes]:
     finish chunk, None to keep it as it is.
     """
     try:
-        obj = json.loads(payload)
+        obj = loads_json(payload)
     except ValueError:
         return None
     if not isinstance(obj, dict) or obj.get("usage") is None:
