@@ -18,16 +18,17 @@ worker's counters stay in the sum (counters never go back).  The gauges
 name their multiprocess mode: C{livesum} for "now" values (a dead
 worker's files are removed by the supervisor), C{sum} for "since start".
 
-The per-request updates (L{Metrics.observe}, L{Metrics.attempt}) are
-batched when the gateway gives L{Metrics} its reactor (L{Metrics.batch}):
-each request adds to a plain dict on the reactor thread (no lock, no
-bucket search per histogram), and the sums go into prometheus_client's
-values -- one locked C{inc} per value touched, however many requests --
-when the registry is collected (so a scrape of C{/metrics} sees every
-finished request), at most L{FLUSH_INTERVAL} seconds after the first
-pending update (the files a supervisor reads under C{--workers}), and at
-shutdown.  About 12 us of the reactor thread per request, unbatched, at
-a dozen prometheus updates, each taking a lock.
+The per-request updates (L{Metrics.observe}, L{Metrics.attempt}) of a
+single process are batched when the gateway gives L{Metrics} its reactor
+(L{Metrics.batch}): each request adds to a plain dict on the reactor
+thread (no lock, no bucket search per histogram), and the sums go into
+prometheus_client's values -- one locked C{inc} per value touched,
+however many requests -- when the registry is collected (so a scrape of
+C{/metrics} sees every finished request), at most L{FLUSH_INTERVAL}
+seconds after the first pending update, and at shutdown.  Unbatched, a
+dozen prometheus updates per request, each taking a lock, were ~12 us of
+the reactor thread.  A worker's updates are not batched: its values are
+files the supervisor sums even after a SIGKILL, which must lose none.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Any, Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application.service import Service
 from twisted.logger import Logger
@@ -60,7 +61,7 @@ _DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300
 _ADDED_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 # Batched updates wait at most this long for a scrape before they are
-# written into the values (under --workers: the files the supervisor sums).
+# written into the values.
 FLUSH_INTERVAL = 1.0
 
 # Why an upstream attempt was made, for llmgate_upstream_attempts_total.
@@ -283,8 +284,14 @@ class Metrics:
         Batch the per-request updates from now on: written at each
         collection, C{interval} seconds of C{clock} after the first one
         pending, and when C{clock} (a reactor) shuts down.  Every update
-        must then come from C{clock}'s thread.
+        must then come from C{clock}'s thread.  Nothing changes in
+        multiprocess mode (a worker's values are written at once).
         """
+        if getattr(values.ValueClass, "_multiprocess", False):
+            # A worker's values are its files, which the supervisor sums
+            # even after the worker died (SIGKILL included): each update is
+            # written at once, so none is lost with the process.
+            return
         self._clock = clock
         self._interval = interval
         add_trigger = getattr(clock, "addSystemEventTrigger", None)

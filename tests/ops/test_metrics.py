@@ -212,16 +212,17 @@ class MultiprocessTests(SynchronousTestCase):
         self.assertEqual(got[ok], 2)
         self.assertEqual(got[("llmgate_active_requests", ())], 1)
 
-    def test_batched_worker_writes_its_files_on_timer(self) -> None:
+    def test_worker_updates_not_batched(self) -> None:
         """
-        A batched worker's requests reach its multiprocess files (the
-        supervisor's sum) FLUSH_INTERVAL after the first, not one by one.
+        A worker's updates reach its multiprocess files (the supervisor's
+        sum) at once even when the gateway asks for batching: a SIGKILLed
+        worker must lose no count.
         """
         import os
 
         from twisted.internet.testing import MemoryReactorClock
 
-        from llmgate.ops.metrics import FLUSH_INTERVAL, render_multiprocess
+        from llmgate.ops.metrics import render_multiprocess
 
         path = self.mktemp()
         os.makedirs(path)
@@ -230,12 +231,13 @@ class MultiprocessTests(SynchronousTestCase):
         w.batch(clock)
         for _ in range(4):
             w.observe(self.record())
-        ok = ("llmgate_requests_total", (("key", "other"), ("outcome", "completed"), ("provider", "p"), ("route", "/v1/chat/completions"), ("status", "200")))
-        self.assertEqual(samples(render_multiprocess(path).decode()).get(ok, 0), 0)
-        clock.advance(FLUSH_INTERVAL)
+        w.attempt("p", "first")
         got = samples(render_multiprocess(path).decode())
+        ok = ("llmgate_requests_total", (("key", "other"), ("outcome", "completed"), ("provider", "p"), ("route", "/v1/chat/completions"), ("status", "200")))
         self.assertEqual(got[ok], 4)
         self.assertEqual(got[("llmgate_ttft_seconds_count", (("route", "/v1/chat/completions"),))], 4)
+        self.assertEqual(got[("llmgate_upstream_attempts_total", (("provider", "p"), ("reason", "first")))], 1)
+        self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_worker_pushes_ledger_gauges(self) -> None:
         """
