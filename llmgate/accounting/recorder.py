@@ -420,11 +420,21 @@ class Accounting:
         return RequestCounter(exchange.endpoint.api, strip_usage)
 
     def _opened(self, ex: Exchange) -> None:
+        later = getattr(self.ledger, "open_later", None)
+        if later is not None:
+            self._open[ex.request_id] = [ex, 0]
+            # Built at the ledger's next batch only if the request has not
+            # ended by then (most short requests have: no record to build).
+            later(ex.request_id, self._open_record, ex)
+            return
         opener = getattr(self.ledger, "open", None)
         if opener is None:
             return
         self._open[ex.request_id] = [ex, 0]
-        opener(clip_record(self._make_record(ex, None, OPEN)))
+        opener(self._open_record(ex))
+
+    def _open_record(self, ex: Exchange) -> UsageRecord:
+        return clip_record(self._make_record(ex, None, OPEN))
 
     def progress(self, parts: int = 1) -> list[Progress]:
         """

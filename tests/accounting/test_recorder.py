@@ -935,6 +935,59 @@ class OpenRowTests(SynchronousTestCase):
         [final] = ledger.records
         self.assertEqual((final.request_id, final.outcome), (row.request_id, "completed"))
 
+    def test_open_row_built_only_for_requests_still_open(self) -> None:
+        """
+        With the durable ledger an open row is built at its next batch, and
+        only for a request whose final record is not in that batch: a
+        short request that ended first costs no open record; one still
+        relaying, or ended with its record still being counted in a thread,
+        gets its open row (clipped, outcome open) in that batch.
+        """
+        import os
+
+        from llmgate.accounting import recorder
+        from llmgate.accounting.ledger import Ledger, read_records
+        from tests.accounting.test_ledger import syncRunner
+
+        gw = Gateway()
+        path = os.path.join(self.mktemp() + "-usage.db")
+        ledger = Ledger(path, gw.clock, run_in_thread=syncRunner)
+        ledger.startService()
+        self.addCleanup(lambda: ledger.running and self.successResultOf(ledger.stopService()))
+        acc = gw.resource.accounting = Accounting(gw.clock, ledger=ledger, in_thread=next_turn(gw.clock))
+        made: list[str] = []
+        real = acc._make_record
+        self.patch(acc, "_make_record", lambda ex, usage, outcome, *a: (made.append(outcome), real(ex, usage, outcome, *a))[1])
+        gw.resource.config.models.clear()
+        # Short: ends (reported usage) before the batch.
+        gw.post("/v1/chat/completions", {"model": "gpt-4o", "stream": True, "messages": []})
+        r = FakeResponse(200, SSE_HEADERS)
+        gw.http.calls[0]["deferred"].callback(r)
+        r.send(fixture("openai_chat_stream.sse"))
+        r.end()
+        # Long: still relaying at the batch; its model name is clipped.
+        gw.post("/v1/chat/completions", {"model": "m" * 5000, "stream": True, "messages": []})
+        long_r = FakeResponse(200, SSE_HEADERS)
+        gw.http.calls[1]["deferred"].callback(long_r)
+        long_r.send(b'data: {"id":"c2","model":"x","choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n')
+        # Counted: ended without usage, its estimate runs in a thread (a turn later).
+        gw.post("/v1/chat/completions", {"model": "gpt-4o", "stream": True, "messages": []})
+        est_r = FakeResponse(200, SSE_HEADERS)
+        gw.http.calls[2]["deferred"].callback(est_r)
+        est_r.send(b'data: {"id":"c3","model":"x","choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n')
+        est_r.end()
+        self.assertEqual(made, ["completed"])
+        ledger._tick()
+        self.assertEqual(sorted(made), ["completed", "open", "open"])
+        rows = read_records(path)
+        self.assertEqual(sorted(r["outcome"] for r in rows), ["completed", "open", "open"])
+        self.assertIn("m" * 256 + "...[4744 more chars]", [r["model"] for r in rows])
+        gw.clock.advance(0)  # the estimate's record
+        long_r.send(b'data: {"id":"c2","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\ndata: [DONE]\n\n')
+        long_r.end()
+        ledger._tick()
+        self.assertEqual(sorted(r["outcome"] for r in read_records(path)), ["completed"] * 3)
+
     def test_open_row_clips_client_strings(self) -> None:
         """
         The open row written at admission caps a client's long model name
