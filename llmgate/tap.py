@@ -236,6 +236,9 @@ def build(
     upstream = UpstreamClient(reactor, connect_timeout=cfg.timeouts.connect)
     upstream.setServiceParent(top)
     metrics = Metrics(models=cfg.models, keys=key_names(cfg))
+    # Per-request updates summed on the reactor thread, written at each
+    # scrape (or within a second: a worker's files).
+    metrics.batch(reactor)
     metrics.watch_executor(parse_pool)
     metrics.watch_executor(estimate_pool)
     pauses = gcstats.GCPauses()
@@ -258,7 +261,9 @@ def build(
     accounting = Accounting(
         reactor,
         ledger=ledger,
-        metrics=metrics,
+        # Without a [metrics] port (a restart-only setting) nothing reads
+        # the per-request metrics, here or in a supervisor: not kept.
+        metrics=metrics if cfg.metrics_port else None,
         enabled=cfg.accounting_enabled,
         prices=PriceTable.from_config(dict(cfg.prices)),
         in_thread=estimate_pool,

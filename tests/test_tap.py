@@ -117,6 +117,30 @@ class ServiceTests(SynchronousTestCase):
         tap._tune_gc(top)
         self.assertEqual(tuned, [young])
 
+    def test_request_metrics_only_with_a_metrics_port(self) -> None:
+        """
+        Without a [metrics] port nothing reads the per-request metrics, so
+        requests update none (no accounting metrics, none for the
+        resource's refusals or the attempts); with one they are kept, and
+        batched on the reactor.
+        """
+        from llmgate import config
+        from llmgate.ops.metrics import Metrics
+
+        providers = {"p": {"kind": "openai", "base_url": "http://x/v1", "default": True}}
+
+        def root(doc: dict) -> object:  # type: ignore[type-arg]
+            reactor = MemoryReactorClock()
+            top = tap.build(config.parse(doc, {}), reactor, ["tcp:1"])
+            listener = [s for s in top if isinstance(s, Listener)][0]
+            return listener.factory.resource, reactor
+
+        off, _ = root({"providers": providers})
+        self.assertIsNone(off.accounting.metrics)  # type: ignore[attr-defined]
+        on, reactor = root({"providers": providers, "metrics": {"port": "tcp:9"}})
+        self.assertIsInstance(on.accounting.metrics, Metrics)  # type: ignore[attr-defined]
+        self.assertIs(on.accounting.metrics._clock, reactor)  # type: ignore[attr-defined]
+
     def test_site_limits_from_config(self) -> None:
         """The listening site takes the body cap and the buffered-bodies budget from the config."""
         from llmgate import config
@@ -179,6 +203,7 @@ class ServiceTests(SynchronousTestCase):
         root = next(s for s in top if isinstance(s, Listener)).factory.resource
         self.assertIsInstance(root.quotas.state, MemoryState)
         doc["state"] = {"redis_url": "redis://127.0.0.1:6390/2", "timeout": 0.1, "on_error": "fail_open"}
+        doc["metrics"] = {"port": "tcp:9"}  # the registry read below
         services = list(tap.build(config.parse(doc, {}), MemoryReactorClock(), ["tcp:1"]))
         root = next(s for s in services if isinstance(s, Listener)).factory.resource
         state = root.quotas.state

@@ -30,6 +30,14 @@ def clip(value: str, limit: int = MAX_CHARS) -> str:
 
 def clip_record(rec: Any) -> Any:
     """C{rec}, or a copy of it with its long string fields clipped."""
+    # Every request's record passes here: the common case (nothing long)
+    # with no dict built.
+    for name in _FIELDS:
+        v = getattr(rec, name)
+        if isinstance(v, str) and len(v) > MAX_CHARS:
+            break
+    else:
+        return rec
     long = {
         name: clip(v)
         for name in _FIELDS

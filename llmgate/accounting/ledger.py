@@ -3,7 +3,10 @@
 The durable usage ledger: one row per gateway request, in SQLite.
 
 Each request's row is written twice: an C{open} row when it is admitted
-(L{Ledger.open}), then its final record (L{Ledger.record}) replaces it.  While
+(L{Ledger.open}), then its final record (L{Ledger.record}) replaces it.
+The gateway queues its open rows with L{Ledger.open_later}: built when
+the batch goes to the writer, and not at all for a request whose final
+record is in the same batch (most short requests).  While
 it is open, its progress (bytes and an estimate of the tokens relayed) is
 refreshed about once a second (L{Ledger.progress_source}).  On start, rows
 still open from a previous run -- the process was killed or lost power --
@@ -408,6 +411,17 @@ class _SQLiteWriter:
                 pass
 
 
+class _LaterOpen:
+    """An open row queued by L{Ledger.open_later}: built when its batch goes to the writer."""
+
+    __slots__ = ("request_id", "build", "arg")
+
+    def __init__(self, request_id: str, build: Callable[[Any], UsageRecord], arg: Any) -> None:
+        self.request_id = request_id
+        self.build = build
+        self.arg = arg
+
+
 class Ledger(Service):
     """
     Batches L{UsageRecord}s in memory and writes them off the reactor thread.
@@ -491,6 +505,18 @@ class Ledger(Service):
         """
         assert rec.outcome == OPEN
         self.record(rec)
+
+    def open_later(self, request_id: str, build: Callable[[Any], UsageRecord], arg: Any) -> None:
+        """
+        Queue the open row of the request C{request_id}, just admitted, to
+        be built (C{build(arg)}, on the reactor thread) when the queue is
+        handed to the writer -- and only if that batch does not already
+        hold the request's final record.  A short request usually ends
+        before the next batch, and the writer drops the open row of a
+        request whose final record it gets in the same batch: it is not
+        built at all.  Otherwise as L{open}: written with the same batch.
+        """
+        self.record(_LaterOpen(request_id, build, arg))  # type: ignore[arg-type]
 
     def record(self, rec: UsageRecord) -> None:
         """
@@ -597,7 +623,7 @@ class Ledger(Service):
             records went back to the queue.  It never fails.
         """
         assert self._inflight is None and self._runInThread is not None
-        batch = [] if recover else list(self._pending)
+        batch = [] if recover else self._built(list(self._pending))
         if not recover:
             self._pending.clear()
         self._inflight = batch
@@ -662,6 +688,27 @@ class Ledger(Service):
         d.addCallbacks(written, failed)
         d.addCallback(settle)
         return d
+
+    def _built(self, items: List[Any]) -> List[UsageRecord]:
+        """
+        C{items} with each L{open_later} row built, or left out when its
+        request's final record is among them (the writer would skip it).
+        """
+        if not any(type(item) is _LaterOpen for item in items):
+            return items
+        ended = {item.request_id for item in items if type(item) is not _LaterOpen and item.outcome != OPEN}
+        batch: List[UsageRecord] = []
+        for item in items:
+            if type(item) is _LaterOpen:
+                if item.request_id in ended:
+                    continue
+                try:
+                    item = item.build(item.arg)
+                except Exception:
+                    self.log.failure("usage ledger: building the open row of {rid} failed", rid=item.request_id)
+                    continue
+            batch.append(item)
+        return batch
 
     def _requeue(self, batch: Iterable[UsageRecord]) -> None:
         """

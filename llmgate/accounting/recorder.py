@@ -36,7 +36,7 @@ import uuid
 from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.logger import Logger
+from twisted.logger import LogLevel, Logger
 from twisted.python.failure import Failure
 
 from llmgate.accounting import tokens
@@ -46,9 +46,11 @@ from llmgate.accounting.ledger import OPEN, Progress, UsageRecord
 from llmgate.accounting.prices import PriceTable
 from llmgate.relay.stream import Exchange
 from llmgate.dialects.sse import EventStreamParser, EventTooLarge
-from llmgate.accounting.usage import Usage, has_nonnull_usage, make_accumulator
+from llmgate.accounting.usage import Usage, has_nonnull_usage, loads_json, make_accumulator
 
-log = Logger(namespace="llmgate.access")
+_ACCESS = "llmgate.access"
+_INFO = LogLevel.info
+log = Logger(namespace=_ACCESS)
 
 # A non-streaming body is kept whole for its usage (and its text, for an
 # estimate if it has no usage) up to this size; past it only its head and
@@ -101,7 +103,7 @@ def _without_usage(payload: bytes) -> Optional[bytes]:
     finish chunk, None to keep it as it is.
     """
     try:
-        obj = json.loads(payload)
+        obj = loads_json(payload)
     except ValueError:
         return None
     if not isinstance(obj, dict) or obj.get("usage") is None:
@@ -418,11 +420,21 @@ class Accounting:
         return RequestCounter(exchange.endpoint.api, strip_usage)
 
     def _opened(self, ex: Exchange) -> None:
+        later = getattr(self.ledger, "open_later", None)
+        if later is not None:
+            self._open[ex.request_id] = [ex, 0]
+            # Built at the ledger's next batch only if the request has not
+            # ended by then (most short requests have: no record to build).
+            later(ex.request_id, self._open_record, ex)
+            return
         opener = getattr(self.ledger, "open", None)
         if opener is None:
             return
         self._open[ex.request_id] = [ex, 0]
-        opener(clip_record(self._make_record(ex, None, OPEN)))
+        opener(self._open_record(ex))
+
+    def _open_record(self, ex: Exchange) -> UsageRecord:
+        return clip_record(self._make_record(ex, None, OPEN))
 
     def progress(self, parts: int = 1) -> list[Progress]:
         """
@@ -742,7 +754,7 @@ class Accounting:
             self.ledger.record(rec)
 
     def _sink(self, rec: UsageRecord, ex: Optional[Exchange] = None) -> None:
-        rec = clip_record(rec)
+        # rec is clipped (clip_record) by every caller.
         if self.on_settle is not None:
             self.on_settle(rec)
         if self.metrics is not None:
@@ -799,6 +811,7 @@ class Accounting:
             client_request_id=client_request_id,
             attempt=0,
         )
+        rec = clip_record(rec)
         _log_access(clip(method), clip(client), rec)
         self._sink(rec)
 
@@ -863,4 +876,18 @@ def _log_access(method: str, client: str, rec: UsageRecord) -> None:
         f"{f' attempt={rec.attempt}' if rec.attempt > 1 else ''}"
         f"{' parent=' + rec.parent_request_id if rec.parent_request_id else ''}"
     )
-    log.info("{line}", line=line, access=fields)
+    # Logger.info's event, handed straight to its observer (the global
+    # publisher): Logger.emit re-validates the level against every
+    # LogLevel constant on each call.
+    log.observer(
+        {
+            "line": line,
+            "access": fields,
+            "log_logger": log,
+            "log_level": _INFO,
+            "log_namespace": _ACCESS,
+            "log_source": None,
+            "log_format": "{line}",
+            "log_time": time.time(),
+        }
+    )

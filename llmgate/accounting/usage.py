@@ -281,9 +281,21 @@ def is_usage_only_chunk(data: bytes) -> bool:
     )
 
 
+def loads_json(data: bytes):
+    """
+    C{json.loads(data)}: an event payload or body that opens with C{"{"}
+    and no NUL after it is UTF-8 (json.detect_encoding's own rule: no BOM
+    starts with C{"{"}), decoded as json.loads would without its encoding
+    checks, about 1 us of Python per call.  Raises as json.loads does.
+    """
+    if data[:1] == b"{" and data[1:2] != b"\x00":
+        return json.loads(data.decode("utf-8", "surrogatepass"))
+    return json.loads(data)
+
+
 def _loads(data: bytes):
     try:
-        return json.loads(data)
+        return loads_json(data)
     except ValueError:  # includes UnicodeDecodeError
         return None
 

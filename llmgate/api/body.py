@@ -49,8 +49,12 @@ def parse_body(body: bytes) -> dict[str, Any]:
     @raise BodyError: not JSON, not an object, a repeated top-level key, or
         nested deeper than L{MAX_DEPTH}.
     """
+    # A body that opens its object with a non-NUL next byte is UTF-8 (what
+    # json.detect_encoding says: no BOM starts with "{", and a NUL second
+    # byte would be UTF-16/32), without that function's Python-level checks.
+    encoding = "utf-8" if body[:1] == b"{" and body[1:2] != b"\x00" else json.detect_encoding(body)
     try:
-        text = body.decode(json.detect_encoding(body), "surrogatepass")
+        text = body.decode(encoding, "surrogatepass")
     except (UnicodeDecodeError, LookupError):
         raise BodyError("request body is not valid JSON") from None
     try:

@@ -232,7 +232,7 @@ class Breakers:
         if not health:
             return
         st.failures += 1
-        total, failed = self._count(st, failed=True)
+        total, failed = self._sums(st, self._count(st, failed=True))
         if (
             st.opened_at is not None
             or st.failures >= self.failures
@@ -266,8 +266,12 @@ class Breakers:
 
     # -- the failure-ratio window ---------------------------------------------
 
-    def _count(self, st: _State, failed: bool) -> tuple[int, int]:
-        """Count one answer or failure now; the window's (requests, failures)."""
+    def _count(self, st: _State, failed: bool) -> int:
+        """
+        Count one answer or failure now; the current bucket's number (for
+        L{_sums}, which only a failure needs: an answer, once per request,
+        does not walk the window).
+        """
         n = int(self.clock.seconds() // self._width)
         if st.window is None:
             st.window = [[-1, 0, 0] for _ in range(_BUCKETS)]
@@ -277,7 +281,7 @@ class Breakers:
         b[1] += 1
         if failed:
             b[2] += 1
-        return self._sums(st, n)
+        return n
 
     def _sums(self, st: _State, n: int) -> tuple[int, int]:
         if st.window is None:

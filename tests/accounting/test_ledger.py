@@ -457,6 +457,50 @@ class OpenRowTests(SynchronousTestCase):
         )
         self.assertEqual(len(self.rows()), 2)
 
+    def test_openLaterBuiltOnlyIfStillOpen(self) -> None:
+        """
+        An open row queued with open_later is built when its batch goes to
+        the writer, from the state then, and written as an open row; one
+        whose final record is in the same batch is never built.  Built or
+        not, each request ends with its one final row.
+        """
+        ledger = self.makeLedger()
+        built: list[str] = []
+
+        def build(rid: str) -> UsageRecord:
+            built.append(rid)
+            return openRecord(0, request_id=rid)
+
+        short, long = makeRecord(0), makeRecord(1)
+        ledger.open_later(short.request_id, build, short.request_id)
+        ledger.open_later(long.request_id, build, long.request_id)
+        self.assertEqual(ledger.pending_count(), 2)
+        ledger.record(short)
+        self.assertEqual(built, [])
+        self.clock.advance(ledger.batch_interval)
+        self.assertEqual(built, [long.request_id])
+        rows = {r["request_id"]: r["outcome"] for r in self.rows()}
+        self.assertEqual(rows, {short.request_id: "completed", long.request_id: "open"})
+        ledger.record(long)
+        self.clock.advance(ledger.batch_interval)
+        self.assertEqual([UsageRecord(**r) for r in self.rows()], [short, long])
+
+    def test_openLaterBuildFailureLogged(self) -> None:
+        """
+        An open row whose build fails is logged and left out; the rest of
+        its batch is written.
+        """
+        ledger = self.makeLedger()
+
+        def broken(arg: object) -> UsageRecord:
+            raise RuntimeError("no row")
+
+        ledger.open_later("x", broken, None)
+        ledger.record(makeRecord(3))
+        self.clock.advance(ledger.batch_interval)
+        self.assertEqual([r["outcome"] for r in self.rows()], ["completed"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_progressUpdatesOpenRowsOnly(self) -> None:
         """
         Progress is asked for on every batch tick, for a share of the open

@@ -728,6 +728,34 @@ class ServedModelTests(SynchronousTestCase):
         self.assertIn("served=gpt-4o-mini-2024-07-18 ", lines[0])
         self.assertIn("outcome=completed ", lines[0])
 
+    def test_access_event_skips_logger_emit(self) -> None:
+        """
+        The access event reaches the log observers with the keys
+        Logger.info gives an event, but without Logger.emit's per-call
+        work (it re-validates the level against every LogLevel).
+        """
+        from twisted.logger import Logger, LogLevel, capturedLogs
+
+        from llmgate.accounting import recorder
+
+        emitted: list[object] = []
+        real_emit = Logger.emit
+        self.patch(Logger, "emit", lambda self, *a, **kw: (emitted.append(self.namespace), real_emit(self, *a, **kw)))
+        with capturedLogs() as events:
+            self.stream("/v1/chat/completions", {"model": "gpt-4o", "stream": True}, fixture("openai_chat_stream.sse"))
+        access = [e for e in events if e.get("log_namespace") == "llmgate.access"]
+        self.assertEqual(len(access), 1)
+        event = access[0]
+        self.assertNotIn("llmgate.access", emitted)
+        self.assertEqual(
+            (event["log_level"], event["log_format"], event["log_logger"], event["log_source"]),
+            (LogLevel.info, "{line}", recorder.log, None),
+        )
+        self.assertIsInstance(event["log_time"], float)
+        self.assertTrue(event["line"].startswith("POST /v1/chat/completions client="))
+        self.assertEqual(event["access"]["model"], "gpt-4o")
+        self.assertEqual(event["access"]["served_model"], "gpt-4o-mini-2024-07-18")
+
     def test_open_row_progress_names_served_model(self) -> None:
         """
         The progress of an open stream carries its served model once the
@@ -906,6 +934,59 @@ class OpenRowTests(SynchronousTestCase):
         r.end()
         [final] = ledger.records
         self.assertEqual((final.request_id, final.outcome), (row.request_id, "completed"))
+
+    def test_open_row_built_only_for_requests_still_open(self) -> None:
+        """
+        With the durable ledger an open row is built at its next batch, and
+        only for a request whose final record is not in that batch: a
+        short request that ended first costs no open record; one still
+        relaying, or ended with its record still being counted in a thread,
+        gets its open row (clipped, outcome open) in that batch.
+        """
+        import os
+
+        from llmgate.accounting import recorder
+        from llmgate.accounting.ledger import Ledger, read_records
+        from tests.accounting.test_ledger import syncRunner
+
+        gw = Gateway()
+        path = os.path.join(self.mktemp() + "-usage.db")
+        ledger = Ledger(path, gw.clock, run_in_thread=syncRunner)
+        ledger.startService()
+        self.addCleanup(lambda: ledger.running and self.successResultOf(ledger.stopService()))
+        acc = gw.resource.accounting = Accounting(gw.clock, ledger=ledger, in_thread=next_turn(gw.clock))
+        made: list[str] = []
+        real = acc._make_record
+        self.patch(acc, "_make_record", lambda ex, usage, outcome, *a: (made.append(outcome), real(ex, usage, outcome, *a))[1])
+        gw.resource.config.models.clear()
+        # Short: ends (reported usage) before the batch.
+        gw.post("/v1/chat/completions", {"model": "gpt-4o", "stream": True, "messages": []})
+        r = FakeResponse(200, SSE_HEADERS)
+        gw.http.calls[0]["deferred"].callback(r)
+        r.send(fixture("openai_chat_stream.sse"))
+        r.end()
+        # Long: still relaying at the batch; its model name is clipped.
+        gw.post("/v1/chat/completions", {"model": "m" * 5000, "stream": True, "messages": []})
+        long_r = FakeResponse(200, SSE_HEADERS)
+        gw.http.calls[1]["deferred"].callback(long_r)
+        long_r.send(b'data: {"id":"c2","model":"x","choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n')
+        # Counted: ended without usage, its estimate runs in a thread (a turn later).
+        gw.post("/v1/chat/completions", {"model": "gpt-4o", "stream": True, "messages": []})
+        est_r = FakeResponse(200, SSE_HEADERS)
+        gw.http.calls[2]["deferred"].callback(est_r)
+        est_r.send(b'data: {"id":"c3","model":"x","choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n')
+        est_r.end()
+        self.assertEqual(made, ["completed"])
+        ledger._tick()
+        self.assertEqual(sorted(made), ["completed", "open", "open"])
+        rows = read_records(path)
+        self.assertEqual(sorted(r["outcome"] for r in rows), ["completed", "open", "open"])
+        self.assertIn("m" * 256 + "...[4744 more chars]", [r["model"] for r in rows])
+        gw.clock.advance(0)  # the estimate's record
+        long_r.send(b'data: {"id":"c2","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\ndata: [DONE]\n\n')
+        long_r.end()
+        ledger._tick()
+        self.assertEqual(sorted(r["outcome"] for r in read_records(path)), ["completed"] * 3)
 
     def test_open_row_clips_client_strings(self) -> None:
         """

@@ -625,3 +625,28 @@ class ByteTestTests(SynchronousTestCase):
         acc.on_event(None, b'{"id":"c","choices":[{"delta":{"content" : "a\\nb \\u2014 \\"q\\""}}]}')
         acc.on_event(None, b'{"id":"c","choices":[{"delta":{"content":"\xe2\x80\x93"}}]}')
         self.assertEqual(acc.sample_text(), 'a\nb \u2014 "q"\u2013')
+
+
+class LoadsJsonTests(SynchronousTestCase):
+    def test_same_as_json_loads(self):
+        """
+        loads_json reads what json.loads reads, in every JSON encoding, and
+        refuses what it refuses (bad UTF-8, lone surrogates kept as
+        json.loads keeps them).
+        """
+        import json
+
+        from llmgate.accounting.usage import loads_json
+
+        doc = {"id": "c1", "choices": [{"delta": {"content": "h\u00e9 \U0001f600"}}], "usage": None}
+        text = json.dumps(doc, ensure_ascii=False)
+        for encoding in ("utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"):
+            raw = text.encode(encoding)
+            self.assertEqual(loads_json(raw), json.loads(raw), encoding)
+        for raw in (b'{"a":"\\ud800"}', b"[1]", b"2", b'"s"', '{"a":"\ud800"}'.encode("utf-8", "surrogatepass")):
+            self.assertEqual(loads_json(raw), json.loads(raw), raw)
+        for raw in (b'{"a":"\xff"}', b"{", b"", b"{}x"):
+            with self.assertRaises(ValueError):
+                json.loads(raw)
+            with self.assertRaises(ValueError):
+                loads_json(raw)

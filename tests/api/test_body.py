@@ -26,6 +26,24 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(parse_body(b"{}"), {})
         self.assertEqual(parse_body('{"a":"\u00e9"}'.encode("utf-16")), {"a": "\u00e9"})
 
+    def test_every_json_encoding(self) -> None:
+        """
+        A body in UTF-8 (with or without a BOM), UTF-16 or UTF-32 (either
+        byte order, with or without a BOM) is read as json.loads reads it:
+        one opening with "{" is UTF-8 only if its next byte is no NUL.
+        """
+        doc = {"model": "gpt-4o", "messages": [{"role": "user", "content": "h\u00e9 \U0001f600"}]}
+        text = json.dumps(doc, ensure_ascii=False)
+        for encoding in ("utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"):
+            raw = text.encode(encoding)
+            self.assertEqual(parse_body(raw), json.loads(raw), encoding)
+            self.assertEqual(parse_body(raw), doc, encoding)
+        self.assertEqual(parse_body(b"{}"), {})
+        with self.assertRaises(BodyError):
+            parse_body(b"{")
+        with self.assertRaises(BodyError):
+            parse_body(b'{"a":"\xff"}')  # not UTF-8
+
     def test_invalid_json(self) -> None:
         """Bad JSON, bad UTF-8, trailing data and non-objects are refused."""
         for raw in (b"{nope", b'{"model": "\xff"}', b'{"a":1} x', b'{"a":1,}', b'{"a" 1}', b"", b"[1, 2]", b'"s"', b'{"a":1', b"{,}"):

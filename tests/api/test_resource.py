@@ -190,3 +190,69 @@ class ExecutorTests(SynchronousTestCase):
         self.assertEqual(freed, [])
         channel.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(freed, [len(raw)])
+
+
+class SmallBodyTests(SynchronousTestCase):
+    """A small body is parsed and relayed (or refused) in the render call, without a Deferred chain."""
+
+    def deferreds_from_render(self, post: Any) -> list[str]:
+        """The functions of llmgate.api.resource under which a Deferred was made during C{post()}."""
+        import sys
+
+        from twisted.internet import defer
+
+        made: list[str] = []
+        real_init = defer.Deferred.__init__
+
+        def init(d: Any, *a: Any, **kw: Any) -> None:
+            f = sys._getframe(1)
+            for _ in range(3):
+                if f is None:
+                    break
+                if f.f_code.co_filename.endswith("api/resource.py"):
+                    made.append(f.f_code.co_name)
+                    break
+                f = f.f_back
+            real_init(d, *a, **kw)
+
+        self.patch(defer.Deferred, "__init__", init)
+        post()
+        return made
+
+    def test_relayed_without_a_deferred(self) -> None:
+        """A stream's small body goes upstream with no Deferred made by the resource's render."""
+        gw = Gateway()
+        made = self.deferreds_from_render(
+            lambda: gw.post("/v1/chat/completions", {"model": "gpt-4o", "stream": True, "messages": []})
+        )
+        self.assertEqual(len(gw.http.calls), 1)
+        self.assertNotIn("_render_relay", made)
+
+    def test_refused_without_a_deferred(self) -> None:
+        """A small body that is not JSON is answered 400 in the dialect at once, with no Deferred."""
+        gw = Gateway()
+        box: list[Any] = []
+        made = self.deferreds_from_render(lambda: box.append(gw.post("/v1/messages", None, raw=b"{nope")))
+        gw.clock.advance(0)
+        status, _, body, _ = parse_response(box[0][1].value())
+        self.assertEqual(status, 400)
+        self.assertEqual(json.loads(body)["type"], "error")
+        self.assertNotIn("_render_relay", made)
+        self.assertEqual(gw.http.calls, [])
+
+    def test_failing_refusal_is_logged(self) -> None:
+        """If answering a refused body fails, the failure is logged, not raised into twisted.web."""
+        from twisted.logger import capturedLogs
+
+        gw = Gateway()
+
+        def broken(*a: Any) -> None:
+            raise RuntimeError("answer failed")
+
+        self.patch(gw.resource, "_relay_failed", broken)
+        with capturedLogs() as events:
+            gw.post("/v1/messages", None, raw=b"{nope")
+        failures = [e for e in events if "log_failure" in e]
+        self.assertEqual(len(failures), 1)
+        self.assertIsInstance(failures[0]["log_failure"].value, RuntimeError)
+        self.flushLoggedErrors(RuntimeError)

@@ -393,3 +393,47 @@ class LingerTests(SynchronousTestCase):
         self.assertFalse(t.aborted)
         gw.clock.advance(0.1)
         self.assertTrue(t.aborted)
+
+
+class DateHeaderTests(SynchronousTestCase):
+    """The Date header: by the site's clock, formatted once per second."""
+
+    def get(self, gw: Gateway) -> dict[bytes, list[bytes]]:
+        channel, t = gw.connect()
+        channel.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        gw.clock.advance(0)
+        status, headers, body, _ = parse_response(t.value())
+        self.assertEqual((status, body), (200, b'{"status":"ok"}'))
+        return headers
+
+    def test_date_of_the_site_clock(self) -> None:
+        """
+        A response's Date is the second of the site's clock (the RFC 9110
+        example date here), and the next second's once the clock moves on;
+        the Server header is still sent.
+        """
+        gw = Gateway()
+        gw.clock.advance(784111777.25)
+        headers = self.get(gw)
+        self.assertEqual(headers[b"date"], [b"Sun, 06 Nov 1994 08:49:37 GMT"])
+        self.assertTrue(headers[b"server"][0].startswith(b"TwistedWeb/"))
+        gw.clock.advance(0.5)
+        self.assertEqual(self.get(gw)[b"date"], [b"Sun, 06 Nov 1994 08:49:37 GMT"])
+        gw.clock.advance(0.5)
+        self.assertEqual(self.get(gw)[b"date"], [b"Sun, 06 Nov 1994 08:49:38 GMT"])
+
+    def test_formatted_once_per_second(self) -> None:
+        """Requests within one second share one formatting of the date."""
+        from llmgate.edge import site
+
+        calls: list[object] = []
+        real = site._datetimeToString
+        self.patch(site, "_datetimeToString", lambda t: calls.append(t) or real(t))
+        self.patch(site, "_date", site._DateHeader())
+        gw = Gateway()
+        gw.clock.advance(1000.1)
+        for _ in range(3):
+            self.assertEqual(self.get(gw)[b"date"], [b"Thu, 01 Jan 1970 00:16:40 GMT"])
+        gw.clock.advance(1)
+        self.assertEqual(self.get(gw)[b"date"], [b"Thu, 01 Jan 1970 00:16:41 GMT"])
+        self.assertEqual(calls, [1000, 1001])

@@ -212,6 +212,33 @@ class MultiprocessTests(SynchronousTestCase):
         self.assertEqual(got[ok], 2)
         self.assertEqual(got[("llmgate_active_requests", ())], 1)
 
+    def test_worker_updates_not_batched(self) -> None:
+        """
+        A worker's updates reach its multiprocess files (the supervisor's
+        sum) at once even when the gateway asks for batching: a SIGKILLed
+        worker must lose no count.
+        """
+        import os
+
+        from twisted.internet.testing import MemoryReactorClock
+
+        from llmgate.ops.metrics import render_multiprocess
+
+        path = self.mktemp()
+        os.makedirs(path)
+        clock = MemoryReactorClock()
+        w = self.worker_metrics(path, 1003)
+        w.batch(clock)
+        for _ in range(4):
+            w.observe(self.record())
+        w.attempt("p", "first")
+        got = samples(render_multiprocess(path).decode())
+        ok = ("llmgate_requests_total", (("key", "other"), ("outcome", "completed"), ("provider", "p"), ("route", "/v1/chat/completions"), ("status", "200")))
+        self.assertEqual(got[ok], 4)
+        self.assertEqual(got[("llmgate_ttft_seconds_count", (("route", "/v1/chat/completions"),))], 4)
+        self.assertEqual(got[("llmgate_upstream_attempts_total", (("provider", "p"), ("reason", "first")))], 1)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
     def test_worker_pushes_ledger_gauges(self) -> None:
         """
         A gauge's function is never called under multiprocess mode, so a
@@ -389,3 +416,123 @@ class OperatorMetricsTests(SynchronousTestCase):
         ledger.write_failures = 5
         got = samples(resource.render_GET(DummyRequest([b""])).decode())
         self.assertEqual(got[("llmgate_ledger_write_failures_total", ())], 5)
+
+
+class BatchedTests(SynchronousTestCase):
+    """
+    Per-request updates summed on the reactor thread and written into the
+    prometheus values at a scrape, on a timer, or at shutdown: what
+    /metrics shows is what the unbatched updates show.
+    """
+
+    def records(self) -> list[tuple[object, object]]:
+        """Finished requests of every kind, with timings on and between the bucket bounds."""
+
+        class Rec:
+            route, status, outcome, ttft_ms, source, cost_usd, provider = (
+                "/v1/chat/completions", 200, "completed", 5.0, "reported", 0.25, "p")
+            model, key_name, streamed, phase, duration_ms = "m", "k", True, None, 50.0
+            input_tokens, output_tokens, cached_input_tokens, cache_creation_tokens, reasoning_tokens = 3, 4, 2, 1, 5
+
+        class Ex:
+            headers_at, started, first_write_at, first_byte_at = 1.01, 1.0, 1.0021, 1.002
+            added_n, added_max, added_sum = 4, 0.0001, 0.0002
+
+        def rec(**kw: object) -> object:
+            r = Rec()
+            for k, v in kw.items():
+                setattr(r, k, v)
+            return r
+
+        out: list[tuple[object, object]] = []
+        for ttft in (0.0, 5.0, 10.0, 7.5, 2500.0, 99000.0, None):
+            out.append((rec(ttft_ms=ttft, duration_ms=(ttft or 1.0) * 2), Ex()))
+        out.append((rec(outcome="client_cancelled", phase="body", source=None, cost_usd=None), Ex()))
+        out.append((rec(status=502, outcome="upstream_error", phase="headers", streamed=False), None))
+        out.append((rec(route="/nope", status=404, outcome="rejected", ttft_ms=None, source=None), None))
+        out.append((rec(model="other-model", key_name="", source="estimated", cost_usd=0.125), Ex()))
+        return out
+
+    def exposition(self, metrics: Metrics) -> list[str]:
+        from prometheus_client.exposition import generate_latest
+
+        # _created samples are the children's creation times.
+        return [line for line in generate_latest(metrics.registry).decode().splitlines() if "_created" not in line]
+
+    def test_same_exposition_as_unbatched(self) -> None:
+        """
+        The same requests and attempts give the same /metrics text batched
+        as unbatched (counters, token sums, each histogram's buckets).
+        """
+        from twisted.internet.testing import MemoryReactorClock
+
+        plain, batched = Metrics(models=["m"], keys=["k"]), Metrics(models=["m"], keys=["k"])
+        batched.batch(MemoryReactorClock())
+        for m in (plain, batched):
+            for _ in range(3):
+                for rec, ex in self.records():
+                    m.observe(rec, ex)
+                m.attempt("p", "first")
+                m.attempt("p", "retry")
+        want = self.exposition(plain)
+        self.assertIn('llmgate_ttft_seconds_bucket{le="0.005",route="/v1/chat/completions"} 12.0', want)
+        self.assertEqual(self.exposition(batched), want)
+
+    def test_written_on_timer_and_at_shutdown(self) -> None:
+        """
+        Batched updates reach the values (a worker's files) once, summed,
+        FLUSH_INTERVAL after the first one, and at reactor shutdown; a
+        scrape writes them at once and cancels the timer.
+        """
+        from twisted.internet.testing import MemoryReactorClock
+
+        from llmgate.ops.metrics import FLUSH_INTERVAL
+
+        clock = MemoryReactorClock()
+        metrics = Metrics(models=["m"], keys=["k"])
+        metrics.batch(clock)
+        rec, ex = self.records()[1]
+        requests = metrics.requests.labels("/v1/chat/completions", "200", "completed", "k", "p")._value
+        incs: list[float] = []
+        real_inc = requests.inc
+        self.patch(requests, "inc", lambda n: (incs.append(n), real_inc(n)))
+        for _ in range(5):
+            metrics.observe(rec, ex)
+        self.assertEqual(requests.get(), 0)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        clock.advance(FLUSH_INTERVAL)
+        self.assertEqual((requests.get(), incs), (5, [5.0]))
+        metrics.observe(rec, ex)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        metrics.registry.collect()
+        list(metrics.registry.collect())
+        self.assertEqual(requests.get(), 6)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        metrics.observe(rec, ex)
+        for f, args, kwargs in clock.triggers["after"]["shutdown"]:
+            f(*args, **kwargs)
+        self.assertEqual(requests.get(), 7)
+
+    def test_gateway_requests_counted_in_a_scrape(self) -> None:
+        """A batched gateway's finished request is in the very next scrape."""
+        gw = Gateway()
+        metrics = Metrics()
+        metrics.batch(gw.clock)
+        gw.resource.accounting = Accounting(gw.clock, metrics=metrics)
+        gw.post("/v1/chat/completions", {"model": "gpt-4o", "stream": True})
+        r = FakeResponse(200, SSE_HEADERS)
+        gw.http.calls[0]["deferred"].callback(r)
+        r.send(b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}\n\ndata: [DONE]\n\n')
+        r.end()
+        gw.clock.advance(0)
+        got = samples(MetricsResource(metrics.registry).render_GET(_dummy()).decode())
+        self.assertEqual(
+            got[("llmgate_requests_total", (("key", "anonymous"), ("outcome", "completed"), ("provider", "oai"), ("route", "/v1/chat/completions"), ("status", "200")))], 1
+        )
+        self.assertEqual(got[("llmgate_upstream_attempts_total", (("provider", "oai"), ("reason", "first")))], 1)
+
+
+def _dummy() -> object:
+    from twisted.web.test.requesthelper import DummyRequest
+
+    return DummyRequest([b""])

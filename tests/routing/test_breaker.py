@@ -93,6 +93,22 @@ class FailureRatioTests(SynchronousTestCase):
         self.assertFalse(self.b.available(K))
         self.assertEqual(self.b.wait(K), 30)
 
+    def test_answers_do_not_walk_the_window(self) -> None:
+        """
+        An answer (once per request) only counts in its bucket; the window
+        is summed for a failure (which may open the breaker) and for the
+        ratio, still counting the answers.
+        """
+        walks: list[int] = []
+        real = self.b._sums
+        self.patch(self.b, "_sums", lambda st, n: (walks.append(n), real(st, n))[1])
+        for _ in range(20):
+            self.b.succeeded(K)
+        self.assertEqual(walks, [])
+        self.b.failed(K)
+        self.assertEqual(len(walks), 1)
+        self.assertEqual(self.b.error_ratio(K), 1 / 21)
+
     def test_below_min_requests_never_opens(self) -> None:
         """Failures alone, but fewer than min_requests of them, leave it closed."""
         for _ in range(9):
