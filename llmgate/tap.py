@@ -25,7 +25,7 @@ from llmgate.accounting.ledger import Ledger
 from llmgate.ops.metrics import Metrics, MetricsResource
 from llmgate.accounting.prices import PriceTable
 from llmgate.ops.drain import Drain
-from llmgate.ops import gcstats, logformat, status
+from llmgate.ops import gcstats, logformat, sendnow, status
 from llmgate.ops import reactor as lean_reactor
 from llmgate.ops.executors import BoundedExecutor
 from llmgate.ops.memory import Trimmer, tune_malloc
@@ -248,6 +248,10 @@ def build(
     young.setServiceParent(top)
     if hasattr(reactor, "everyDescriptors"):  # llmgate.ops.reactor, not --reactor=NAME
         reactor.everyDescriptors(gcstats.YOUNG_PER_DESCRIPTORS, young.descriptors)
+        # In each turn, new connections and requests before the upstream
+        # reads that make the bulk of it: a new request's upstream call
+        # then leaves early in the turn, not after every stream's event.
+        reactor.handleLast(sendnow.SendNowClient)
     if worker:
         # The supervisor sums the workers' files, not their registries.
         gcstats.GCPush(pauses, reactor, metrics.registry).setServiceParent(top)

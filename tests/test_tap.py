@@ -95,23 +95,30 @@ class ServiceTests(SynchronousTestCase):
     def test_reactor_descriptor_counts_drive_young_collections(self) -> None:
         """
         On the gateway's own reactor, every YOUNG_PER_DESCRIPTORS ready
-        descriptors handled run one of the tree's young collections; and the
-        daemon's GC settings make that service freeze what survives.
+        descriptors handled run one of the tree's young collections, and
+        upstream connections are handled last in each turn; the daemon's GC
+        settings make that service freeze what survives.
         """
         from llmgate import config
-        from llmgate.ops import gcstats
+        from llmgate.ops import gcstats, sendnow
         from llmgate.ops.gcstats import YoungCollections
 
         hooked: list[tuple[int, object]] = []
+        last: list[tuple[type, ...]] = []
 
         class CountingReactor(MemoryReactorClock):
             def everyDescriptors(self, count: int, call: object) -> None:
                 hooked.append((count, call))
 
+            def handleLast(self, *types: type) -> None:
+                last.append(types)
+
         cfg = config.parse({"providers": {"p": {"kind": "openai", "base_url": "http://x/v1", "default": True}}}, {})
         top = tap.build(cfg, CountingReactor(), ["tcp:1"])
         [young] = [s for s in top if isinstance(s, YoungCollections)]
         self.assertEqual(hooked, [(gcstats.YOUNG_PER_DESCRIPTORS, young.descriptors)])
+        # Upstream connections' reads come after new requests in each turn.
+        self.assertEqual(last, [(sendnow.SendNowClient,)])
         tuned: list[object] = []
         self.patch(gcstats, "tune", tuned.append)
         tap._tune_gc(top)

@@ -105,6 +105,45 @@ class LeanReactorTests(SynchronousTestCase):
         self.assertEqual(pairs[2][0].reads, [b"a", b"d"])
         self.assertEqual(calls, [1, 1])
 
+    def test_chosen_types_are_handled_last_in_a_turn(self) -> None:
+        """
+        With handleLast(T), ready descriptors of type T are handled after
+        all the others in the same turn, whatever epoll's order; without it
+        every ready descriptor is still handled once.
+        """
+        order: list[str] = []
+
+        class Late(_Reader):
+            def doRead(self) -> None:
+                super().doRead()
+                order.append("late")
+
+        class Early(_Reader):
+            def doRead(self) -> None:
+                super().doRead()
+                order.append("early")
+
+        writers = []
+        for cls in (Late, Early, Late, Early):
+            a, b = socket.socketpair()
+            self.addCleanup(a.close)
+            self.addCleanup(b.close)
+            reader = cls(a, self.reactor)
+            self.reactor.addReader(reader)
+            self.addCleanup(self.reactor.removeReader, reader)
+            writers.append(b)
+        self.reactor.handleLast(Late)
+        for w in writers:
+            w.send(b"x")
+        self.reactor.doPoll(0)
+        self.assertEqual(order, ["early", "early", "late", "late"])
+        self.reactor.handleLast()
+        del order[:]
+        for w in writers:
+            w.send(b"y")
+        self.reactor.doPoll(0)
+        self.assertEqual(sorted(order), ["early", "early", "late", "late"])
+
     def test_not_installed_over_a_chosen_reactor(self) -> None:
         """With a reactor already installed (here trial's), install() leaves it alone."""
         from twisted.internet import reactor
