@@ -661,6 +661,20 @@ class _CountingTransport(StringTransport):
         super().writeSequence(seq)
 
 
+def _chat_posted(version: bytes = b"HTTP/1.1", coalesce: bool = True) -> tuple[Any, Any, "_CountingTransport"]:
+    """A gateway, a client channel on a counting transport, and a streaming chat request posted on it."""
+    gw = Gateway(coalesce=coalesce)
+    channel = gw.site.buildProtocol(None)
+    transport = _CountingTransport()
+    channel.makeConnection(transport)
+    data = json.dumps(CHAT).encode()
+    channel.dataReceived(
+        b"POST /v1/chat/completions %s\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (version, len(data), data)
+    )
+    return gw, channel, transport
+
+
 class FewerSendsTests(SynchronousTestCase):
     """
     The client transport writes through at once, so each channel write is
@@ -668,15 +682,7 @@ class FewerSendsTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.gw = Gateway(coalesce=True)
-        self.channel = self.gw.site.buildProtocol(None)
-        self.transport = _CountingTransport()
-        self.channel.makeConnection(self.transport)
-        data = json.dumps(CHAT).encode()
-        self.channel.dataReceived(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(data), data)
-        )
+        self.gw, self.channel, self.transport = _chat_posted()
         self.r = FakeResponse(200, SSE_HEADERS)
         self.transport.writes = 0
 
@@ -753,15 +759,7 @@ class ChunkFramingTests(SynchronousTestCase):
     """
 
     def start(self, version: bytes = b"HTTP/1.1", coalesce: bool = True, method: bytes = b"") -> None:
-        self.gw = Gateway(coalesce=coalesce)
-        self.channel = self.gw.site.buildProtocol(None)
-        self.transport = _CountingTransport()
-        self.channel.makeConnection(self.transport)
-        data = json.dumps(CHAT).encode()
-        self.channel.dataReceived(
-            b"POST /v1/chat/completions %s\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (version, len(data), data)
-        )
+        self.gw, self.channel, self.transport = _chat_posted(version, coalesce)
         self.request = self.channel.requests[-1]
         if method:
             self.request.method = method
