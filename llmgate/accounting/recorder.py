@@ -347,11 +347,12 @@ def estimate_usage(counter: RequestCounter, model: str, request_body: Any) -> Us
     return est
 
 
-# Open requests one progress call reports at most (a tick of the ledger):
-# about 5 ms of reactor time (~20 us each, mostly extracting the held
-# events' text). With 5 ticks a second, a process's requests are each
-# reported about once a second up to 1,250 open, every N / 1,250 s beyond.
-MAX_PROGRESS_PER_CALL = 250
+# Open requests one progress call reports at most (the ledger asks 20
+# times a second): about 1.1 ms of reactor time (~18 us each, mostly
+# extracting the held events' text). A process's requests are each
+# reported about once a second up to 1,260 open, every N / 1,260 s beyond
+# (the same budget as 250 a call at 5 calls a second, in shorter stops).
+MAX_PROGRESS_PER_CALL = 63
 
 
 class Accounting:
@@ -439,16 +440,16 @@ class Accounting:
     def progress(self, parts: int = 1) -> list[Progress]:
         """
         The progress of open requests that relayed bytes since their last
-        report, a C{parts}-th of them per call: the ledger asks on each of
-        its batch ticks (C{parts} ticks per progress interval), so every
-        open request is reported about once an interval and the work is
-        spread over the ticks. One call for all of them stopped the reactor
-        for ~20 ms a second at 1,000 open streams (the held events' text is
-        extracted for the estimate), and that was in the TTFT tail. Each
+        report, a C{parts}-th of them per call: the ledger asks C{parts}
+        times per progress interval, so every open request is reported
+        about once an interval and the work is spread over the calls. One
+        call for all of them stopped the reactor for ~20 ms a second at
+        1,000 open streams (the held events' text is extracted for the
+        estimate), and that was in the TTFT tail. Each
         call takes the next share of a round of the requests open when the
         round began; requests opened since wait for the next round. A call
-        reports at most L{MAX_PROGRESS_PER_CALL} requests (about 5 ms), so
-        past that many per tick the rounds take longer than an interval.
+        reports at most L{MAX_PROGRESS_PER_CALL} requests (about 1 ms), so
+        past that many per call the rounds take longer than an interval.
 
         Cheap per request, on the reactor thread: output tokens not
         reported yet are estimated as text bytes / 4, not with tiktoken.

@@ -503,12 +503,13 @@ class OpenRowTests(SynchronousTestCase):
 
     def test_progressUpdatesOpenRowsOnly(self) -> None:
         """
-        Progress is asked for on every batch tick, for a share of the open
-        requests (C{parts} = ticks per progress_interval, so each open
-        request is reported about once an interval and no tick does them
-        all), and updates open rows; a finished row keeps its final values.
+        Progress is asked for progress_slices times per progress_interval
+        on its own timer, each time for a share of the open requests
+        (C{parts} = progress_slices, so each open request is reported about
+        once an interval and no call does them all), and goes with the next
+        batch to update open rows; a finished row keeps its final values.
         """
-        ledger = self.makeLedger(batch_interval=0.2, progress_interval=1.0)
+        ledger = self.makeLedger(batch_interval=0.2, progress_interval=1.0, progress_slices=20)
         running, done = openRecord(0), makeRecord(1)
         ledger.open(running)
         ledger.record(done)
@@ -516,12 +517,12 @@ class OpenRowTests(SynchronousTestCase):
 
         def source(parts: int) -> List[Progress]:
             asked.append(parts)
-            return [progressOf(running, bytes_out=300 * len(asked)), progressOf(done)]
+            return [progressOf(running, bytes_out=75 * min(len(asked), 40)), progressOf(done)]
 
         ledger.progress_source = source
-        for _ in range(10):
-            self.clock.advance(0.2)
-        self.assertEqual(asked, [5] * 10)
+        for _ in range(44):
+            self.clock.advance(0.05)
+        self.assertEqual(asked, [20] * 44)
         byId = {r["request_id"]: r for r in self.rows()}
         self.assertEqual(UsageRecord(**byId[done.request_id]), done)
         row = byId[running.request_id]
@@ -529,6 +530,33 @@ class OpenRowTests(SynchronousTestCase):
             (row["outcome"], row["status"], row["output_tokens"], row["source"], row["bytes_out"], row["ttft_ms"]),
             ("open", 200, 40, "estimated", 3000, 7.0),
         )
+
+    def test_progressHeldUntilTheNextBatchLatestOnly(self) -> None:
+        """
+        Progress asked between two batches waits for the next one, one
+        report per request (the latest): what is held is bounded by the
+        open requests however often it is asked before a write.
+        """
+        ledger = self.makeLedger(batch_interval=1.0, progress_interval=1.0, progress_slices=4)
+        running = openRecord(0)
+        ledger.open(running)
+        asked: List[int] = []
+
+        def source(parts: int) -> List[Progress]:
+            asked.append(parts)
+            return [progressOf(running, bytes_out=100 * len(asked))]
+
+        ledger.progress_source = source
+        for _ in range(3):
+            self.clock.advance(0.25)
+        self.assertEqual(asked, [4, 4, 4])
+        self.assertEqual(self.rows(), [])
+        self.assertEqual(len(ledger._progress), 1)
+        self.clock.advance(0.25)
+        self.clock.advance(1.0)
+        [row] = self.rows()
+        self.assertEqual(row["outcome"], "open")
+        self.assertIn(row["bytes_out"], (400, 500))
 
     def test_restartMarksOpenRowsInterrupted(self) -> None:
         """
