@@ -8,7 +8,7 @@ that takes over 0.3 ms, by the call's name; every two seconds it writes a
 summary to `$TURNPROBE_OUT.<pid>`. Thread CPU, not wall-clock time, so a
 busy machine that deschedules the process does not show as a stop.
 
-    PYTHONPATH=bench/turnprobe TURNPROBE_OUT=/tmp/turn .venv/bin/twistd -n llmgate ...
+    PYTHONPATH=bench/turnprobe TURNPROBE_OUT=turn .venv/bin/twistd -n llmgate ...
 
 Diagnostics only: it wraps every DelayedCall's function (about a
 microsecond each) and keeps every turn's figure in memory.
