@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from typing import Any, Optional
 
 HEADER = b"x-request-id"
@@ -29,9 +30,32 @@ MAX_LEN = 128
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1," + str(MAX_LEN).encode() + rb"}\Z")
 
 
+# Random bytes drawn from the kernel 4 KB at a time (256 ids), not one
+# getrandom call per request; a forked child drops the parent's rest, so
+# two processes never hand out the same bytes.
+_POOL_BYTES = 4096
+_pool = b""
+_at = 0
+_pool_lock = threading.Lock()
+
+
+def _forget_pool() -> None:
+    global _pool, _at
+    _pool, _at = b"", 0
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 def new_id() -> str:
-    """A fresh gateway id: 128 random bits as hex."""
-    return os.urandom(16).hex()
+    """A fresh gateway id: 128 random bits (from C{os.urandom}) as hex."""
+    global _pool, _at
+    with _pool_lock:
+        at = _at
+        if at + 16 > len(_pool):
+            _pool, at = os.urandom(_POOL_BYTES), 0
+        _at = at + 16
+        return _pool[at : at + 16].hex()
 
 
 def valid_client_id(headers: Any) -> Optional[str]:

@@ -152,3 +152,54 @@ class AccessLineTests(SynchronousTestCase):
         access = event["access"]
         self.assertEqual((access["method"], access["status"], access["outcome"]), ("GET", 405, "rejected"))
         self.assertEqual((access["client"], access["client_request_id"]), ("192.168.1.1", "g-1"))
+
+
+class NewIdTests(SynchronousTestCase):
+    """Gateway ids come from the kernel's random bytes, drawn a pool at a time."""
+
+    def test_ids_are_distinct_128_bit_hex_across_pools(self) -> None:
+        """Ids drawn over several pool refills are 32 hex digits and all different."""
+        from llmgate.edge import requestid
+
+        count = 3 * requestid._POOL_BYTES // 16 + 5
+        ids = [requestid.new_id() for _ in range(count)]
+        self.assertEqual(len(set(ids)), count)
+        self.assertTrue(all(len(i) == 32 and int(i, 16) >= 0 for i in ids))
+
+    def test_one_kernel_call_per_pool(self) -> None:
+        """os.urandom is asked once per 256 ids, for a whole pool."""
+        from llmgate.edge import requestid
+
+        asked: list[int] = []
+        real = requestid.os.urandom
+
+        def urandom(n: int) -> bytes:
+            asked.append(n)
+            return real(n)
+
+        requestid._forget_pool()
+        self.patch(requestid.os, "urandom", urandom)
+        for _ in range(2 * requestid._POOL_BYTES // 16):
+            requestid.new_id()
+        self.assertEqual(asked, [requestid._POOL_BYTES, requestid._POOL_BYTES])
+
+    def test_forked_child_draws_its_own_bytes(self) -> None:
+        """After a fork the child forgets the parent's pool, so the two never give the same id."""
+        import os
+
+        from llmgate.edge import requestid
+
+        requestid.new_id()  # the parent has a pool with bytes left
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report its next id and leave at once
+            try:
+                os.write(write, requestid.new_id().encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        child = os.read(read, 64).decode()
+        os.close(read)
+        os.waitpid(pid, 0)
+        self.assertEqual(len(child), 32)
+        self.assertNotEqual(child, requestid.new_id())
