@@ -343,7 +343,21 @@ class _CappedParser(HTTPClientParser):
                 token = token.strip()
                 if token:
                     self.headers.removeHeader(token)
-        super().allHeadersReceived()
+        # The parser's transport is Twisted's TransportProxyProducer around
+        # the connection's.
+        transport = getattr(self.transport, "_producer", None)
+        hold = getattr(transport, "holdPauses", None)
+        if hold is None:
+            super().allHeadersReceived()
+            return
+        # Twisted pauses the connection until the response's body has a
+        # reader, and the relay gives it one before this call returns: the
+        # pause is held, and that resume cancels it (no epoll_ctl pair).
+        hold()
+        try:
+            super().allHeadersReceived()
+        finally:
+            transport.releasePauses()
 
 
 class _CappedClientProtocol(HTTP11ClientProtocol):
@@ -357,7 +371,17 @@ class _CappedClientProtocol(HTTP11ClientProtocol):
     """
 
     def request(self, request: Any) -> Deferred[Any]:
-        d = super().request(request)
+        transport = self.transport
+        hold = getattr(transport, "holdWrites", None)
+        if hold is None:
+            d = super().request(request)
+        else:
+            # The head and the in-memory body leave in one send.
+            hold()
+            try:
+                d = super().request(request)
+            finally:
+                transport.releaseWrites()
         parser = self._parser
         if type(parser) is HTTPClientParser:
             parser.__class__ = _CappedParser

@@ -9,8 +9,9 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from twisted.internet import reactor, tcp
+from twisted.internet import error, reactor, tcp
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import Clock
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -112,6 +113,165 @@ class SendNowTests(SynchronousTestCase):
         self.assertFalse(sendnow.adopt(Bare()))
 
 
+class _Closable:
+    """What SendNow's closing reads and calls on a TCP connection, recorded."""
+
+    connected = 1
+    disconnected = 0
+    disconnecting = 0
+    _writeDisconnected = False
+    _tempDataLen = 0
+    offset = 0
+    dataBuffer = b""
+    producer: Any = None
+    streamingProducer = True
+    producerPaused = False
+    SEND_LIMIT = 1 << 20
+
+    def __init__(self, clock: Clock) -> None:
+        self.reactor = clock
+        self.calls: list[Any] = []
+        self.socket = self
+
+    def send(self, data: bytes) -> int:
+        return len(data)
+
+    def stopReading(self) -> None:
+        self.calls.append("stopReading")
+
+    def startReading(self) -> None:
+        self.calls.append("startReading")
+
+    def startWriting(self) -> None:
+        self.calls.append("startWriting")
+
+    def stopWriting(self) -> None:
+        self.calls.append("stopWriting")
+
+    def loseConnection(self, *args: Any) -> None:
+        self.calls.append("twisted loseConnection")
+
+    def pauseProducing(self) -> None:
+        self.calls.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.calls.append("resume")
+
+    def write(self, data: bytes) -> None:
+        self._tempDataLen += len(data)
+        self.calls.append(("queued", data))
+
+    def connectionLost(self, reason: Any) -> None:
+        self.disconnected, self.connected = 1, 0
+        self.calls.append(("connectionLost", reason.type))
+
+
+class _Closing(sendnow.SendNow, _Closable):
+    pass
+
+
+class CloseTests(SynchronousTestCase):
+    def test_idle_connection_closes_next_turn_without_waiting_to_write(self) -> None:
+        """
+        With nothing queued, loseConnection stops reading, marks the
+        connection disconnecting and closes it at the next turn with
+        ConnectionDone; it never registers for writing.
+        """
+        clock = Clock()
+        t = _Closing(clock)
+        t.loseConnection()
+        self.assertEqual(t.calls, ["stopReading"])
+        self.assertTrue(t.disconnecting)
+        clock.advance(0)
+        self.assertEqual(t.calls, ["stopReading", "stopWriting", ("connectionLost", error.ConnectionDone)])
+
+    def test_connections_closed_in_one_turn_share_one_timer(self) -> None:
+        """Many idle closes in a turn schedule one call, which closes them all."""
+        clock = Clock()
+        ts = [_Closing(clock) for _ in range(5)]
+        for t in ts:
+            t.loseConnection()
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        clock.advance(0)
+        self.assertTrue(all(t.disconnected for t in ts))
+
+    def test_queued_bytes_take_twisteds_path(self) -> None:
+        """Bytes still queued, or a paused producer, leave the close to Twisted (it flushes first)."""
+        for attr, value in (("_tempDataLen", 3), ("dataBuffer", b"abc"), ("producerPaused", True)):
+            t = _Closing(Clock())
+            t.producer = object()
+            setattr(t, attr, value)
+            t.loseConnection()
+            self.assertEqual(t.calls, ["twisted loseConnection"], attr)
+
+    def test_write_refused_after_close_is_flushed_before_closing(self) -> None:
+        """A write the kernel does not take after loseConnection is left to Twisted's writer, which closes after it."""
+        clock = Clock()
+        t = _Closing(clock)
+        t.loseConnection()
+        t.SEND_LIMIT = 0
+        t.writeSomeData = lambda data: 0  # type: ignore[attr-defined]
+        t.write(b"late")
+        clock.advance(0)
+        self.assertEqual(t.calls, ["stopReading", ("queued", b"late"), "startWriting"])
+        self.assertFalse(t.disconnected)
+
+    def test_lost_or_aborted_meanwhile_is_not_lost_twice(self) -> None:
+        """A connection lost (or being aborted) before the turn ends gets no second connectionLost."""
+        for attr in ("disconnected", "_aborting"):
+            clock = Clock()
+            t = _Closing(clock)
+            t.loseConnection()
+            setattr(t, attr, True)
+            clock.advance(0)
+            self.assertEqual(t.calls, ["stopReading"], attr)
+
+
+class HeldPauseTests(SynchronousTestCase):
+    def test_pause_cancelled_by_resume_while_held(self) -> None:
+        """A pause then a resume while held reach the transport as a resume only (no stop/start pair)."""
+        t = _Closing(Clock())
+        t.holdPauses()
+        t.pauseProducing()
+        t.resumeProducing()
+        t.releasePauses()
+        self.assertEqual(t.calls, ["resume"])
+
+    def test_pause_left_held_takes_effect_on_release(self) -> None:
+        """A pause not cancelled happens at the release, once."""
+        t = _Closing(Clock())
+        t.holdPauses()
+        t.pauseProducing()
+        self.assertEqual(t.calls, [])
+        t.releasePauses()
+        t.pauseProducing()
+        self.assertEqual(t.calls, ["pause", "pause"])
+
+    def test_no_pause_on_a_lost_connection(self) -> None:
+        """A held pause is dropped if the connection was lost meanwhile."""
+        t = _Closing(Clock())
+        t.holdPauses()
+        t.pauseProducing()
+        t.disconnected = 1
+        t.releasePauses()
+        self.assertEqual(t.calls, [])
+
+
+class HeldWriteTests(SynchronousTestCase):
+    def test_held_writes_leave_as_one_send(self) -> None:
+        """Writes between holdWrites and releaseWrites are joined into one send."""
+        t = _Sending(accept=100)
+        t.holdWrites()
+        t.write(b"head ")
+        t.writeSequence([b"more ", b""])
+        t.write(b"body")
+        self.assertEqual(t.sent, [])
+        t.releaseWrites()
+        self.assertEqual(t.sent, [b"head more body"])
+        t.write(b"after")
+        self.assertEqual(t.sent, [b"head more body", b"after"])
+
+
 class _Collect(Protocol):
     def __init__(self, got: Deferred[bytes]) -> None:
         self.got = got
@@ -144,3 +304,67 @@ class UpstreamConnectionTests(TestCase):
         self.assertEqual((proto.transport._tempDataLen, proto.transport.dataBuffer), (0, b""))
         data = yield got
         self.assertEqual(data, b"request")
+
+
+class _WriteAndClose(Protocol):
+    """On connection: switch to sending at once, write C{data}, lose the connection."""
+
+    def __init__(self, data: bytes, seen: list[Any]) -> None:
+        self.data = data
+        self.seen = seen
+
+    def connectionMade(self) -> None:
+        sendnow.adopt(self.transport)
+        self.transport.write(self.data)
+        self.transport.loseConnection()
+        self.seen.append(self.transport in reactor.getWriters())
+
+    def connectionLost(self, reason: Any) -> None:
+        self.seen.append(reason.type)
+
+
+class _ReadAll(Protocol):
+    def __init__(self, done: Deferred[tuple[bytes, Any]]) -> None:
+        self.done = done
+        self.got: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.got.append(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.done.callback((b"".join(self.got), reason.type))
+
+
+class RealCloseTests(TestCase):
+    """Over real loopback sockets, a connection closed with nothing queued (and with a lot queued)."""
+
+    @inlineCallbacks
+    def _serve(self, data: bytes) -> Any:
+        seen: list[Any] = []
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(lambda: _WriteAndClose(data, seen))
+        )
+        self.addCleanup(port.stopListening)
+        done: Deferred[tuple[bytes, Any]] = Deferred()
+        yield TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+            Factory.forProtocol(lambda: _ReadAll(done))
+        )
+        got = yield done
+        return got, seen
+
+    @inlineCallbacks
+    def test_idle_close_delivers_everything_then_a_clean_close(self) -> None:
+        """The peer reads every byte and a clean close; the server side never waited to write."""
+        (got, reason), seen = yield self._serve(b"response")
+        self.assertEqual((got, reason), (b"response", error.ConnectionDone))
+        self.assertEqual(seen[0], False)
+
+    @inlineCallbacks
+    def test_close_after_more_than_the_kernel_takes(self) -> None:
+        """8 MB written then closed: Twisted's path flushes it all before closing."""
+        data = bytes(range(256)) * (8 * 4096)
+        (got, reason), seen = yield self._serve(data)
+        self.assertEqual(len(got), len(data))
+        self.assertEqual(got, data)
+        self.assertEqual(reason, error.ConnectionDone)
+        self.assertEqual(seen[0], True)

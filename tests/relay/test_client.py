@@ -15,6 +15,8 @@ from twisted.web.http_headers import Headers
 
 from twisted.web.client import ResponseDone, ResponseFailed
 
+from llmgate.ops import sendnow
+
 from llmgate.relay.client import (
     BytesProducer,
     ResponseHeadersTooLarge,
@@ -695,3 +697,95 @@ class EndpointWrapperTests(TestCase):
             app.transport = transport
             self.assertFalse(_unwrap(app))
             self.assertIs(transport.protocol, outer)
+
+
+class _PauseRecording(StringTransport):
+    """A StringTransport recording the pauses and resumes that reach it."""
+
+    connected = 1
+    disconnected = 0
+    # SendNow's write-through is not under test here: writes take
+    # StringTransport's path.
+    _writeDisconnected = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flow: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.flow.append("pause")
+        super().pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.flow.append("resume")
+        super().resumeProducing()
+
+
+class _HoldingTransport(sendnow.SendNow, _PauseRecording):
+    """The upstream connection's transport as the gateway runs it: pauses can be held."""
+
+
+class HeldPauseOverResponseHeadTests(SynchronousTestCase):
+    """
+    Twisted's parser pauses the connection at a response head until the
+    body has a reader; when the relay gives it one before the read ends,
+    the pause never reaches the reactor.
+    """
+
+    def connection(self) -> tuple[Any, _HoldingTransport, Deferred[Any]]:
+        from twisted.web._newclient import Request
+
+        proto = _QuietClientFactory(lambda p: None, None).buildProtocol(None)
+        transport = _HoldingTransport()
+        proto.makeConnection(transport)
+        d = proto.request(Request(b"POST", b"/v1/x", Headers({b"host": [b"up.test"]}), None, persistent=True))
+        return proto, transport, d
+
+    def test_body_taken_at_once_means_no_pause(self) -> None:
+        """The response's reader is given in the head's callback: only a (free) resume reaches the transport."""
+        proto, t, d = self.connection()
+        got: list[bytes] = []
+
+        class Reader(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                got.append(data)
+
+        d.addCallback(lambda r: r.deliverBody(Reader()))
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        self.assertEqual(t.flow, ["resume"])
+        self.assertEqual(t.producerState, "producing")
+        self.assertEqual(got, [b"hello"])
+
+    def test_body_taken_later_pauses_until_then(self) -> None:
+        """A reader given after the read leaves the connection paused until it comes, as in Twisted."""
+        proto, t, d = self.connection()
+        responses: list[Any] = []
+        d.addCallback(responses.append)
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.assertEqual(t.flow, ["pause"])
+        self.assertEqual(t.producerState, "paused")
+        responses[0].deliverBody(Protocol())
+        self.assertEqual(t.flow, ["pause", "resume"])
+        self.assertEqual(t.producerState, "producing")
+
+    def test_request_head_and_body_are_one_write(self) -> None:
+        """The request's head and in-memory body reach the transport in one write."""
+        from twisted.web._newclient import Request
+
+        from llmgate.relay.client import BytesProducer
+
+        proto = _QuietClientFactory(lambda p: None, None).buildProtocol(None)
+        transport = _HoldingTransport()
+        writes: list[bytes] = []
+        real_write = StringTransport.write
+
+        def record(self: Any, data: bytes) -> None:
+            writes.append(data)
+            real_write(self, data)
+
+        self.patch(StringTransport, "write", record)
+        proto.makeConnection(transport)
+        proto.request(Request(b"POST", b"/v1/x", Headers({b"host": [b"up.test"]}), BytesProducer(b'{"a":1}'), persistent=True))
+        self.assertEqual(len(writes), 1)
+        self.assertTrue(writes[0].startswith(b"POST /v1/x HTTP/1.1\r\n"))
+        self.assertTrue(writes[0].endswith(b'\r\n\r\n{"a":1}'))
