@@ -49,44 +49,27 @@ from typing import Any
 from twisted.internet import main, tcp
 from twisted.python.failure import Failure
 
+from llmgate.ops.nextturn import NextTurn
+
 # One Failure for every connection closed here, as the reactor shares its
 # own for ConnectionDone: building one per close captures nothing useful.
 _DONE = Failure(main.CONNECTION_DONE)
 
 
-class _Closing:
-    """
-    Connections whose C{loseConnection} found nothing to send, closed at
-    the next reactor turn by one timer for all of them.
-    """
-
-    __slots__ = ("_clock", "_transports", "_call", "__weakref__")
-
-    def __init__(self, clock: Any) -> None:
-        self._clock = clock
-        self._transports: list[Any] = []
-        self._call: Any = None
-
-    def add(self, transport: Any) -> None:
-        self._transports.append(transport)
-        if self._call is None:
-            self._call = self._clock.callLater(0, self._close)
-
-    def _close(self) -> None:
-        self._call = None
-        transports, self._transports = self._transports, []
-        for transport in transports:
-            transport._closeIdle()
+# Per reactor: the connections whose loseConnection found nothing to
+# send, closed at the next turn by one timer for all of them.
+_closing: "weakref.WeakKeyDictionary[Any, NextTurn[Any]]" = weakref.WeakKeyDictionary()
 
 
-_closing: "weakref.WeakKeyDictionary[Any, _Closing]" = weakref.WeakKeyDictionary()
-
-
-def _closing_for(clock: Any) -> _Closing:
+def _closing_for(clock: Any) -> "NextTurn[Any]":
     closing = _closing.get(clock)
     if closing is None:
-        closing = _closing[clock] = _Closing(clock)
+        closing = _closing[clock] = NextTurn(clock, _close_idle)
     return closing
+
+
+def _close_idle(transport: Any) -> None:
+    transport._closeIdle()
 
 
 class SendNow:

@@ -50,6 +50,7 @@ from zope.interface import implementer
 
 from llmgate import dialects
 from llmgate.config import Provider, Timeouts
+from llmgate.ops.nextturn import NextTurn
 from llmgate.relay.client import ResponseHeadersTooLarge
 from llmgate.relay.decode import DECODABLE, BodyDecoder, DecodeError, content_encoding
 from llmgate.relay.gate import CONTENT, ERROR, MAX_HELD, WAIT, Gate, error_message
@@ -196,7 +197,7 @@ def _chunking_channel(request: Any) -> Any:
     return None
 
 
-class Coalescer:
+class Coalescer(NextTurn["Relay"]):
     """
     Holds each stream's client writes until the end of the current reactor
     turn, so the events one read brought for a stream leave in one chunk
@@ -206,21 +207,14 @@ class Coalescer:
     load reads hold several, and the savings grow with the load.
     """
 
+    __slots__ = ()
+
     def __init__(self, clock: Any) -> None:
-        self._clock = clock
-        self._dirty: list["Relay"] = []
-        self._call: Any = None
+        super().__init__(clock, _end_turn)
 
-    def add(self, relay: "Relay") -> None:
-        self._dirty.append(relay)
-        if self._call is None:
-            self._call = self._clock.callLater(0, self._flush)
 
-    def _flush(self) -> None:
-        self._call = None
-        dirty, self._dirty = self._dirty, []
-        for relay in dirty:
-            relay.end_turn()
+def _end_turn(relay: "Relay") -> None:
+    relay.end_turn()
 
 
 class Watchdog(Service):
