@@ -12,7 +12,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Generic, TypeVar
 
+from twisted.logger import Logger
+
 T = TypeVar("T")
+
+_log = Logger(namespace="llmgate.nextturn")
 
 
 class NextTurn(Generic[T]):
@@ -36,4 +40,9 @@ class NextTurn(Generic[T]):
         items, self._items = self._items, []
         each = self._each
         for item in items:
-            each(item)
+            try:
+                each(item)
+            except Exception:
+                # One item's failure must not cost the others their turn
+                # (a connection left unclosed, a stream's events unsent).
+                _log.failure("handling {item!r} at the next turn failed", item=item)

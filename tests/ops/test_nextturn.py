@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmgate.ops.nextturn import NextTurn
@@ -43,3 +44,22 @@ class NextTurnTests(SynchronousTestCase):
         clock.advance(0)
         self.assertEqual(pending, [1])
         self.assertEqual(done, ["a", "b"])
+
+    def test_one_failing_item_does_not_stop_the_others(self) -> None:
+        """An item whose handling raises is logged; the items after it are still handled."""
+        clock = Clock()
+        done: list[int] = []
+
+        def handle(item: int) -> None:
+            if item == 1:
+                raise RuntimeError("boom")
+            done.append(item)
+
+        turn = NextTurn(clock, handle)
+        for i in range(3):
+            turn.add(i)
+        with capturedLogs() as logged:
+            clock.advance(0)
+        self.assertEqual(done, [0, 2])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertTrue(any("failed" in str(e.get("log_format", "")) for e in logged))
