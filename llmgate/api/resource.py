@@ -30,7 +30,7 @@ from llmgate.ops.executors import Overloaded
 from llmgate.policy import keys as keymod
 from llmgate.policy.limits import Quotas, estimate_tokens
 from llmgate.relay.headers import upstream_request_headers
-from llmgate.relay.stream import Coalescer, Exchange, Relay, Watchdog, new_exchange
+from llmgate.relay.stream import ActiveRelays, Coalescer, Exchange, Relay, Watchdog, new_exchange
 from llmgate.routing import balance
 from llmgate.routing.attempts import Attempts, HedgeBudget
 from llmgate.routing.breaker import Breakers
@@ -159,7 +159,7 @@ class GatewayResource(Resource):
         self.accounting = accounting
         self._parse_in_thread = parse_in_thread
         self._on_big_body_done = on_big_body_done
-        self.active: set[Relay] = set()
+        self.active = ActiveRelays()
         self._coalescer = Coalescer(clock) if coalesce else None
         # Start it (it is a Service) to enforce the relays' timeouts.
         self.watchdog = Watchdog(clock, self.active)

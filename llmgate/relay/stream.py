@@ -217,38 +217,115 @@ def _end_turn(relay: "Relay") -> None:
     relay.end_turn()
 
 
-class Watchdog(Service):
+class ActiveRelays:
     """
-    One timer for the timeouts of every relay in flight: a sweep about once
-    a second. A DelayedCall per stream (set, reset and cancelled per
-    request) cost a fifth of the request set-up in heap operations with a
-    few thousand streams; the sweep costs a method call per open stream per
-    second, and a timeout fires at most one interval late.
+    The relays in flight, as a set kept in L{BUCKETS} parts by object
+    identity, so the L{Watchdog} can check one part at a time.
+
+    Checking every open stream in one go stopped the reactor for about
+    13 ms a second at 5,000 streams (2.6 ms at 1,000); a part per tick
+    stops it for an eighth of that, and each relay is still checked once a
+    second. Parts by identity, not by a snapshot taken once a second: a
+    snapshot would keep ended relays (and the request objects they hold)
+    alive for up to a second.
     """
 
-    def __init__(self, clock: Any, relays: "set[Relay]", interval: float = 1.0) -> None:
+    BUCKETS = 8  # a power of two
+    __slots__ = ("_parts",)
+
+    def __init__(self) -> None:
+        self._parts: list[set[Any]] = [set() for _ in range(self.BUCKETS)]
+
+    def _part(self, relay: Any) -> set[Any]:
+        # Ids of objects of one size step by that size (a plain modulo put
+        # 1,000 relays in two of eight parts): Fibonacci hashing mixes the
+        # id's bits first.
+        return self._parts[((id(relay) >> 4) * 0x9E3779B1 >> 16) & (self.BUCKETS - 1)]
+
+    def add(self, relay: Any) -> None:
+        self._part(relay).add(relay)
+
+    def discard(self, relay: Any) -> None:
+        self._part(relay).discard(relay)
+
+    def __contains__(self, relay: Any) -> bool:
+        return relay in self._part(relay)
+
+    def __len__(self) -> int:
+        return sum(map(len, self._parts))
+
+    def __bool__(self) -> bool:
+        return any(self._parts)
+
+    def __iter__(self) -> Any:
+        for part in self._parts:
+            yield from part
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ActiveRelays):
+            return set(self) == set(other)
+        if isinstance(other, (set, frozenset)):
+            return set(self) == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ActiveRelays({set(self)!r})"
+
+    def part(self, index: int) -> set[Any]:
+        """Part C{index} (modulo L{BUCKETS}): the live set, not a copy."""
+        return self._parts[index & (self.BUCKETS - 1)]
+
+
+class Watchdog(Service):
+    """
+    One timer for the timeouts of every relay in flight: each relay is
+    checked about once a second. A DelayedCall per stream (set, reset and
+    cancelled per request) cost a fifth of the request set-up in heap
+    operations with a few thousand streams; the check costs a method call
+    per open stream per second, and a timeout fires at most one interval
+    late.
+
+    With L{ActiveRelays} the second is split into one tick per part, each
+    checking that part, so no tick holds the reactor for all the open
+    streams at once; a plain set is swept whole once per interval.
+    """
+
+    def __init__(self, clock: Any, relays: "ActiveRelays | set[Relay]", interval: float = 1.0) -> None:
         self._relays = relays
+        self._parts = relays.BUCKETS if isinstance(relays, ActiveRelays) else 1
         self._interval = interval
-        self._loop = LoopingCall(self._sweep)
+        self._next = 0
+        self._loop = LoopingCall.withCount(self._sweep)
         self._loop.clock = clock
         self._clock = clock
 
     def startService(self) -> None:
         super().startService()
-        self._loop.start(self._interval, now=False)
+        self._loop.start(self._interval / self._parts, now=False)
 
     def stopService(self) -> None:
         super().stopService()
         if self._loop.running:
             self._loop.stop()
 
-    def _sweep(self) -> None:
+    def _sweep(self, ticks: int = 1) -> None:
+        # Ticks the reactor could not run on time (a busy or suspended
+        # process) are made up for: every part they owed is checked.
         now = self._clock.seconds()
-        for relay in list(self._relays):
-            try:
-                relay.check(now)
-            except Exception:
-                log.failure("timeout check failed")
+        relays = self._relays
+        for _ in range(min(max(ticks, 1), self._parts)):
+            if isinstance(relays, ActiveRelays):
+                due = list(relays.part(self._next))
+                self._next = (self._next + 1) % self._parts
+            else:
+                due = list(relays)
+            for relay in due:
+                try:
+                    relay.check(now)
+                except Exception:
+                    log.failure("timeout check failed")
 
 
 class Counter(TypingProtocol):
