@@ -105,18 +105,6 @@ class WatchdogTests(SynchronousTestCase):
         gc.collect()
         self.assertIsNone(ref())
 
-    def test_plain_set_is_swept_whole(self) -> None:
-        """Given a plain set, the watchdog checks all of it once per interval."""
-        clock = Clock()
-        relays = {FakeRelay() for _ in range(20)}
-        dog = Watchdog(clock, relays, interval=1.0)
-        dog.startService()
-        self.addCleanup(dog.stopService)
-        clock.advance(0.5)
-        self.assertFalse(any(r.checked for r in relays))
-        clock.advance(0.5)
-        self.assertEqual({len(r.checked) for r in relays}, {1})
-
     def test_a_failing_check_does_not_stop_the_part(self) -> None:
         """A check that raises is logged; the other relays of the part are still checked."""
 
